@@ -1,0 +1,285 @@
+"""Model-folder checks that run before any weight is loaded.
+
+Large checkpoints fail in ways that surface as cryptic errors deep inside loading: a truncated shard gives
+safetensors' "MetadataIncompleteBuffer", a Git-LFS pointer saved in place of the weights gives
+"HeaderTooLarge", a missing shard a KeyError somewhere in accelerate. Here each of those is found up front
+by reading only the few bytes that matter (the 8-byte header length, the JSON header, the file size), so
+checking a 40 GB folder takes milliseconds, and the error names the file and the fix.
+
+Pickled weights (.bin/.pt/.ckpt/.pth) are refused outright: unpickling can run arbitrary code, and a
+folder that mixes them in is not one we trust to load.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_core.errors import ModelFolderError
+
+# Diffusers pipeline classes we agree to instantiate. `_class_name` comes from a downloaded file, so it is
+# looked up in this list and never imported by name from anywhere else.
+ALLOWED_PIPELINE_CLASSES: frozenset[str] = frozenset(
+    {
+        "QwenImagePipeline",
+        "QwenImageImg2ImgPipeline",
+        "QwenImageInpaintPipeline",
+        "QwenImageEditPipeline",
+        "QwenImageEditPlusPipeline",
+        "QwenImageEditInpaintPipeline",
+        "QwenImageLayeredPipeline",
+    }
+)
+# Component libraries diffusers may import a component class from; anything else (e.g. a repo-local
+# module) would mean remote code.
+ALLOWED_COMPONENT_LIBRARIES: frozenset[str] = frozenset({"diffusers", "transformers"})
+PICKLE_SUFFIXES: tuple[str, ...] = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# safetensors itself refuses headers above 100 MB (its MAX_HEADER_SIZE).
+MAX_HEADER_BYTES = 100_000_000
+REDOWNLOAD_FIX = (
+    "Re-download the model with the Downloader (node or `python -m qwen_core download`): it resumes "
+    "partial files and verifies sizes and hashes."
+)
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SafetensorsInfo:
+    """What a header says about one .safetensors file."""
+
+    path: Path
+    tensors: dict[str, dict]
+    header_bytes: int
+    data_bytes: int
+
+    @property
+    def num_params(self) -> int:
+        total = 0
+        for meta in self.tensors.values():
+            count = 1
+            for dim in meta.get("shape", []):
+                count *= int(dim)
+            total += count
+        return total
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {str(meta.get("dtype")) for meta in self.tensors.values()}
+
+
+@dataclass
+class ModelFolder:
+    """A validated diffusers model folder: class, components, and the weight files of each component."""
+
+    path: Path
+    class_name: str
+    components: dict[str, tuple[str, str]]
+    weight_files: dict[str, list[SafetensorsInfo]] = field(default_factory=dict)
+
+    def num_params(self, component: str) -> int:
+        return sum(info.num_params for info in self.weight_files.get(component, []))
+
+    def stored_bytes(self, component: str | None = None) -> int:
+        names = [component] if component else list(self.weight_files)
+        return sum(info.data_bytes for name in names for info in self.weight_files.get(name, []))
+
+
+def _bad_file(path: Path, what: str, fix: str = REDOWNLOAD_FIX) -> ModelFolderError:
+    return ModelFolderError(f"{path}: {what}", fix=fix)
+
+
+def read_safetensors_header(path: Path) -> SafetensorsInfo:
+    """Parse the header of one .safetensors file and check the file is exactly as long as it says."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _bad_file(path, f"is {size} bytes long, too short to be a safetensors file (empty or truncated).")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            # A real header is < 100 MB, so its length has zero high bytes; printable text here means the
+            # file is a text file saved under a .safetensors name.
+            text = (head + fh.read(200)).decode("utf-8", "replace")
+            if text.startswith("version ") and "git-lfs" in text:
+                raise _bad_file(
+                    path,
+                    "is a Git-LFS pointer file (a few lines of text), not the weights. It was cloned without "
+                    "`git lfs` or copied from a repo checkout; loading it fails with 'HeaderTooLarge'.",
+                )
+            if text.lstrip().startswith(("<", "{")):
+                raise _bad_file(path, "holds text (an HTML error page or JSON) instead of safetensors weights.")
+            raise _bad_file(path, f"has a header length of {header_len} bytes: not a safetensors file ('HeaderTooLarge').")
+        if 8 + header_len > size:
+            raise _bad_file(path, f"is truncated inside its header ({size} bytes on disk, header needs {8 + header_len}).")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _bad_file(path, f"has a corrupt safetensors header ({err}).") from err
+    if not isinstance(header, dict):
+        raise _bad_file(path, "has a safetensors header that is not a JSON object.")
+    header.pop("__metadata__", None)
+    data_bytes = _check_offsets(path, header)
+    expected = 8 + header_len + data_bytes
+    if size < expected:
+        missing = expected - size
+        raise _bad_file(
+            path,
+            f"is truncated: {size:,} bytes on disk, its header needs {expected:,} ({missing:,} missing, "
+            f"{100 * size / expected:.1f}% present). An interrupted download gives this "
+            "('MetadataIncompleteBuffer' when loading).",
+        )
+    if size > expected:
+        raise _bad_file(path, f"has {size - expected:,} unexpected bytes after its data (corrupt or overwritten).")
+    return SafetensorsInfo(path=path, tensors=header, header_bytes=header_len, data_bytes=data_bytes)
+
+
+def _check_offsets(path: Path, header: dict) -> int:
+    """Tensors must tile the data block exactly (as safetensors requires); returns the data length."""
+    spans = []
+    for name, meta in header.items():
+        if not isinstance(meta, dict) or "data_offsets" not in meta:
+            raise _bad_file(path, f"has a malformed header entry for tensor {name!r}.")
+        begin, end = (int(v) for v in meta["data_offsets"])
+        width = _DTYPE_BYTES.get(str(meta.get("dtype")))
+        if width is not None:
+            count = 1
+            for dim in meta.get("shape", []):
+                count *= int(dim)
+            if end - begin != count * width:
+                raise _bad_file(path, f"tensor {name!r}: byte range does not match its shape and dtype.")
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position or end < begin:
+            raise _bad_file(path, "has overlapping or gapped tensor offsets (corrupt header).")
+        position = end
+    return position
+
+
+def check_index(index_path: Path) -> list[SafetensorsInfo]:
+    """Every shard an index names exists, is intact, and holds the tensors the index maps to it."""
+    try:
+        index = json.loads(Path(index_path).read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _bad_file(index_path, f"is not a readable safetensors index ({err}).") from err
+    by_shard: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        by_shard.setdefault(str(shard), set()).add(tensor)
+    infos = []
+    for shard, tensors in sorted(by_shard.items()):
+        # The shard name comes from a downloaded file: only a plain file name beside the index is accepted.
+        if Path(shard).name != shard or "\\" in shard or shard in ("", ".", ".."):
+            raise _bad_file(index_path, f"names a shard outside its folder: {shard!r}.")
+        shard_path = Path(index_path).parent / shard
+        if not shard_path.is_file():
+            raise _bad_file(shard_path, f"is missing (named by {Path(index_path).name}).")
+        info = read_safetensors_header(shard_path)
+        absent = sorted(tensors - info.tensors.keys())
+        if absent:
+            raise _bad_file(shard_path, f"lacks {len(absent)} tensor(s) its index expects, e.g. {absent[0]!r}.")
+        infos.append(info)
+    return infos
+
+
+def find_pickle_files(folder: Path) -> list[Path]:
+    """Pickled weight files anywhere under the folder (hidden dirs such as .cache are included)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+
+
+def find_lfs_pointers(folder: Path) -> list[Path]:
+    """Small text files that are Git-LFS pointers (weights, tokenizer.json, ... never fetched)."""
+    found = []
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and p.stat().st_size < 1024:
+            with p.open("rb") as fh:
+                if fh.read(40).startswith(b"version https://git-lfs"):
+                    found.append(p)
+    return found
+
+
+def read_model_index(folder: Path) -> tuple[str, dict[str, tuple[str, str]]]:
+    """Class name and {component: (library, class)} from model_index.json, allowlisted."""
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelFolderError(
+            f"{folder}: no model_index.json, so this is not a diffusers pipeline folder.",
+            fix="Point the loader at the folder that contains model_index.json (e.g. the Qwen/Qwen-Image repo root).",
+        )
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _bad_file(index_path, f"is not valid JSON ({err}).") from err
+    class_name = str(index.get("_class_name", ""))
+    if class_name not in ALLOWED_PIPELINE_CLASSES:
+        raise ModelFolderError(
+            f"{index_path}: pipeline class {class_name!r} is not a Qwen-Image pipeline this pack runs.",
+            fix="Use a Qwen-Image diffusers folder; allowed classes: " + ", ".join(sorted(ALLOWED_PIPELINE_CLASSES)),
+        )
+    components: dict[str, tuple[str, str]] = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        library, cls = str(value[0]), str(value[1])
+        if library not in ALLOWED_COMPONENT_LIBRARIES:
+            raise ModelFolderError(
+                f"{index_path}: component {name!r} comes from {library!r}, which would run code from the model "
+                "folder (custom/remote code is never loaded).",
+                fix="Use an official diffusers-format Qwen-Image folder.",
+            )
+        components[name] = (library, cls)
+    return class_name, components
+
+
+def _component_weights(folder: Path, name: str) -> list[SafetensorsInfo]:
+    sub = folder / name
+    if not sub.is_dir():
+        raise ModelFolderError(
+            f"{folder}: component folder {name!r} (listed in model_index.json) is missing.", fix=REDOWNLOAD_FIX
+        )
+    if not (sub / "config.json").is_file():
+        return []  # tokenizer, processor, scheduler: configs only, no weights
+    indexes = sorted(sub.glob("*.safetensors.index.json"))
+    if indexes:
+        return [info for index in indexes for info in check_index(index)]
+    files = sorted(sub.glob("*.safetensors"))
+    if not files:
+        raise ModelFolderError(f"{sub}: has a config.json but no .safetensors weights.", fix=REDOWNLOAD_FIX)
+    return [read_safetensors_header(p) for p in files]
+
+
+def check_model_folder(path: str | Path) -> ModelFolder:
+    """Validate a diffusers Qwen-Image folder without loading weights; raise ModelFolderError naming the file."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"{folder}: no such folder.", fix="Download the model first (Downloader node or `python -m qwen_core download`)."
+        )
+    pickles = find_pickle_files(folder)
+    if pickles:
+        shown = ", ".join(str(p.relative_to(folder)) for p in pickles[:3])
+        raise ModelFolderError(
+            f"{folder}: holds pickled weight files ({shown}{', ...' if len(pickles) > 3 else ''}). Pickle files can "
+            "run arbitrary code when loaded, so this pack only loads .safetensors.",
+            fix="Delete the pickle files, or download a safetensors-only copy with the Downloader.",
+        )
+    pointers = find_lfs_pointers(folder)
+    if pointers:
+        shown = ", ".join(str(p.relative_to(folder)) for p in pointers[:3])
+        raise ModelFolderError(
+            f"{folder}: {len(pointers)} file(s) are Git-LFS pointers, not the real content ({shown}). The folder "
+            "was cloned without `git lfs`; loading would fail with 'HeaderTooLarge' or a JSON error.",
+            fix=REDOWNLOAD_FIX,
+        )
+    class_name, components = read_model_index(folder)
+    model = ModelFolder(path=folder, class_name=class_name, components=components)
+    for name in components:
+        model.weight_files[name] = _component_weights(folder, name)
+    return model
