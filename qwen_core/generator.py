@@ -1,0 +1,334 @@
+"""``QwenImageGenerator``: validated, governed, cancellable text-to-image generation.
+
+``generate()`` checks every input before any compute (naming the field), lets the governor pick the final
+size, loads the weights on first use (``PipelineLoader``), runs the real diffusers pipeline with a step
+callback that reports progress, honours cancel, and watches the latents for NaN/Inf. Images come back as
+ComfyUI's IMAGE layout: float32 [B, H, W, C] in 0..1 on the CPU.
+
+Failure behaviour:
+- cancel: ``should_cancel()`` is polled after every step; ``GenerationCancelled`` is raised from inside the
+  step callback, which aborts the pipeline before the VAE decode. Offload hooks are reset in ``finally``.
+- NaN/Inf latents (the "black image" bug of some attention kernels): the run stops at that step, SDPA is
+  set for this pipeline and for the rest of the process, and the generation is retried once.
+- out of memory: our own memory is released, then ``OutOfMemoryError`` with a concrete tip is raised; the
+  generator stays usable.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_core import governor
+from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
+from qwen_core.loading import LIGHTER_MODE, SDPA, PipelineLoader, free_memory, is_oom
+from qwen_core.session_log import get_session_log
+
+MAX_STEPS = 200  # 50 is the model card's default; beyond ~150 flow-matching output no longer changes
+MAX_BATCH = 16
+CFG_RANGE = (0.0, 20.0)  # <= 1 turns true CFG off; the model card uses 4.0; above ~10 images burn out
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed accepts the full unsigned 64-bit range
+# The pipeline reads at most 512 prompt tokens (max_sequence_length); a BPE token of this vocabulary rarely
+# spans more than 16 characters, so 8192 characters hold every token the model can see. Longer prompts
+# (a pasted 1 MB file) are cut here with a warning instead of costing seconds of tokenising.
+PROMPT_CHAR_LIMIT = 8192
+DEFAULT_NEGATIVE = " "  # the model card's "no negative prompt" value when true CFG is on
+
+StepCallback = Callable[[int, int, float], None]
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request (after truncation); sizes are the governor's decision."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    true_cfg_scale: float
+    seed: int
+    batch_size: int
+    decision: governor.SizeDecision
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # float32 [B, H, W, C] in 0..1, CPU
+    decision: governor.SizeDecision
+    seed: int
+    steps: int
+    true_cfg_scale: float
+    timings: dict[str, float]
+    attention_backend: str
+    retried_with_sdpa: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return int(self.images.shape[2])
+
+    @property
+    def height(self) -> int:
+        return int(self.images.shape[1])
+
+
+class _NonFiniteLatents(Exception):
+    """Raised inside the step callback to stop a run whose latents went NaN/Inf (no decode)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"latents became NaN/Inf at step {step}")
+        self.step = step
+
+
+def _int_field(name: str, value: object, low: int, high: int, why: str = "") -> int:
+    allowed = f"allowed: whole numbers {low}..{high}{why}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidInputError(name, f"{value!r} is not a number; {allowed}.")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInputError(name, f"{value!r} is not finite; {allowed}.")
+    if int(value) != value:
+        raise InvalidInputError(name, f"{value!r} is not a whole number; {allowed}.")
+    if not low <= int(value) <= high:
+        raise InvalidInputError(name, f"{int(value)} is out of range; {allowed}.")
+    return int(value)
+
+
+def _text_field(name: str, value: object, *, required: bool, warnings: list[str]) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidInputError(name, f"must be text, got {type(value).__name__}.")
+    if "\x00" in value:
+        raise InvalidInputError(name, "contains a NUL character.")
+    if required and not value.strip():
+        raise InvalidInputError(name, "is empty; describe the image to generate.")
+    if len(value) > PROMPT_CHAR_LIMIT:
+        warnings.append(
+            f"{name} was {len(value):,} characters; kept the first {PROMPT_CHAR_LIMIT:,} (the model reads at most "
+            "512 tokens)."
+        )
+        value = value[:PROMPT_CHAR_LIMIT]
+    return value
+
+
+def validate_request(
+    prompt: object,
+    negative_prompt: object,
+    *,
+    width: object,
+    height: object,
+    steps: object,
+    true_cfg_scale: object,
+    seed: object,
+    batch_size: object,
+    governor_kwargs: dict[str, Any] | None = None,
+) -> GenerationRequest:
+    """Check every input (raising InvalidInputError naming the field) and decide the size; no compute."""
+    warnings: list[str] = []
+    prompt = _text_field("prompt", prompt, required=True, warnings=warnings)
+    negative = _text_field("negative_prompt", negative_prompt, required=False, warnings=warnings)
+    steps = _int_field("steps", steps, 1, MAX_STEPS)
+    seed = _int_field("seed", seed, 0, SEED_MAX)
+    batch_size = _int_field("batch_size", batch_size, 1, MAX_BATCH, " (images per run; more costs VRAM)")
+    low, high = CFG_RANGE
+    cfg = true_cfg_scale
+    if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or not low <= cfg <= high:
+        raise InvalidInputError(
+            "true_cfg_scale", f"{cfg!r} is not a number in {low:g}..{high:g} (<= 1 turns true CFG off; 4.0 is typical)."
+        )
+    decision = governor.clamp_image_size(width, height, **(governor_kwargs or {}))
+    if decision.message:
+        warnings.append(decision.message)
+    return GenerationRequest(prompt, negative, steps, float(cfg), seed, batch_size, decision, warnings)
+
+
+class _StepWatch:
+    """The pipeline's ``callback_on_step_end``: NaN watch, progress with ETA, cancel. Returns a dict."""
+
+    def __init__(self, total: int, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None) -> None:
+        self.total, self.on_step, self.should_cancel = total, on_step, should_cancel
+        self.start = time.perf_counter()
+        self.step_ends: list[float] = []
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        latents = kwargs.get("latents")
+        # One reduction per step; it also syncs the device, which makes the step timings below honest.
+        if latents is not None and not bool(torch.isfinite(latents).all()):
+            raise _NonFiniteLatents(step + 1)
+        now = time.perf_counter()
+        self.step_ends.append(now)
+        done = step + 1
+        if self.on_step is not None:
+            # The first step also carries the text encoding, so the ETA uses the later steps when it can.
+            per_step = (now - self.step_ends[0]) / (done - 1) if done >= 2 else now - self.start
+            self.on_step(done, self.total, per_step * (self.total - done))
+        if self.should_cancel is not None and self.should_cancel():
+            raise GenerationCancelled(f"generation cancelled after step {done} of {self.total}; nothing was decoded.")
+        return {}
+
+
+class QwenImageGenerator:
+    """Text-to-image over one model at a time. Build from a folder path or an existing ``PipelineLoader``."""
+
+    def __init__(self, model: str | Path | PipelineLoader, **loader_kwargs: Any) -> None:
+        self.loader = model if isinstance(model, PipelineLoader) else PipelineLoader(model, **loader_kwargs)
+
+    # -- lifecycle --
+    def load(self) -> Any:
+        return self.loader.load()
+
+    def unload(self) -> None:
+        self.loader.unload()
+
+    def switch_to_model(self, path: str | Path, **loader_kwargs: Any) -> Any:
+        """Release the current model, then make a loader for ``path`` (weights load on next use).
+
+        Returns the memory switch report (readings before/after). The new folder is validated before the
+        old model is released, so a bad path leaves the current model in place."""
+        from qwen_core import memory
+
+        kwargs = {
+            "dtype": self.loader.dtype_choice, "memory_mode": self.loader.memory_mode_choice,
+            "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
+        } | loader_kwargs  # fmt: skip
+        new_loader = PipelineLoader(path, **kwargs)
+        report = memory.safe_model_switch(self.loader, new_loader)
+        self.loader = new_loader
+        return report
+
+    # -- generation --
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        *,
+        width: int = 1328,
+        height: int = 1328,
+        steps: int = 50,
+        true_cfg_scale: float = 4.0,
+        seed: int = 0,
+        batch_size: int = 1,
+        on_step: StepCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> GenerationResult:
+        """Generate ``batch_size`` images. Same seed, inputs and device -> the same images."""
+        started = time.perf_counter()
+        request = validate_request(
+            prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
+            seed=seed, batch_size=batch_size, governor_kwargs=self.loader.governor_inputs(),
+        )  # fmt: skip
+        if self.loader.folder.class_name != "QwenImagePipeline":
+            raise QwenError(
+                f"{self.loader.path} is a {self.loader.folder.class_name}; text-to-image generation needs a "
+                "QwenImagePipeline model (edit/inpaint pipelines need an input image).",
+                fix="Load Qwen/Qwen-Image (or another text-to-image Qwen-Image folder).",
+            )
+        log = get_session_log()
+        for warning in request.warnings:
+            log.warning(f"generate: {warning}")
+        if should_cancel is not None and should_cancel():
+            raise GenerationCancelled("generation cancelled before it started.")
+        was_loaded = self.loader.is_loaded
+        pipe = self.loader.load()
+        timings = {"load_s": 0.0 if was_loaded else time.perf_counter() - started}
+        retried = False
+        try:
+            images, run_timings = self._run(pipe, request, on_step, should_cancel)
+        except _NonFiniteLatents as err:
+            retried = True
+            backend = self.loader.attention_backend
+            if backend == SDPA:
+                raise self._nan_error(err) from None
+            log.warning(f"generate: {err} with attention '{backend}'; retrying once with SDPA")
+            self.loader.switch_to_sdpa(f"'{backend}' produced NaN/Inf latents")
+            try:
+                images, run_timings = self._run(pipe, request, on_step, should_cancel)
+            except _NonFiniteLatents as again:
+                raise self._nan_error(again) from None
+        timings.update(run_timings)
+        timings["total_s"] = time.perf_counter() - started
+        d = request.decision
+        log.info(
+            f"generate: {d.width}x{d.height} x{request.batch_size}, {request.steps} steps, cfg {request.true_cfg_scale:g}, "
+            f"seed {request.seed}, attention {self.loader.attention_backend}: {timings['total_s']:.2f} s"
+        )
+        return GenerationResult(
+            images=images, decision=d, seed=request.seed, steps=request.steps,
+            true_cfg_scale=request.true_cfg_scale, timings=timings, attention_backend=self.loader.attention_backend,
+            retried_with_sdpa=retried, warnings=request.warnings,
+        )  # fmt: skip
+
+    def _run(
+        self, pipe: Any, request: GenerationRequest, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """One pipeline call. Memory is released on every exit path that is not a success."""
+        watch = _StepWatch(request.steps, on_step, should_cancel)
+        device = pipe._execution_device
+        # The generator lives on the execution device: CUDA and CPU draw different noise for one seed.
+        generator = torch.Generator(device=device).manual_seed(request.seed)
+        cfg_on = request.true_cfg_scale > 1
+        pipe.set_progress_bar_config(disable=True)  # progress goes through on_step
+        d = request.decision
+        ok = False
+        try:
+            with torch.inference_mode():
+                output = pipe(
+                    prompt=request.prompt,
+                    negative_prompt=(request.negative_prompt or DEFAULT_NEGATIVE) if cfg_on else None,
+                    true_cfg_scale=request.true_cfg_scale,
+                    width=d.width,
+                    height=d.height,
+                    num_inference_steps=request.steps,
+                    num_images_per_prompt=request.batch_size,
+                    generator=generator,
+                    output_type="pt",
+                    callback_on_step_end=watch,
+                )
+            images = output.images.permute(0, 2, 3, 1).to(device="cpu", dtype=torch.float32).clamp(0, 1).contiguous()
+            ok = True
+        except Exception as err:
+            if is_oom(err):
+                raise self._oom_error(request, err) from err
+            raise
+        finally:
+            if not ok:
+                # A run aborted mid-way (cancel, NaN, OOM, ComfyUI interrupt) skipped the pipeline's own
+                # maybe_free_model_hooks(): offload hooks would keep a model on the GPU.
+                pipe.maybe_free_model_hooks()
+                free_memory()
+        done = time.perf_counter()
+        last_step = watch.step_ends[-1] if watch.step_ends else done
+        timings = {
+            "denoise_s": last_step - watch.start,  # text encoding + all steps
+            "decode_s": done - last_step,
+            "per_step_s": (last_step - watch.step_ends[0]) / (len(watch.step_ends) - 1) if len(watch.step_ends) > 1 else last_step - watch.start,
+        }  # fmt: skip
+        return images, timings
+
+    def _oom_error(self, request: GenerationRequest, err: BaseException) -> OutOfMemoryError:
+        free_memory()
+        d = request.decision
+        smaller = governor.clamp_image_size(d.width, d.height, max_pixels=int(d.pixels * 0.6), min_side=256)
+        mode = self.loader.plan.memory_mode
+        lighter = LIGHTER_MODE.get(mode)
+        tips = [f"a smaller size (e.g. {smaller.width}x{smaller.height})"]
+        if request.batch_size > 1:
+            tips.append("batch_size 1")
+        if lighter is not None:
+            tips.append(f"memory_mode '{lighter.value}' (now '{mode.value}')")
+        fix = "Try " + ", or ".join(tips) + ". Our memory was released; the next run can go ahead."
+        get_session_log().error(f"generate: out of memory at {d.width}x{d.height} x{request.batch_size}: {err}", fix=fix)
+        return OutOfMemoryError(f"out of memory while generating {d.width}x{d.height} x{request.batch_size}.", fix=fix)
+
+    def _nan_error(self, err: _NonFiniteLatents) -> QwenError:
+        fix = ("Use bf16 or fp32 (Qwen-Image overflows in fp16)." if self.loader.plan.dtype == torch.float16
+               else "Try dtype fp32, or another seed; report the model and card if it persists.")  # fmt: skip
+        get_session_log().error(f"generate: {err} with SDPA", fix=fix)
+        return QwenError(f"the model produced NaN/Inf ({err}) even with SDPA attention.", fix=fix)

@@ -1,0 +1,515 @@
+"""Eager processor, lazy weights: ``PipelineLoader`` and ``load_model_with_retry``.
+
+Constructing a loader is cheap and does everything that can fail fast: the folder is validated (see
+``integrity``: components present, safetensors only, headers and sizes intact, an allowlisted pipeline
+class), and the tokenizer/processor and scheduler are built. The weights (tens of GB for the real model)
+load on the first ``generate`` or an explicit ``load()``. A failed load keeps the light parts, records why,
+and the next call tries again.
+
+Loading retries with exponential backoff and jitter. Transient errors (I/O, timeouts) retry the same plan;
+an out-of-memory error first frees memory, then falls back one step along a documented ladder:
+
+    gpu -> model_offload -> group_offload -> sequential   (lighter memory mode; each step also hands the
+    streamed -> group_offload -> sequential                 governor a 25% smaller pixel window)
+    then: max_memory_fraction 0.9 -> 0.7 -> 0.5           (VRAM budget of the streamed engine + window)
+    bf16 -> fp16 when a load fails on bf16 itself (an op without a bf16 kernel)
+
+Every attempt is in ``loader.attempts`` and in the session log. Safety: ``use_safetensors=True``,
+``local_files_only=True``, no remote code (the pipeline class and component libraries are allowlisted).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_core import devices
+from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
+from qwen_core.integrity import ModelFolder, check_model_folder
+from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
+from qwen_core.session_log import get_session_log, redact
+
+__all__ = [
+    "LIGHTER_MODE", "LoadAttempt", "LoadPlan", "PipelineLoader", "RetryPolicy", "add_before_load_hook",
+    "apply_memory_mode", "check_model_folder", "choose_memory_mode", "classify_error", "force_sdpa",
+    "load_model_with_retry", "next_plan", "sdpa_forced",
+]  # fmt: skip
+
+_GIB = 1024**3
+# Activations, CUDA context and the VAE decode at ~1 MP need a few GiB beyond the weights.
+ACTIVATION_HEADROOM_GIB = 3.0
+LIGHTER_MODE: dict[MemoryMode, MemoryMode] = {
+    MemoryMode.GPU: MemoryMode.MODEL_OFFLOAD,
+    MemoryMode.MODEL_OFFLOAD: MemoryMode.GROUP_OFFLOAD,
+    MemoryMode.STREAMED: MemoryMode.GROUP_OFFLOAD,
+    MemoryMode.GROUP_OFFLOAD: MemoryMode.SEQUENTIAL,
+}
+MIN_MEMORY_FRACTION = 0.5
+PIXEL_SCALE_PER_OOM = 0.75
+SDPA = devices.SDPA_BACKEND
+
+# ---- process-wide attention fallback ---------------------------------------------------------------
+# Once a backend produced NaN/Inf latents in this process, every pipeline uses SDPA from then on: the
+# fault is in the kernel/card combination, not in one model.
+_sdpa_forced_reason: str | None = None
+
+
+def force_sdpa(reason: str) -> None:
+    global _sdpa_forced_reason
+    if _sdpa_forced_reason is None:
+        _sdpa_forced_reason = reason
+        get_session_log().warning(f"attention: SDPA for the rest of this process ({reason})")
+
+
+def sdpa_forced() -> str | None:
+    """The reason SDPA was forced for this process, or None."""
+    return _sdpa_forced_reason
+
+
+def _reset_sdpa_flag() -> None:
+    """For tests only."""
+    global _sdpa_forced_reason
+    _sdpa_forced_reason = None
+
+
+# ---- hooks (the ComfyUI bridge asks ComfyUI to free its own models before our weights load) ---------
+_BEFORE_LOAD_HOOKS: list[Callable[[int], None]] = []
+
+
+def add_before_load_hook(hook: Callable[[int], None]) -> None:
+    """``hook(bytes_needed_on_device)`` runs before each weight-load attempt; errors in it are logged only."""
+    if hook not in _BEFORE_LOAD_HOOKS:
+        _BEFORE_LOAD_HOOKS.append(hook)
+
+
+def remove_before_load_hook(hook: Callable[[int], None]) -> None:
+    if hook in _BEFORE_LOAD_HOOKS:
+        _BEFORE_LOAD_HOOKS.remove(hook)
+
+
+# ---- plans, attempts, error classes -----------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadPlan:
+    """How to load: memory mode, dtype, the VRAM fraction the streamed engine may use, the window scale."""
+
+    memory_mode: MemoryMode
+    dtype: torch.dtype
+    max_memory_fraction: float = 0.9
+    pixel_scale: float = 1.0
+
+    def describe(self) -> str:
+        return (f"{self.memory_mode.value}/{devices.dtype_name(self.dtype)}, max_memory "
+                f"{self.max_memory_fraction:.0%}, pixel window x{self.pixel_scale:.2f}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoadAttempt:
+    number: int
+    plan: LoadPlan
+    outcome: str  # "ok" | "oom" | "transient" | "dtype" | "error"
+    reason: str
+    seconds: float
+
+    def describe(self) -> str:
+        return f"attempt {self.number} ({self.plan.describe()}): {self.outcome} in {self.seconds:.2f} s - {self.reason}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 6
+    base_delay_s: float = 0.5
+    max_delay_s: float = 8.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random, so retries of several
+        processes that failed together (a flaky NFS mount) do not hammer it in lockstep."""
+        cap = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return cap / 2 + rng.uniform(0, cap / 2)
+
+
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def classify_error(err: BaseException) -> str:
+    """"oom", "transient" (retry the same plan), "dtype" (bf16 failed: try fp16) or "error" (give up)."""
+    if is_oom(err):
+        return "oom"
+    if isinstance(err, TimeoutError) or (isinstance(err, OSError) and not isinstance(err, _PERMANENT_OS_ERRORS)):
+        return "transient"
+    text = str(err)
+    if type(err).__name__ == "SafetensorError" and "i/o" in text.lower():
+        return "transient"
+    if isinstance(err, (RuntimeError, TypeError, NotImplementedError)) and ("BFloat16" in text or "bf16" in text):
+        return "dtype"
+    return "error"
+
+
+def next_plan(plan: LoadPlan, kind: str) -> LoadPlan | None:
+    """The plan to try after a failure of this kind, or None when the ladder is exhausted."""
+    if kind == "transient":
+        return plan
+    if kind == "dtype":
+        return replace(plan, dtype=torch.float16) if plan.dtype == torch.bfloat16 else None
+    if kind != "oom":
+        return None
+    smaller_window = round(plan.pixel_scale * PIXEL_SCALE_PER_OOM, 4)
+    lighter = LIGHTER_MODE.get(plan.memory_mode)
+    if lighter is not None:
+        return replace(plan, memory_mode=lighter, pixel_scale=smaller_window)
+    if plan.max_memory_fraction - 0.2 >= MIN_MEMORY_FRACTION - 1e-9:
+        return replace(plan, max_memory_fraction=round(plan.max_memory_fraction - 0.2, 2), pixel_scale=smaller_window)
+    return None
+
+
+def streaming_available() -> bool:
+    return importlib.util.find_spec("qwen_core.streaming") is not None
+
+
+def choose_memory_mode(folder: ModelFolder, config: devices.DeviceConfig, dtype: torch.dtype) -> tuple[MemoryMode, str]:
+    """``auto``: the heaviest (fastest) mode whose weights + headroom fit in free VRAM."""
+    if not config.device.startswith("cuda") or config.vram_free_gb is None:
+        return MemoryMode.GPU, f"device {config.device}: weights stay resident on it"
+    width = torch.empty((), dtype=dtype).element_size()
+    sizes = {name: folder.num_params(name) * width / _GIB for name in folder.weight_files}
+    total, largest = sum(sizes.values()), max(sizes.values(), default=0.0)
+    free = config.vram_free_gb
+    facts = f"weights {total:.1f} GiB (largest part {largest:.1f}), {free:.1f} GiB VRAM free"
+    if free >= total + ACTIVATION_HEADROOM_GIB:
+        return MemoryMode.GPU, f"{facts}: all resident"
+    if free >= largest + ACTIVATION_HEADROOM_GIB:
+        return MemoryMode.MODEL_OFFLOAD, f"{facts}: one model at a time on the GPU"
+    if streaming_available():
+        return MemoryMode.STREAMED, f"{facts}: transformer blocks streamed"
+    return MemoryMode.GROUP_OFFLOAD, f"{facts}: group offload (block level)"
+
+
+def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -> str:
+    """Place a freshly loaded pipeline according to the plan. The one place memory modes are applied."""
+    device = torch.device(config.device)
+    mode = plan.memory_mode
+    if device.type == "cpu":
+        pipe.to(device)
+        note = "" if mode is MemoryMode.GPU else f" ({mode.value} needs an accelerator: ignored)"
+        return f"resident on cpu{note}"
+    if mode is MemoryMode.GPU:
+        pipe.to(device)
+    elif mode is MemoryMode.MODEL_OFFLOAD:
+        pipe.enable_model_cpu_offload(device=device)
+    elif mode is MemoryMode.GROUP_OFFLOAD:
+        pipe.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+            num_blocks_per_group=1, use_stream=device.type == "cuda",
+        )  # fmt: skip
+    elif mode is MemoryMode.SEQUENTIAL:
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif mode is MemoryMode.STREAMED:
+        budget = (config.vram_free_gb or config.vram_total_gb or 0.0) * plan.max_memory_fraction
+        _streaming_module().enable_streamed_offload(pipe, device=device, budget_gib=budget)
+        return f"streamed on {device} within {budget:.1f} GiB"
+    else:
+        raise ValueError(f"memory mode {mode} must be resolved before loading")
+    return f"{mode.value} on {device}"
+
+
+def _streaming_module() -> Any:
+    try:
+        return importlib.import_module("qwen_core.streaming")
+    except ImportError as err:
+        if err.name != "qwen_core.streaming":
+            raise
+        raise QwenError(
+            "memory mode 'streamed' needs qwen_core/streaming.py (the low-VRAM engine), which this install lacks.",
+            fix="Choose model_offload or group_offload, or update the pack.",
+        ) from err
+
+
+def apply_attention(pipe: Any, backend: str) -> str:
+    """Set the transformer's attention backend; SDPA when the requested one cannot be set."""
+    if backend.endswith("_hub"):
+        # diffusers' *_hub backends download kernels from the Hub at runtime: never from here.
+        backend = SDPA
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or not hasattr(transformer, "set_attention_backend"):
+        return "default"
+    try:
+        transformer.set_attention_backend(backend)
+    except Exception as err:  # noqa: BLE001 - an unavailable kernel must not stop generation
+        if backend == SDPA:
+            raise
+        get_session_log().warning(f"attention: {backend} could not be set ({err}); using SDPA")
+        transformer.set_attention_backend(SDPA)
+        return SDPA
+    return backend
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.ipc_collect()
+
+
+def _light_component(folder: Path, name: str, library: str, cls_name: str) -> Any:
+    """Tokenizer / processor / scheduler from their subfolder, class taken from the allowlisted library."""
+    module = importlib.import_module(library)
+    cls = getattr(module, cls_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelFolderError(
+            f"{folder}: component {name!r} names class {cls_name!r}, which {library} does not provide.",
+            fix="Update diffusers/transformers (see requirements.txt) or re-download the model.",
+        )
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if library == "transformers":
+        kwargs["trust_remote_code"] = False
+    try:
+        if library == "diffusers":
+            return cls.from_pretrained(folder, subfolder=name, **kwargs)
+        return cls.from_pretrained(folder / name, **kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelFolderError(f"{folder / name}: cannot build the {name} ({err}).", fix="Re-download the model.") from err
+
+
+def _pipeline_class(class_name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, class_name)  # class_name was checked against the allowlist in integrity
+
+
+def _estimate_device_bytes(folder: ModelFolder, plan: LoadPlan) -> int:
+    width = torch.empty((), dtype=plan.dtype).element_size()
+    sizes = [folder.num_params(name) * width for name in folder.weight_files]
+    if plan.memory_mode is MemoryMode.GPU:
+        return sum(sizes)
+    if plan.memory_mode is MemoryMode.MODEL_OFFLOAD:
+        return max(sizes, default=0)
+    return 0
+
+
+class PipelineLoader:
+    """A light handle on one model folder: validated folder, tokenizer/processor and scheduler built now,
+    weights on first use. ``attempts`` lists every weight-load attempt (also in the session log)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        dtype: str | DtypeChoice = "auto",
+        memory_mode: str | MemoryMode = "auto",
+        attention: str | AttentionChoice = "auto",
+        device: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.dtype_choice = DtypeChoice.parse(dtype, "dtype")
+        self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
+        self.attention_choice = AttentionChoice.parse(attention, "attention")
+        self.path = Path(path).expanduser()
+        self.folder = check_model_folder(self.path)
+        self.device_config = devices.get_device_config(
+            device=device, dtype=self.dtype_choice.value, attention=self.attention_choice.value
+        )
+        self.retry = retry or RetryPolicy()
+        self.pipeline_class = _pipeline_class(self.folder.class_name)
+        self.light_components = self._build_light_components()
+        self.configs = self._read_configs()
+        mode, self.memory_mode_reason = self._initial_mode()
+        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype)
+        self.pipeline: Any = None
+        self.attempts: list[LoadAttempt] = []
+        self.last_error: BaseException | None = None
+        self.placement = ""
+        self.attention_backend = ""
+        self._lock = threading.RLock()
+        get_session_log().info(
+            f"loader: {self.path} ({self.folder.class_name}) on {self.device_config.device}; plan "
+            f"{self.plan.describe()} ({self.memory_mode_reason}); attention {self.device_config.attention_backend} "
+            f"({self.device_config.attention_reason}); weights load on first use"
+        )
+
+    # -- eager part --
+    def _build_light_components(self) -> dict[str, Any]:
+        built = {}
+        for name, (library, cls_name) in self.folder.components.items():
+            if not self.folder.weight_files.get(name):  # no weights: tokenizer, processor, scheduler
+                built[name] = _light_component(self.path, name, library, cls_name)
+        return built
+
+    def _read_configs(self) -> dict[str, dict]:
+        configs = {}
+        for name in self.folder.weight_files:
+            config_path = self.path / name / "config.json"
+            if config_path.is_file():
+                configs[name] = json.loads(config_path.read_text(encoding="utf-8"))
+        return configs
+
+    def _initial_mode(self) -> tuple[MemoryMode, str]:
+        if self.memory_mode_choice is MemoryMode.AUTO:
+            return choose_memory_mode(self.folder, self.device_config, self.device_config.dtype)
+        return self.memory_mode_choice, "as requested"
+
+    # -- lazy part --
+    @property
+    def is_loaded(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.light_components.get("tokenizer")
+
+    @property
+    def scheduler(self) -> Any:
+        return self.light_components.get("scheduler")
+
+    @property
+    def dtype_name(self) -> str:
+        return devices.dtype_name(self.plan.dtype)
+
+    def load(self) -> Any:
+        """The loaded pipeline, loading it now if needed (with retries and fallbacks)."""
+        with self._lock:
+            if self.pipeline is None:
+                self.pipeline = load_model_with_retry(self)
+            return self.pipeline
+
+    def load_once(self, plan: LoadPlan) -> Any:
+        """One attempt: from_pretrained with the light parts reused, then placement and attention."""
+        # Re-check the folder: a download may have been running or a file replaced since construction.
+        self.folder = check_model_folder(self.path)
+        pipe = self.pipeline_class.from_pretrained(
+            self.path,
+            dtype=plan.dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+            **self.light_components,
+        )
+        try:
+            self.placement = apply_memory_mode(pipe, plan, self.device_config)
+            self.attention_backend = apply_attention(pipe, self.wanted_attention())
+        except BaseException:
+            _release(pipe)
+            raise
+        return pipe
+
+    def wanted_attention(self) -> str:
+        return SDPA if sdpa_forced() else self.device_config.attention_backend
+
+    def switch_to_sdpa(self, reason: str) -> None:
+        """Use SDPA for the loaded pipeline and, from now on, for every pipeline in this process."""
+        force_sdpa(reason)
+        if self.pipeline is not None and self.attention_backend != SDPA:
+            self.attention_backend = apply_attention(self.pipeline, SDPA)
+
+    def unload(self) -> None:
+        """Drop the weights (the tokenizer/scheduler stay); the next use loads them again."""
+        with self._lock:
+            pipe, self.pipeline = self.pipeline, None
+            if pipe is not None:
+                _release(pipe)
+                get_session_log().info(f"loader: unloaded weights of {self.path}")
+
+    def governor_inputs(self) -> dict[str, Any]:
+        """Keyword arguments for ``governor.clamp_image_size`` that describe this loader's situation."""
+        from qwen_core import governor
+
+        cfg, plan = self.device_config, self.plan
+        limit = governor.max_pixels(cfg.vram_total_gb, self.dtype_name, plan.memory_mode.value)
+        return {
+            "vram_gb": cfg.vram_total_gb,
+            "dtype": self.dtype_name,
+            "memory_mode": plan.memory_mode.value,
+            "max_pixels": max(int(limit * plan.pixel_scale), 16 * 16) if plan.pixel_scale < 1 else None,
+        }
+
+    def describe(self) -> str:
+        state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
+        return f"{self.folder.class_name} at {self.path}: {state}; plan {self.plan.describe()}"
+
+
+def _release(pipe: Any) -> None:
+    """Remove offload hooks and drop the pipeline's modules (memory.release_pipeline when available)."""
+    try:
+        from qwen_core.memory import release_pipeline
+    except ImportError as err:
+        if err.name != "qwen_core.memory":
+            raise
+        release_pipeline = None
+    if release_pipeline is not None:
+        release_pipeline(pipe)
+    else:
+        if hasattr(pipe, "remove_all_hooks"):
+            pipe.remove_all_hooks()
+        free_memory()
+
+
+def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None = None) -> Any:
+    """Load ``loader``'s weights following the fallback ladder (module docstring); raise ModelLoadError
+    (with every attempt listed) when the ladder or the attempt budget is exhausted."""
+    log, policy, rng = get_session_log(), loader.retry, rng or random.Random()
+    plan = loader.plan
+    for number in range(1, policy.max_attempts + 1):
+        start = time.perf_counter()
+        _run_before_load_hooks(_estimate_device_bytes(loader.folder, plan))
+        try:
+            pipe = loader.load_once(plan)
+        except Exception as err:  # noqa: BLE001 - classified below; the last one is re-raised
+            kind = "error" if isinstance(err, QwenError) else classify_error(err)
+            free_memory()
+            attempt = LoadAttempt(number, plan, kind, redact(f"{type(err).__name__}: {err}")[:500],
+                                  time.perf_counter() - start)  # fmt: skip
+            loader.attempts.append(attempt)
+            loader.last_error = err
+            following = next_plan(plan, kind) if number < policy.max_attempts else None
+            if isinstance(err, QwenError) and following is None:
+                log.error(f"loader: {attempt.describe()}", fix=err.fix)
+                raise
+            if following is None:
+                raise _give_up(loader, err) from err
+            delay = policy.delay(number, rng)
+            log.warning(f"loader: {attempt.describe()}; retrying in {delay:.2f} s with {following.describe()}")
+            policy.sleep(delay)
+            plan = following
+            continue
+        attempt = LoadAttempt(number, plan, "ok", loader.placement, time.perf_counter() - start)
+        loader.attempts.append(attempt)
+        loader.plan, loader.last_error = plan, None
+        log.info(f"loader: {attempt.describe()}; attention {loader.attention_backend}")
+        return pipe
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _give_up(loader: PipelineLoader, err: BaseException) -> ModelLoadError:
+    tried = "; ".join(a.describe() for a in loader.attempts[-4:])
+    if is_oom(err):
+        fix = ("Free GPU memory (close other apps/models), choose memory_mode sequential, or use a smaller "
+               "dtype (fp16/bf16).")  # fmt: skip
+    else:
+        fix = "See reports/last_session.log for each attempt; re-download the model if a file is damaged."
+    error = ModelLoadError(f"could not load the weights of {loader.path}: {tried}", fix=fix)
+    get_session_log().error(f"loader: {error}", fix=fix)
+    return error
+
+
+def _run_before_load_hooks(bytes_needed: int) -> None:
+    for hook in list(_BEFORE_LOAD_HOOKS):
+        try:
+            hook(bytes_needed)
+        except Exception as err:  # noqa: BLE001 - freeing someone else's memory is best effort
+            get_session_log().warning(f"loader: before-load hook {hook!r} failed: {err}")
