@@ -1,0 +1,438 @@
+"""Preflight: can this machine run Qwen-Image, and with which settings?
+
+``perform_preflight_checks()`` measures GPU/VRAM, RAM, disk at the download target, CUDA runtime/driver,
+package versions, flash-attn and (when given) the ComfyUI version, and returns a ``PreflightReport`` with
+one ``Check`` per item (status ok/warn/fail, measured, needed, message, recommendation), an overall status
+(the worst check) and a recommended profile (device, dtype, memory mode, max pixels from the governor).
+
+Units: model and disk sizes are GB = 1e9 bytes, as the Hub shows them; VRAM and RAM are GiB, as drivers
+and task managers show them (both printed "GB").
+
+CLI: ``python -m qwen_core preflight [--json] [--model REPO_OR_PATH] [--target DIR]``; exit status 0 when
+the verdict is ok or warn, 1 when any check fails. Every reading can be injected for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from qwen_core import __version__, governor
+from qwen_core.errors import InvalidInputError
+from qwen_core.paths import models_root, validate_repo_id
+
+DEFAULT_MODEL = "Qwen/Qwen-Image"
+DISK_MARGIN_GB = 2.0
+# Whole-repo download sizes (GB = 1e9 bytes) as listed on the Hub: transformer ~40.9, text encoder ~16.6,
+# VAE ~0.25. Used when no file listing is passed in.
+MODEL_SIZES_GB: dict[str, float] = {
+    "Qwen/Qwen-Image": 57.7,
+    "Qwen/Qwen-Image-Edit": 57.7,
+    "Qwen/Qwen-Image-Edit-2509": 57.7,
+}
+TRANSFORMER_SHARE = 0.71  # the transformer is ~71% of the repo; it must fit on the GPU for model_offload
+# (minimum, first untested version or None). Qwen-Image needs diffusers >= 0.35 (Edit-2509: 0.36) and
+# transformers >= 4.49; diffusers >= 0.40 needs huggingface_hub >= 1.23. Upper bounds = requirements.txt.
+PACKAGE_RANGES: dict[str, tuple[str, str | None]] = {
+    "torch": ("2.3", None),
+    "diffusers": ("0.35", "0.43"),
+    "transformers": ("4.49", "6"),
+    "huggingface_hub": ("1.23", "3"),
+    "accelerate": ("1.0", "2"),
+    "safetensors": ("0.4.3", "1"),
+}
+OK, WARN, FAIL = "ok", "warn", "fail"
+_RANK = {OK: 0, WARN: 1, FAIL: 2}
+_GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    measured: str
+    needed: str
+    message: str
+    recommendation: str = ""
+
+
+@dataclass(frozen=True)
+class Profile:
+    device: str
+    dtype: str
+    memory_mode: str
+    attention_backend: str
+    max_pixels: int
+    example_size: str  # what 1328x1328 becomes under the governor
+    reason: str
+
+
+@dataclass
+class PreflightReport:
+    checks: list[Check]
+    status: str
+    profile: Profile
+    model: str
+    model_size_gb: float | None
+    target_dir: str
+    device: dict
+    created_utc: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    qwen_core_version: str = __version__
+
+    def check(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_text(self) -> str:
+        rows = [("STATUS", "CHECK", "MEASURED", "NEEDED")]
+        rows += [(c.status.upper(), c.name, c.measured, c.needed) for c in self.checks]
+        widths = [min(max(len(r[i]) for r in rows), cap) for i, cap in enumerate((6, 18, 44, 30))]
+        lines = [f"Qwen-Image preflight — verdict: {self.status.upper()}  (model {self.model})", ""]
+        for r in rows:
+            lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        notes = [c for c in self.checks if c.status != OK or c.recommendation]
+        if notes:
+            lines.append("")
+        for c in notes:
+            lines.append(f"[{c.status}] {c.name}: {c.message}")
+            if c.recommendation:
+                lines.append(f"       -> {c.recommendation}")
+        p = self.profile
+        lines += ["", f"Recommended profile: device={p.device} dtype={p.dtype} memory_mode={p.memory_mode} "
+                      f"attention={p.attention_backend} max_pixels={p.max_pixels} ({p.max_pixels / 1e6:.2f} MP; "
+                      f"1328x1328 -> {p.example_size})", f"  why: {p.reason}"]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- readings
+
+def _parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text.split("+")[0])[:3])
+
+
+def installed_versions(names: Iterable[str] = PACKAGE_RANGES) -> dict[str, str | None]:
+    """Installed distribution versions (None when missing), read from metadata without importing them."""
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def read_cuda_info() -> dict[str, str | None]:
+    """torch's CUDA runtime, and the driver version + highest CUDA it supports (from nvidia-smi)."""
+    info: dict[str, str | None] = {"runtime": None, "driver": None, "driver_cuda": None}
+    try:
+        import torch
+
+        info["runtime"] = torch.version.cuda
+    except ImportError:
+        pass
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run([exe], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        driver = re.search(r"Driver Version:\s*([\d.]+)", out)
+        cuda = re.search(r"CUDA Version:\s*([\d.]+)", out)
+        info["driver"] = driver.group(1) if driver else None
+        info["driver_cuda"] = cuda.group(1) if cuda else None
+    return info
+
+
+def folder_size_bytes(path: Path) -> int:
+    """Bytes on disk of every file below ``path`` (file symlinks followed: the hub cache links to blobs)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent  # the target may not exist yet: measure the disk it will be created on
+    return shutil.disk_usage(probe).free
+
+
+def _listing_bytes(file_sizes: Mapping[str, int] | Iterable[int]) -> int:
+    values = file_sizes.values() if isinstance(file_sizes, Mapping) else file_sizes
+    return int(sum(int(v) for v in values))
+
+
+# -------------------------------------------------------------------------------------------------- checks
+
+def _gb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} GB"
+
+
+def check_gpu(dev: dict) -> Check:
+    if not str(dev["device"]).startswith("cuda"):
+        return Check("gpu", WARN, f"none (device {dev['device']})", "an NVIDIA GPU (compute capability >= 7.0)",
+                     "No CUDA GPU visible: the tiny demo runs on CPU, a real 20B model is impractically slow.",
+                     "Install a CUDA build of torch (README 'Install torch') and check CUDA_VISIBLE_DEVICES.")
+    cc = dev.get("compute_capability")
+    cc_text = ".".join(map(str, cc)) if cc else "?"
+    status = OK if cc and tuple(cc) >= (7, 0) else WARN
+    rec = "" if status == OK else "Cards older than Volta (7.0) are untested and very slow."
+    return Check("gpu", status, f"{dev['device_name']} (cc {cc_text})", "compute capability >= 7.0",
+                 f"Using {dev['device']} ({dev['device_name']}); bf16 {'yes' if dev['supports_bf16'] else 'no'}.",
+                 rec)
+
+
+def check_vram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
+    total, free = dev.get("vram_total_gb"), dev.get("vram_free_gb")
+    resident = f"{size_gb * 1e9 / _GIB + 8:.0f} GB for memory mode gpu" if size_gb else "depends on the model"
+    needed = f">= 6 GB (offloaded); {resident}"
+    if total is None:
+        return Check("vram", WARN, "no GPU", needed, "No VRAM to measure; generation runs on the CPU.", "")
+    measured = f"{free:.1f} GB free of {total:.1f} GB"
+    if total < 6:
+        return Check("vram", WARN, measured, needed, "Under 6 GB: only sequential offload, very slow.",
+                     "Use memory mode 'sequential' and small sizes (the governor does this).")
+    if free is not None and free < 0.5 * total:
+        return Check("vram", WARN, measured, needed,
+                     f"Other processes hold {total - free:.1f} GB of this GPU.",
+                     "Close other GPU programs, or restart ComfyUI with scripts/safe_restart.sh to release memory.")
+    return Check("vram", OK, measured, needed, f"Memory mode '{memory_mode}' fits this card.", "")
+
+
+def check_ram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
+    total, avail = dev["ram_total_gb"], dev["ram_available_gb"]
+    offloaded = memory_mode in ("model_offload", "group_offload", "sequential", "streamed")
+    need = max(16.0, size_gb * 1e9 / _GIB + 4) if (size_gb and offloaded) else 16.0
+    measured = f"{avail:.1f} GB available of {total:.1f} GB"
+    needed = f">= {need:.0f} GB" + (" (offloaded weights live in RAM)" if offloaded and size_gb else "")
+    if total < need:
+        return Check("ram", WARN, measured, needed, f"{total:.1f} GB RAM is less than the {need:.0f} GB advised.",
+                     "Add RAM or swap, close other programs, or use a lighter model/memory mode.")
+    if avail < need:
+        return Check("ram", WARN, measured, needed, "Enough RAM installed, but little of it is free now.",
+                     "Close other programs before loading the model.")
+    return Check("ram", OK, measured, needed, "Enough RAM.", "")
+
+
+def check_disk(target: Path, model: str, size_gb: float | None, local: bool, explicit: bool,
+               disk_free: Callable[[Path], int]) -> Check:
+    try:
+        free_gb = disk_free(target) / 1e9
+    except OSError as err:
+        return Check("disk", WARN, "unreadable", "", f"Cannot measure free space at {target}: {err}", "")
+    measured = f"{free_gb:.1f} GB free at {target}"
+    if local:
+        return Check("disk", OK, measured, "already on disk", f"{model} is a local folder ({_gb(size_gb)}).", "")
+    if size_gb is None:
+        return Check("disk", WARN, measured, f"model size + {DISK_MARGIN_GB:.0f} GB",
+                     f"The size of {model} is unknown here.", "Check the repo size on the Hub before downloading.")
+    need = size_gb + DISK_MARGIN_GB
+    needed = f">= {need:.1f} GB ({model} {size_gb:.1f} GB + {DISK_MARGIN_GB:.0f} GB)"
+    if free_gb >= need:
+        return Check("disk", OK, measured, needed, "Enough space for the download.", "")
+    return Check("disk", FAIL if explicit else WARN, measured, needed,
+                 f"Not enough space to download {model}: {need - free_gb:.1f} GB short.",
+                 "Free space, or download elsewhere: set QWEN_HOME (or pass --target) to a bigger disk.")
+
+
+def check_cuda(dev: dict, cuda: Mapping[str, str | None]) -> Check:
+    runtime, driver, driver_cuda = cuda.get("runtime"), cuda.get("driver"), cuda.get("driver_cuda")
+    measured = f"runtime {runtime or 'none (CPU build)'}; driver {driver or 'n/a'}" + (
+        f" (supports CUDA {driver_cuda})" if driver_cuda else "")
+    needed = "driver CUDA >= torch's CUDA runtime"
+    if runtime is None and driver:
+        return Check("cuda", WARN, measured, needed, "An NVIDIA driver is present but torch is a CPU-only build.",
+                     "Install a CUDA build of torch matching the driver (README 'Install torch').")
+    if runtime and driver_cuda and _parse_version(driver_cuda)[:2] < _parse_version(runtime)[:2]:
+        return Check("cuda", FAIL, measured, needed,
+                     f"torch was built for CUDA {runtime} but the driver supports only CUDA {driver_cuda}.",
+                     "Update the NVIDIA driver, or install the torch wheel for an older CUDA (README 'Install torch').")
+    if runtime and not str(dev["device"]).startswith("cuda") and driver is None:
+        return Check("cuda", WARN, measured, needed, "torch has CUDA but no GPU/driver is visible.",
+                     "Check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES.")
+    return Check("cuda", OK, measured, needed, "CPU only: nothing to match." if runtime is None else "Compatible.", "")
+
+
+def check_package(name: str, version: str | None, model: str) -> Check:
+    minimum, below = PACKAGE_RANGES[name]
+    if name == "diffusers" and "2509" in model:
+        minimum = "0.36"  # QwenImageEditPlusPipeline
+    needed = f">= {minimum}" + (f", < {below}" if below else "")
+    fix_cmd = "pip install -r requirements.txt" if name != "torch" else "see README 'Install torch'"
+    if version is None:
+        return Check(name, FAIL, "not installed", needed, f"{name} is missing.", fix_cmd)
+    if _parse_version(version) < _parse_version(minimum):
+        return Check(name, FAIL, version, needed, f"{name} {version} is too old for Qwen-Image.",
+                     f"Upgrade: {fix_cmd} (constraints.txt has the tested versions).")
+    if below and _parse_version(version) >= _parse_version(below):
+        return Check(name, WARN, version, needed, f"{name} {version} is newer than the tested range.",
+                     "If something breaks, install the versions in constraints.txt.")
+    return Check(name, OK, version, needed, "Supported.", "")
+
+
+def check_flash(dev: dict) -> Check:
+    from qwen_core.devices import flash_attn_status
+
+    version, problem = flash_attn_status()
+    backend, reason = dev["attention_backend"], dev["attention_reason"]
+    measured = f"{version or 'not installed'}; using {'flash-attn' if backend == 'flash' else 'PyTorch SDPA'}"
+    needed = "optional"
+    if backend == "flash" or version is None:
+        return Check("flash-attn", OK, measured, needed, reason, "")
+    return Check("flash-attn", WARN, measured, needed, f"flash-attn is installed but not used: {reason}",
+                 "Nothing to do (SDPA works); to use flash-attn, reinstall it for this torch/CUDA.")
+
+
+def check_python() -> Check:
+    ok = sys.version_info >= (3, 10)
+    return Check("python", OK if ok else FAIL, platform.python_version(), ">= 3.10",
+                 "Supported." if ok else "Python is too old.", "" if ok else "Use Python 3.10-3.13.")
+
+
+def check_comfyui(version: str | None) -> Check:
+    if version is None:
+        return Check("comfyui", OK, "not inside ComfyUI (headless)", "optional", "Headless use of qwen_core.", "")
+    return Check("comfyui", OK, version, "any recent ComfyUI", f"Running inside ComfyUI {version}.", "")
+
+
+# ------------------------------------------------------------------------------------------ profile + main
+
+def recommend_memory_mode(dev: dict, size_gb: float | None) -> tuple[str, str]:
+    """Lightest-sufficient memory mode for this card and model size, with the reason."""
+    total = dev.get("vram_total_gb")
+    if not str(dev["device"]).startswith("cuda") or total is None:
+        return "auto", "no CUDA GPU: the device holds everything in RAM"
+    if not size_gb:
+        return "gpu", "model size unknown or small: keep everything on the GPU"
+    size_gib = size_gb * 1e9 / _GIB
+    if total >= size_gib + 8:
+        return "gpu", f"{total:.0f} GB VRAM holds the whole model ({size_gib:.0f} GB) plus activations"
+    if total >= size_gib * TRANSFORMER_SHARE + 6:
+        return "model_offload", f"{total:.0f} GB VRAM holds the transformer; text encoder/VAE are offloaded"
+    if total >= 6:
+        return "group_offload", f"{total:.0f} GB VRAM is less than the transformer: stream its blocks"
+    return "sequential", f"only {total:.1f} GB VRAM: sequential offload (slow)"
+
+
+def _model_size(model: str, local: bool, file_sizes: Mapping[str, int] | Iterable[int] | None) -> float | None:
+    if file_sizes is not None:
+        return _listing_bytes(file_sizes) / 1e9
+    if local:
+        return folder_size_bytes(Path(model).expanduser()) / 1e9
+    return MODEL_SIZES_GB.get(model)
+
+
+def _device_dict(device_config: object | None) -> tuple[dict, Check | None]:
+    from qwen_core.devices import get_device_config
+
+    problem = None
+    if device_config is None:
+        try:
+            device_config = get_device_config()
+        except InvalidInputError as err:
+            problem = Check("device", FAIL, str(err.field), "a usable device", str(err),
+                            err.fix or "Unset QWEN_DEVICE/QWEN_DTYPE/QWEN_ATTENTION or fix their values.")
+            device_config = get_device_config(device="cpu", dtype="auto", attention="sdpa")
+    return device_config.to_dict(), problem
+
+
+def perform_preflight_checks(
+    model: str | os.PathLike | None = None,
+    target_dir: str | os.PathLike | None = None,
+    *,
+    device_config: object | None = None,
+    file_sizes: Mapping[str, int] | Iterable[int] | None = None,
+    comfyui_version: str | None = None,
+    versions: Mapping[str, str | None] | None = None,
+    cuda_info: Mapping[str, str | None] | None = None,
+    disk_free: Callable[[Path], int] = _free_bytes,
+) -> PreflightReport:
+    """Run every check. ``model``: a repo id or a local folder (default Qwen/Qwen-Image). ``file_sizes``:
+    the repo listing (name -> bytes) when the caller has it. The rest injects readings (tests, ComfyUI)."""
+    explicit = model is not None
+    model_text = str(model) if explicit else DEFAULT_MODEL
+    local = explicit and Path(model_text).expanduser().is_dir()
+    checks: list[Check] = []
+    if explicit and not local:
+        try:
+            model_text = validate_repo_id(model_text)
+        except InvalidInputError as err:
+            checks.append(Check("model", FAIL, model_text, "a local folder or a repo id like Qwen/Qwen-Image",
+                                str(err), "Pass an existing folder or a Hub repo id."))
+    size_gb = _model_size(model_text, local, file_sizes)
+    target = Path(target_dir).expanduser() if target_dir is not None else models_root()
+
+    dev, device_problem = _device_dict(device_config)
+    if device_problem:
+        checks.append(device_problem)
+    memory_mode, mode_reason = recommend_memory_mode(dev, size_gb)
+    versions = installed_versions() if versions is None else versions
+    checks += [
+        check_gpu(dev),
+        check_vram(dev, memory_mode, size_gb),
+        check_ram(dev, memory_mode, size_gb),
+        check_disk(target, model_text, size_gb, local, explicit, disk_free),
+        check_cuda(dev, read_cuda_info() if cuda_info is None else cuda_info),
+        check_python(),
+        *(check_package(name, versions.get(name), model_text) for name in PACKAGE_RANGES),
+        check_flash(dev),
+        check_comfyui(comfyui_version),
+    ]
+    status = max((c.status for c in checks), key=_RANK.__getitem__)
+    limit = governor.max_pixels(dev.get("vram_total_gb"), dev["dtype"], memory_mode)
+    example = governor.clamp_image_size(1328, 1328, max_pixels=limit)
+    profile = Profile(dev["device"], dev["dtype"], memory_mode, dev["attention_backend"], limit,
+                      f"{example.width}x{example.height}", f"{mode_reason}; {dev.get('dtype_reason', '')}".strip("; "))
+    report = PreflightReport(checks, status, profile, model_text, size_gb, str(target), dev)
+    _log(report)
+    return report
+
+
+def _log(report: PreflightReport) -> None:
+    from qwen_core.session_log import get_session_log
+
+    log = get_session_log()
+    log.info(f"preflight: verdict {report.status} for {report.model}; profile {asdict(report.profile)}")
+    for c in report.checks:
+        if c.status == FAIL:
+            log.error(f"preflight {c.name}: {c.message} (measured {c.measured}; needed {c.needed})",
+                      fix=c.recommendation or None)
+        elif c.status == WARN:
+            log.warning(f"preflight {c.name}: {c.message} {c.recommendation}".strip())
+
+
+def configure_preflight(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "Exit status: 0 when the verdict is ok or warn, 1 when a check fails."
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (for programs)")
+    parser.add_argument("--model", default=None, metavar="REPO_OR_PATH",
+                        help=f"repo id or local folder to check for (default {DEFAULT_MODEL})")
+    parser.add_argument("--target", default=None, metavar="DIR",
+                        help="where the model would be downloaded (default: the model store, see QWEN_HOME)")
+
+
+def run_preflight(args: argparse.Namespace) -> int:
+    report = perform_preflight_checks(model=args.model, target_dir=args.target)
+    print(report.to_json() if args.json else report.to_text())
+    return 1 if report.status == FAIL else 0
