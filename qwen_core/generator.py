@@ -315,7 +315,7 @@ class QwenImageGenerator:
     def _oom_error(self, request: GenerationRequest, err: BaseException) -> OutOfMemoryError:
         free_memory()
         d = request.decision
-        smaller = governor.clamp_image_size(d.width, d.height, max_pixels=int(d.pixels * 0.6), min_side=256)
+        smaller = governor.clamp_image_size(d.width, d.height, max_pixels=int(d.pixels * 0.6), min_side=64)
         mode = self.loader.plan.memory_mode
         lighter = LIGHTER_MODE.get(mode)
         tips = [f"a smaller size (e.g. {smaller.width}x{smaller.height})"]

@@ -1,0 +1,199 @@
+"""QwenImageGenerator on the tiny pipeline: determinism, layout, progress, cancel, NaN -> SDPA, OOM, inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from qwen_core import loading
+from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
+from qwen_core.generator import PROMPT_CHAR_LIMIT, QwenImageGenerator, validate_request
+from qwen_core.loading import PipelineLoader
+from qwen_core.session_log import get_session_log
+
+pytestmark = pytest.mark.slow
+FAST = {"width": 64, "height": 64, "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_model_dir) -> QwenImageGenerator:
+    """One loaded generator for the tests that do not patch anything."""
+    return QwenImageGenerator(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture
+def fresh(tiny_model_dir) -> QwenImageGenerator:
+    """A private generator for tests that patch its pipeline."""
+    return QwenImageGenerator(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_sticky_sdpa():
+    loading._reset_sdpa_flag()
+    yield
+    loading._reset_sdpa_flag()
+
+
+def _patch_transformer_once(gen: QwenImageGenerator, make_output) -> list[int]:
+    """Replace the transformer's next forward call's result (or raise); later calls run normally."""
+    transformer = gen.load().transformer
+    original, calls = transformer.forward, [0]
+
+    def forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return make_output(original(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    transformer.forward = forward
+    return calls
+
+
+class TestOutput:
+    def test_same_seed_same_image_other_seed_other_image(self, shared):
+        a = shared.generate("a red fox in snow", seed=7, **FAST)
+        b = shared.generate("a red fox in snow", seed=7, **FAST)
+        c = shared.generate("a red fox in snow", seed=8, **FAST)
+        assert torch.equal(a.images, b.images)
+        assert (a.images - c.images).abs().max() > 1e-3
+
+    def test_comfy_image_layout(self, shared):
+        result = shared.generate("a lighthouse", width=96, height=64, steps=2, batch_size=2, seed=3)
+        assert result.images.shape == (2, 64, 96, 3) and result.images.dtype == torch.float32
+        assert result.images.device.type == "cpu" and 0.0 <= result.images.min() <= result.images.max() <= 1.0
+        assert (result.images[0] - result.images[1]).abs().max() > 1e-3  # a batch is not one image repeated
+        assert (result.width, result.height, result.seed, result.steps) == (96, 64, 3, 2)
+        assert {"load_s", "denoise_s", "decode_s", "per_step_s", "total_s"} <= result.timings.keys()
+
+    def test_governor_decides_the_size(self, shared):
+        result = shared.generate("a boat", width=100, height=70, steps=2)  # not multiples of 16
+        assert (result.decision.width, result.decision.height) == (96, 64)
+        assert result.images.shape[1:3] == (64, 96)
+
+    def test_true_cfg_with_negative_prompt_changes_the_image(self, shared):
+        plain = shared.generate("a cat", true_cfg_scale=1.0, **FAST)
+        guided = shared.generate("a cat", negative_prompt="a dog", true_cfg_scale=4.0, **FAST)
+        assert (plain.images - guided.images).abs().max() > 1e-4
+
+    def test_largest_seed_and_long_prompt(self, shared):
+        result = shared.generate("word " * 5000, seed=2**64 - 1, **FAST)
+        assert result.seed == 2**64 - 1 and any("kept the first" in w for w in result.warnings)
+
+
+class TestProgressAndCancel:
+    def test_on_step_reports_every_step(self, shared):
+        seen = []
+        shared.generate("a tree", on_step=lambda step, total, eta: seen.append((step, total, eta)), seed=1,
+                        width=64, height=64, steps=3)  # fmt: skip
+        assert [(s, t) for s, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+        assert all(eta >= 0 for _, _, eta in seen) and seen[-1][2] == 0
+
+    def test_cancel_mid_run_skips_decode_and_generator_stays_usable(self, fresh, monkeypatch):
+        pipe = fresh.load()
+        decodes = []
+        original_decode = pipe.vae.decode
+        monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: decodes.append(1) or original_decode(*a, **k))
+        steps_seen = []
+        with pytest.raises(GenerationCancelled, match="after step 1 of 4"):
+            fresh.generate("a bridge", width=64, height=64, steps=4, seed=5,
+                           on_step=lambda s, t, e: steps_seen.append(s), should_cancel=lambda: len(steps_seen) >= 1)  # fmt: skip
+        assert steps_seen == [1] and decodes == []  # stopped within one step, nothing decoded
+        after = fresh.generate("a bridge", width=64, height=64, steps=4, seed=5)
+        again = fresh.generate("a bridge", width=64, height=64, steps=4, seed=5)
+        assert decodes == [1, 1] and torch.equal(after.images, again.images)
+
+    def test_cancel_before_start_does_not_load(self, tiny_model_dir):
+        gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+        with pytest.raises(GenerationCancelled):
+            gen.generate("x", should_cancel=lambda: True, **FAST)
+        assert not gen.loader.is_loaded
+
+
+class TestNonFinite:
+    def test_nan_latents_retry_once_with_sdpa_and_stick(self, tiny_model_dir):
+        loader = PipelineLoader(tiny_model_dir, device="cpu")
+        # Pretend the device policy chose another kernel ("_native_math" runs on CPU) that yields NaN once.
+        loader.device_config = dataclasses.replace(loader.device_config, attention_backend="_native_math")
+        gen = QwenImageGenerator(loader)
+        calls = _patch_transformer_once(gen, lambda out: (torch.full_like(out[0], math.nan),))
+        assert gen.loader.attention_backend == "_native_math"
+        result = gen.generate("a castle", seed=4, **FAST)
+        assert result.retried_with_sdpa and result.attention_backend == "native"
+        assert torch.isfinite(result.images).all() and calls[0] > 1
+        assert loading.sdpa_forced() and "NaN" in loading.sdpa_forced()
+        assert "retrying once with SDPA" in get_session_log().read_text()
+        # Sticky for the process: a new loader asks for SDPA whatever the device policy says.
+        other = PipelineLoader(tiny_model_dir, device="cpu")
+        other.device_config = dataclasses.replace(other.device_config, attention_backend="_native_math")
+        assert other.wanted_attention() == "native"
+
+    def test_nan_with_sdpa_is_an_error_with_fix(self, fresh):
+        transformer = fresh.load().transformer
+        original = transformer.forward
+        transformer.forward = lambda *a, **k: (torch.full_like(original(*a, **k)[0], math.inf),)
+        with pytest.raises(QwenError, match="NaN/Inf") as err:
+            fresh.generate("a castle", **FAST)
+        assert err.value.fix
+
+
+class TestOutOfMemory:
+    def test_oom_during_generation_frees_and_next_run_works(self, fresh):
+        def boom(_out):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+        _patch_transformer_once(fresh, boom)
+        with pytest.raises(OutOfMemoryError) as err:
+            fresh.generate("a storm", width=128, height=128, steps=2)
+        assert "smaller size (e.g. 96x96)" in err.value.fix and "model_offload" in err.value.fix
+        assert "out of memory at 128x128" in get_session_log().read_text()
+        assert fresh.generate("a storm", width=128, height=128, steps=2).images.shape == (1, 128, 128, 3)
+
+
+class TestValidation:
+    @pytest.mark.parametrize(("field", "overrides"), [
+        ("prompt", {"prompt": ""}),
+        ("prompt", {"prompt": "   "}),
+        ("prompt", {"prompt": None}),
+        ("negative_prompt", {"negative_prompt": 5}),
+        ("steps", {"steps": 0}),
+        ("steps", {"steps": 201}),
+        ("steps", {"steps": math.nan}),
+        ("steps", {"steps": 2.5}),
+        ("steps", {"steps": True}),
+        ("true_cfg_scale", {"true_cfg_scale": math.nan}),
+        ("true_cfg_scale", {"true_cfg_scale": math.inf}),
+        ("true_cfg_scale", {"true_cfg_scale": -1.0}),
+        ("true_cfg_scale", {"true_cfg_scale": 21.0}),
+        ("seed", {"seed": -1}),
+        ("seed", {"seed": 2**64}),
+        ("batch_size", {"batch_size": 0}),
+        ("batch_size", {"batch_size": 17}),
+        ("width", {"width": math.nan}),
+        ("width", {"width": 0}),
+        ("height", {"height": 100000}),
+    ])  # fmt: skip
+    def test_bad_input_names_the_field_before_any_compute(self, tiny_model_dir, field, overrides):
+        gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+        kwargs = {"prompt": "a cat", **FAST} | overrides
+        with pytest.raises(InvalidInputError) as err:
+            gen.generate(**kwargs)
+        assert err.value.field == field and f"`{field}`" in str(err.value)
+        assert not gen.loader.is_loaded  # nothing was loaded or computed
+
+    def test_huge_prompt_truncated_with_warning(self):
+        request = validate_request("x" * 1_000_000, "", width=64, height=64, steps=2, true_cfg_scale=4.0, seed=0,
+                                   batch_size=1)  # fmt: skip
+        assert len(request.prompt) == PROMPT_CHAR_LIMIT
+        assert any("1,000,000 characters" in w for w in request.warnings)
+
+
+class TestLifecycle:
+    def test_unload_then_generate_reloads(self, fresh):
+        first = fresh.generate("a hill", seed=9, **FAST)
+        fresh.unload()
+        assert not fresh.loader.is_loaded
+        second = fresh.generate("a hill", seed=9, **FAST)
+        assert torch.equal(first.images, second.images) and second.timings["load_s"] > 0
