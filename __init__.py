@@ -4,7 +4,16 @@ Importing this file must work without ComfyUI and without a GPU: the nodes are t
 ``qwen_core`` and reach ComfyUI only through ``nodes/comfy_bridge.py``.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import os
+import sys
+
+# ComfyUI imports this folder as a package, but qwen_core is a top-level package (also used by the CLI
+# and the tests). Append, never prepend: our folder names must not shadow ComfyUI's modules.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.append(_HERE)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 WEB_DIRECTORY = "./web"
 

@@ -1,4 +1,23 @@
-"""Node registry. Each node lives in its own module; this file only collects them."""
+"""Node registry. Each node lives in its own module; this file only collects them.
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+Node ids equal class names (ComfyUI stores them in saved workflows: never rename one).
+"""
+
+from .downloader import QwenImageDownloader
+from .generate import QwenImageGenerate
+from .loader import QwenImageLoader
+from .pixel_governor import QwenImagePixelGovernor
+from .preflight import QwenImagePreflight
+from .switch_model import QwenImageSwitchModel
+
+_NODES = {
+    QwenImagePreflight: "Qwen-Image Preflight",
+    QwenImageDownloader: "Qwen-Image Downloader",
+    QwenImageLoader: "Qwen-Image Loader",
+    QwenImagePixelGovernor: "Qwen-Image Pixel Governor",
+    QwenImageGenerate: "Qwen-Image Generate",
+    QwenImageSwitchModel: "Qwen-Image Switch Model",
+}
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {cls.__name__: cls for cls in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {cls.__name__: name for cls, name in _NODES.items()}

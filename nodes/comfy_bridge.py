@@ -1,0 +1,216 @@
+"""The one door to ComfyUI. Every ComfyUI import is optional, so the nodes also run headless (tests, CLI).
+
+What goes through here: model folders (folder_paths, incl. extra_model_paths.yaml), memory hand-over
+(comfy.model_management.free_memory before our weights load, soft_empty_cache after), the interrupt flag
+(Cancel in the UI), progress bars (comfy.utils.ProgressBar), text/progress messages to the web extension
+(server.PromptServer) and a hook on ComfyUI's "unload models" (/free) so our resident model goes too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("qwen_image.nodes")
+
+try:  # ComfyUI's modules are top-level names inside a running ComfyUI only.
+    import folder_paths  # type: ignore[import-not-found]
+except ImportError as err:  # pragma: no cover - depends on the host
+    if err.name != "folder_paths":
+        raise
+    folder_paths = None
+try:
+    import comfy.model_management as model_management  # type: ignore[import-not-found]
+    import comfy.utils as comfy_utils  # type: ignore[import-not-found]
+except ImportError as err:  # pragma: no cover - depends on the host
+    if not (err.name or "").startswith("comfy"):
+        raise
+    model_management = comfy_utils = None
+try:
+    from server import PromptServer  # type: ignore[import-not-found]
+except ImportError as err:  # pragma: no cover - depends on the host
+    if err.name != "server":
+        raise
+    PromptServer = None
+
+IN_COMFYUI = folder_paths is not None and model_management is not None
+FOLDER_KEY = "diffusers"  # ComfyUI's own key for diffusers-layout folders (models/diffusers)
+EVENT = "qwen-image.status"  # websocket event the web extension listens to
+QWEN_CLASS_PREFIX = "QwenImage"  # model_index.json _class_name of every Qwen-Image pipeline
+
+
+def models_dirs() -> list[Path]:
+    """Folders that hold diffusers model folders: ComfyUI's models/diffusers + extra_model_paths entries."""
+    if folder_paths is not None:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(FOLDER_KEY)]
+        except KeyError:
+            return [Path(folder_paths.models_dir) / FOLDER_KEY]
+    from qwen_core import paths
+
+    return [paths.models_root()]
+
+
+def comfyui_version() -> str | None:
+    """ComfyUI's version when running inside it (comfyui_version.py exists since 0.3.x)."""
+    if folder_paths is None:
+        return None
+    try:
+        from comfyui_version import __version__  # type: ignore[import-not-found]
+    except ImportError:
+        return "unknown"
+    return str(__version__)
+
+
+def register_models_dirs() -> list[Path]:
+    """Tell qwen_core where ComfyUI keeps models, so downloads land in ComfyUI's folder."""
+    dirs = models_dirs()
+    if folder_paths is not None:
+        from qwen_core import paths
+
+        paths.register_models_dirs(dirs)
+    return dirs
+
+
+def output_dir() -> Path:
+    """ComfyUI's output folder (headless: QWEN_REPORTS_DIR's parent via qwen_core)."""
+    if folder_paths is not None:
+        return Path(folder_paths.get_output_directory())
+    from qwen_core import paths
+
+    return paths.reports_dir()
+
+
+def _is_qwen_folder(folder: Path) -> bool:
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return str(index.get("_class_name", "")).startswith(QWEN_CLASS_PREFIX)
+
+
+def list_model_folders() -> list[str]:
+    """Qwen-Image diffusers folders (relative names, up to two levels deep) in every models dir."""
+    found: list[str] = []
+    for root in models_dirs():
+        if not root.is_dir():
+            continue
+        for child in sorted(root.iterdir()):
+            candidates = [child] + (sorted(child.iterdir()) if child.is_dir() else [])
+            for folder in candidates:
+                name = folder.relative_to(root).as_posix()
+                if folder.is_dir() and _is_qwen_folder(folder) and name not in found:
+                    found.append(name)
+    return found
+
+
+def resolve_model_folder(name: str) -> Path:
+    """Map a dropdown name back to its folder (first models dir that has it)."""
+    from qwen_core import paths
+
+    for root in models_dirs():
+        candidate = paths.safe_join(root, name)
+        if candidate.is_dir():
+            return candidate
+    return paths.safe_join(models_dirs()[0], name)
+
+
+def free_comfy_memory(bytes_needed: int) -> None:
+    """Before our weights load: ask ComfyUI to unload its own models until ``bytes_needed`` is free."""
+    if model_management is None:
+        return
+    device = model_management.get_torch_device()
+    model_management.free_memory(bytes_needed, device)
+    model_management.soft_empty_cache()
+
+
+def soft_empty_cache() -> None:
+    if model_management is not None:
+        model_management.soft_empty_cache()
+
+
+def interrupted() -> bool:
+    """True once the user pressed Cancel (ComfyUI's /interrupt flag); never clears it."""
+    return bool(model_management is not None and model_management.processing_interrupted())
+
+
+def raise_if_interrupted() -> None:
+    """Raise ComfyUI's own interrupt exception (clears the flag) so the UI shows "interrupted"."""
+    if model_management is not None:
+        model_management.throw_exception_if_processing_interrupted()
+
+
+def raise_as_interrupt(err: BaseException) -> None:
+    """Re-raise our cancel error as ComfyUI's interrupt, so the UI shows "interrupted", not a failure."""
+    if model_management is not None:
+        raise model_management.InterruptProcessingException() from err
+    raise err
+
+
+def is_comfy_oom(err: BaseException) -> bool:
+    return model_management is not None and isinstance(err, model_management.OOM_EXCEPTION)
+
+
+class Progress:
+    """A ComfyUI progress bar (headless: remembers the last value for tests)."""
+
+    def __init__(self, total: int, node_id: str | None = None) -> None:
+        self.total, self.value, self.node_id = max(int(total), 1), 0, node_id
+        self._bar = comfy_utils.ProgressBar(self.total, node_id=node_id) if comfy_utils else None
+
+    def update(self, value: int, total: int | None = None) -> None:
+        """Set the absolute value. Inside ComfyUI its hook raises on Cancel (between steps)."""
+        self.total = max(int(total), 1) if total is not None else self.total
+        self.value = min(int(value), self.total)
+        if self._bar is not None:
+            self._bar.update_absolute(self.value, self.total)
+
+
+def send_status(node_id: str | None, kind: str, data: dict[str, Any]) -> None:
+    """Push a JSON status (download speed, preflight table...) to the web extension; no-op headless."""
+    if PromptServer is None or getattr(PromptServer, "instance", None) is None:
+        return
+    payload = {"node": None if node_id is None else str(node_id), "kind": kind, **data}
+    PromptServer.instance.send_sync(EVENT, payload)
+
+
+def send_text(node_id: str | None, text: str) -> None:
+    """Show a line of progress text on the node (ComfyUI >= 0.3.4x); silently skipped elsewhere."""
+    server = getattr(PromptServer, "instance", None) if PromptServer is not None else None
+    if server is not None and node_id is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(text, str(node_id))
+
+
+_free_hooks: list[Callable[[], None]] = []
+
+
+def on_unload_models(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` whenever ComfyUI unloads all its models (the /free button, OOM recovery).
+
+    ComfyUI has no public event for this; main.py calls ``model_management.unload_all_models()`` for
+    /free, so we wrap that function once. Returns False headless (nothing to hook).
+    """
+    if model_management is None:
+        return False
+    if callback not in _free_hooks:
+        _free_hooks.append(callback)
+    original = model_management.unload_all_models
+    if getattr(original, "_qwen_image_hook", False):
+        return True
+
+    def unload_all_models(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        finally:
+            for hook in list(_free_hooks):
+                try:
+                    hook()
+                except Exception:  # a failing release must never break ComfyUI's own unload
+                    log.exception("Qwen-Image: releasing the resident model on /free failed")
+
+    unload_all_models._qwen_image_hook = True  # type: ignore[attr-defined]
+    model_management.unload_all_models = unload_all_models
+    return True

@@ -1,0 +1,130 @@
+"""What the nodes share: socket types, the light QWEN_PIPE handle, model-folder lookup, residency access.
+
+The handle is four strings. The pipeline itself lives in qwen_core's residency registry (one resident
+model by default), so ComfyUI's output cache, which keeps node outputs and node instances alive, never
+pins a 40 GB model: /free, an error or a cancel releases it and the next Generate loads it again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen_core.errors import InvalidInputError
+from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
+
+from . import comfy_bridge as bridge
+
+QWEN_PIPE = "QWEN_PIPE"
+QWEN_SYSTEM = "QWEN_SYSTEM"
+NO_MODEL = "(no Qwen-Image folder found: run the Downloader or make-tiny)"
+DTYPES = [c.value for c in DtypeChoice]
+MEMORY_MODES = [m.value for m in MemoryMode]
+ATTENTIONS = [a.value for a in AttentionChoice]
+HIDDEN = {"unique_id": "UNIQUE_ID"}
+
+
+@dataclass(frozen=True)
+class PipeHandle:
+    """QWEN_PIPE: which model with which settings. Light and immutable (safe in ComfyUI's cache)."""
+
+    path: str
+    dtype: str = "auto"
+    memory_mode: str = "auto"
+    attention: str = "auto"
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.path, self.dtype, self.memory_mode, self.attention)
+
+    def loader_kwargs(self) -> dict[str, str]:
+        return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention}
+
+
+def model_choices() -> list[str]:
+    return bridge.list_model_folders() or [NO_MODEL]
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
+
+
+def validate_model_name(model: str) -> bool | str:
+    """VALIDATE_INPUTS for a model dropdown.
+
+    A workflow may name a model that the Downloader fetches in the same run, so an unknown name is accepted
+    (ComfyUI's own list check would refuse it before the download could run); it must still be a plain
+    relative name, and resolve_model() reports a missing folder naming the input.
+    """
+    from qwen_core.paths import safe_join
+
+    try:
+        safe_join("/models", str(model))
+    except InvalidInputError as err:
+        return f"model: {err}"
+    return True
+
+
+def resolve_model(model: str, model_path: str | None = None, field: str = "model") -> Path:
+    """The model folder from the dropdown or a linked path; it must lie in one of the model folders.
+
+    A workflow is shared data: refusing paths outside ComfyUI's model folders keeps it from pointing the
+    loader at arbitrary places on the disk.
+    """
+    roots = bridge.models_dirs()
+    if model_path:
+        candidate, field = Path(model_path).expanduser(), "model_path"
+        if not candidate.is_absolute():
+            candidate = bridge.resolve_model_folder(model_path)
+        if not _inside(candidate, roots):
+            shown = ", ".join(str(r) for r in roots)
+            raise InvalidInputError(field, f"{model_path!r} is outside the model folders ({shown}).",
+                                    fix="Download into ComfyUI's models/diffusers folder with the Downloader.")
+    elif not model or model == NO_MODEL:
+        raise InvalidInputError(field, "no Qwen-Image model folder is selected.",
+                                fix="Run the Downloader node, or `python -m qwen_core make-tiny "
+                                "<ComfyUI>/models/diffusers/qwen-image-tiny` for a CPU try-out.")
+    else:
+        candidate = bridge.resolve_model_folder(model)
+    if not (candidate / "model_index.json").is_file():
+        raise InvalidInputError(field, f"{candidate} is not a diffusers model folder (no model_index.json).",
+                                fix="Pick another folder, or download the model with the Downloader node.")
+    return candidate
+
+
+def generator_for(handle: PipeHandle) -> Any:
+    """The resident generator of ``handle`` (evicting the previous model first if it differs)."""
+    from qwen_core.generator import QwenImageGenerator
+    from qwen_core.memory import get_residency_manager
+
+    return get_residency_manager().acquire(
+        handle.key, lambda: QwenImageGenerator(handle.path, **handle.loader_kwargs())
+    )
+
+
+def release_resident() -> list[Any]:
+    """Release every resident model (ComfyUI /free, errors, cancel). Returns the released keys."""
+    from qwen_core.memory import get_residency_manager
+
+    return get_residency_manager().release_all()
+
+
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def install_comfy_hooks() -> None:
+    """Once per process: free ComfyUI's models before ours load; release ours on ComfyUI's /free."""
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        from qwen_core import loading
+
+        loading.add_before_load_hook(bridge.free_comfy_memory)
+        bridge.on_unload_models(release_resident)
+        _hooks_installed = True

@@ -1,0 +1,80 @@
+"""Generate node: text-to-image with a per-step progress bar; ComfyUI's Cancel stops within one step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from qwen_core.errors import GenerationCancelled, InvalidInputError
+from qwen_core.generator import CFG_RANGE, MAX_BATCH, MAX_STEPS, SEED_MAX
+from qwen_core.presets import MAX_SIDE
+
+from . import comfy_bridge as bridge
+from .common import HIDDEN, QWEN_PIPE, generator_for, install_comfy_hooks, release_resident
+
+
+class QwenImageGenerate:
+    DESCRIPTION = ("Generates images with the real diffusers QwenImagePipeline. The size passes the pixel governor "
+                   "again (never above what fits), progress shows per step, Cancel stops within one step without "
+                   "decoding, and errors or Cancel release the model's memory.")
+    CATEGORY = "Qwen-Image/sampling"
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("images",)
+    OUTPUT_TOOLTIPS = ("The images, [batch, height, width, 3] floats in 0..1.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        size = {"min": 16, "max": MAX_SIDE, "step": 16}
+        return {
+            "required": {
+                "pipe": (QWEN_PIPE, {"tooltip": "The model from the Loader or SwitchModel."}),
+                "prompt": ("STRING", {"multiline": True, "default": "A coffee shop entrance with a chalkboard sign reading \"Qwen Coffee\", warm morning light", "tooltip": "What to draw. Qwen-Image renders text in quotes well."}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to avoid; used when true_cfg_scale > 1."}),
+                "width": ("INT", {"default": 1328, **size, "tooltip": "Image width (multiple of 16); connect the PixelGovernor."}),
+                "height": ("INT", {"default": 1328, **size, "tooltip": "Image height (multiple of 16); connect the PixelGovernor."}),
+                "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Denoising steps (50 = model card quality)."}),
+                "true_cfg_scale": ("FLOAT", {"default": 4.0, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01, "tooltip": "Prompt strength; <= 1 turns true CFG off (half the compute)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "Same seed + settings + device = same image."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "tooltip": "Images per run (costs VRAM)."}),
+            },
+            "hidden": HIDDEN,
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, true_cfg_scale: float | None = None) -> bool | str:
+        # NaN passes ComfyUI's min/max check (both comparisons are false); naming the input here makes
+        # ComfyUI skip its own range check for it, so the range is checked here too.
+        if true_cfg_scale is None:  # linked from another node: checked when it runs
+            return True
+        low, high = CFG_RANGE
+        value = float(true_cfg_scale)
+        if not math.isfinite(value) or not low <= value <= high:
+            return f"true_cfg_scale must be a finite number in {low:g}..{high:g}, got {true_cfg_scale!r}"
+        return True
+
+    def generate(self, pipe: Any, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
+                 true_cfg_scale: float, seed: int, batch_size: int, unique_id: str | None = None) -> dict[str, Any]:
+        install_comfy_hooks()
+        bar = bridge.Progress(steps, unique_id)
+
+        def on_step(step: int, total: int, eta_s: float) -> None:
+            bar.update(step, total)  # inside ComfyUI its hook raises on Cancel, before the next step
+            bridge.send_text(unique_id, f"step {step}/{total} · ETA {eta_s:.0f}s")
+
+        try:
+            result = generator_for(pipe).generate(
+                prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
+                seed=seed, batch_size=batch_size, on_step=on_step, should_cancel=bridge.interrupted)
+        except InvalidInputError:
+            raise  # raised before any compute: nothing to release
+        except GenerationCancelled as err:
+            release_resident()
+            bridge.raise_as_interrupt(err)
+        except BaseException:
+            release_resident()  # error or ComfyUI interrupt: a cached node must not pin the model
+            raise
+        lines = [f"{result.width}x{result.height} x{result.images.shape[0]}, {result.steps} steps, seed {result.seed}, "
+                 f"{result.timings.get('total_s', 0.0):.1f} s", *result.warnings]
+        bridge.send_text(unique_id, lines[0])
+        return {"ui": {"text": ["\n".join(lines)]}, "result": (result.images,)}

@@ -1,0 +1,72 @@
+"""PixelGovernor node: the largest safe size for this card, plus steps/CFG from a quality preset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_core import governor
+from qwen_core.presets import MAX_SIDE, load_presets
+
+from .common import HIDDEN, QWEN_PIPE, QWEN_SYSTEM
+
+CUSTOM = "custom"
+
+
+def _limits(pipe: Any, system: Any) -> dict[str, Any]:
+    """Governor inputs from the loader's plan, else the preflight profile, else this machine."""
+    if pipe is not None:
+        from .common import generator_for
+
+        return generator_for(pipe).loader.governor_inputs()
+    if system is not None:
+        profile = system.profile  # a qwen_core.preflight.PreflightReport
+        return {"dtype": profile.dtype, "memory_mode": profile.memory_mode, "max_pixels": profile.max_pixels}
+    from qwen_core.devices import get_device_config
+
+    cfg = get_device_config()
+    return {"vram_gb": cfg.vram_total_gb, "dtype": cfg.dtype_name, "memory_mode": "gpu"}
+
+
+class QwenImagePixelGovernor:
+    DESCRIPTION = ("Picks the largest image size that fits your GPU (16-aligned, aspect kept, never upscaled) "
+                   "and the steps/CFG of a quality preset. Shows a SAFE MODE badge when it reduced the size.")
+    CATEGORY = "Qwen-Image/sizing"
+    FUNCTION = "decide"
+    RETURN_TYPES = ("INT", "INT", "INT", "FLOAT", "STRING")
+    RETURN_NAMES = ("width", "height", "steps", "true_cfg_scale", "message")
+    OUTPUT_TOOLTIPS = ("Safe width (multiple of 16).", "Safe height (multiple of 16).",
+                       "Steps of the quality preset.", "True CFG scale of the quality preset.",
+                       "What the governor decided and why (the Safe Mode line when it reduced the size).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        presets = load_presets()
+        size = {"min": 16, "max": MAX_SIDE, "step": 16}
+        return {
+            "required": {
+                "width": ("INT", {"default": 1328, **size, "tooltip": "Requested width in pixels (ignored unless aspect_preset is 'custom')."}),
+                "height": ("INT", {"default": 1328, **size, "tooltip": "Requested height in pixels (ignored unless aspect_preset is 'custom')."}),
+                "aspect_preset": ([CUSTOM, *presets.aspect_presets], {"default": CUSTOM, "tooltip": "A native Qwen-Image size, or 'custom' to use width/height."}),
+                "quality_preset": (list(presets.quality_presets), {"default": "balanced", "tooltip": "fast / balanced / high: sets steps and true_cfg_scale."}),
+            },
+            "optional": {
+                "pipe": (QWEN_PIPE, {"tooltip": "The loaded model: its memory mode and dtype set the limit (best)."}),
+                "system": (QWEN_SYSTEM, {"tooltip": "A Preflight report: its recommended profile sets the limit."}),
+            },
+            "hidden": HIDDEN,
+        }
+
+    def decide(self, width: int, height: int, aspect_preset: str, quality_preset: str, pipe: Any = None,
+               system: Any = None, unique_id: str | None = None) -> dict[str, Any]:
+        presets = load_presets()
+        if aspect_preset != CUSTOM:
+            preset = presets.aspect(aspect_preset)
+            width, height = preset.width, preset.height
+        quality = presets.quality(quality_preset)
+        decision = governor.clamp_image_size(width, height, **_limits(pipe, system))
+        message = decision.message or f"{decision.width}x{decision.height} fits ({decision.reason})"
+        info = {"scaled": decision.scaled, "message": message, "width": decision.width,
+                "height": decision.height, "max_pixels": decision.max_pixels}
+        return {"ui": {"text": [message], "qwen_governor": [info]},
+                "result": (decision.width, decision.height, quality.steps, quality.true_cfg_scale, message)}
+
