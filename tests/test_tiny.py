@@ -148,7 +148,9 @@ class TestBuildSafety:
 
 class TestEnsure:
     def test_reuses_a_complete_build_without_rebuilding(self, tiny_model_dir: Path, monkeypatch):
-        monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda *a, **k: pytest.fail("rebuilt a cached build"))
+        monkeypatch.setattr(
+            tiny, "build_tiny_pipeline", lambda *a, **k: pytest.fail("rebuilt a cached build")
+        )
         assert tiny.ensure_tiny_pipeline(tiny_model_dir.parent, seed=0) == tiny_model_dir
         # The fixtures share QWEN_TINY_CACHE, so the default cache resolves to the same build.
         assert tiny.ensure_tiny_pipeline() == tiny_model_dir
