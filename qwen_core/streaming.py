@@ -1,0 +1,514 @@
+"""Low-VRAM engine: keep what fits resident, stream the rest from pinned host memory, overlapped with compute.
+
+Why not diffusers' group offload: it moves every block every forward and leaves most of the budget unused
+(peak ~2 GiB in a 16 GiB cap, 2.7x the full-VRAM time on an H100). Here a plan keeps as many transformer
+blocks resident as the budget allows and streams only the rest. Streamed blocks live in one pinned host
+buffer; a side CUDA stream copies block *j+K* into a free slot while block *j* computes, and CUDA events
+order the two streams (slot loaded -> compute may start; compute done -> slot may be overwritten). Streamed
+blocks are spread evenly between resident ones so the copy engine always has work. With the batched-CFG
+path (``qwen_core.cfg_batch``) one forward serves both CFG branches, so weights cross PCIe once per step.
+Optional fp8 (e4m3, per-row scale) storage halves the bytes of the streamed part; it is lossy and off by
+default.
+
+The text encoder is streamed the same way with no resident layers (it runs once per prompt) and its slots
+are freed after each forward, so its working set does not stay allocated while the transformer runs. The
+VAE stays resident (0.25 GiB) with tiling switched on when the budget is short.
+
+On a CPU device the same bookkeeping runs with plain copies and no streams, which is what the tests use to
+check that streamed == unstreamed.
+
+API: ``enable_streamed_offload(pipe, device=..., budget_gib=...) -> StreamingHandle``,
+``disable_streamed_offload(pipe)``, ``ModuleStreamer`` (the engine over any ordered list of modules),
+``plan_resident(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwen_core.errors import InvalidInputError
+
+GIB = 1024**3
+_ALIGN = 256  # bytes; keeps every view aligned for any dtype and for fast copies
+_FP8 = getattr(torch, "float8_e4m3fn", None)
+_FP8_MAX = 448.0
+_FP8_MIN_NUMEL = 1 << 16  # only large matrices are worth quantising; norms and biases stay exact
+# Activation memory per megapixel for a batched (cond+uncond) bf16 forward, used when presets/memory_model.json
+# has no measurement yet; deliberately on the high side.
+DEFAULT_ACT_GIB_PER_MPIX = 1.2
+FIXED_OVERHEAD_GIB = 0.75  # CUDA context slack, allocator fragmentation, VAE, small tensors
+MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass
+class _Entry:
+    """Where one parameter of a streamed module lives in the host buffer and in a device slot."""
+
+    param: nn.Parameter
+    shape: torch.Size
+    dtype: torch.dtype
+    host_off: int  # byte offset in the host buffer (from the module's base)
+    nbytes: int  # bytes stored (fp8 payload for quantised entries)
+    fp8: bool = False
+    scale_off: int = 0  # byte offset of the fp32 per-row scales (fp8 only)
+    deq_off: int = 0  # element offset in the slot's dequant buffer (fp8 only)
+
+
+@dataclass
+class _ModuleLayout:
+    entries: list[_Entry]
+    host_base: int = 0
+    raw_bytes: int = 0
+    deq_numel: int = 0
+
+
+@dataclass
+class _Slot:
+    staging: torch.Tensor
+    dequant: torch.Tensor | None
+    loaded: Any = None  # torch.cuda.Event
+    free: Any = None  # torch.cuda.Event
+    holds: int = -1  # module index currently (being) loaded
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def spread_streamed(num_modules: int, num_streamed: int) -> list[int]:
+    """Indices of ``num_streamed`` modules spread evenly over ``num_modules`` (the rest stay resident)."""
+    if num_streamed <= 0:
+        return []
+    if num_streamed >= num_modules:
+        return list(range(num_modules))
+    return sorted({min(num_modules - 1, int((k + 0.5) * num_modules / num_streamed)) for k in range(num_streamed)})
+
+
+class ModuleStreamer:
+    """Runs an ordered list of modules with ``resident`` ones kept on ``device`` and the others streamed.
+
+    The modules must be called in list order each pass (a transformer's blocks are); an out-of-order call is
+    still correct, it just loads synchronously and re-primes the prefetch.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], device: str | torch.device, resident: Sequence[int], *,
+                 num_slots: int = 2, fp8: bool = False, release_slots: bool = False) -> None:
+        self.modules = list(modules)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.fp8 = bool(fp8)
+        if self.fp8 and (_FP8 is None or not self.cuda):
+            raise InvalidInputError("fp8", "fp8 streaming needs a CUDA device and torch.float8_e4m3fn.",
+                                    fix="Use fp8=False on this device.")
+        resident_set = set(resident)
+        self.resident = sorted(resident_set)
+        self.order = [i for i in range(len(self.modules)) if i not in resident_set]
+        self.num_slots = max(1, min(num_slots, len(self.order))) if self.order else 0
+        self.release_slots = release_slots
+        self._pos = {m: j for j, m in enumerate(self.order)}
+        self._hooks: list[Any] = []
+        self.copy_stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._layouts: dict[int, _ModuleLayout] = {}
+        self._slot_of: dict[int, int] = {}
+        self.host: torch.Tensor | None = None
+        self.slots: list[_Slot] = []
+        self.stats = {"loads": 0, "sync_loads": 0}
+        self._setup()
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _layout(self, module: nn.Module) -> _ModuleLayout:
+        entries, off, deq = [], 0, 0
+        for p in module.parameters():
+            quant = self.fp8 and p.ndim == 2 and p.numel() >= _FP8_MIN_NUMEL and p.dtype in (torch.bfloat16,
+                                                                                              torch.float16)
+            nbytes = p.numel() * (1 if quant else p.element_size())
+            e = _Entry(p, p.shape, p.dtype, off, nbytes, fp8=quant)
+            off = _align(off + nbytes)
+            if quant:
+                e.scale_off, e.deq_off = off, deq
+                off = _align(off + p.shape[0] * 4)
+                deq += p.numel()
+            entries.append(e)
+        return _ModuleLayout(entries, raw_bytes=off, deq_numel=deq)
+
+    def _setup(self) -> None:
+        for i, m in enumerate(self.modules):
+            if i in self._pos:
+                continue
+            m.to(self.device)
+        total = 0
+        for i in self.order:
+            lay = self._layout(self.modules[i])
+            lay.host_base = total
+            total += lay.raw_bytes
+            self._layouts[i] = lay
+        if not self.order:
+            return
+        pin = self.cuda and torch.cuda.is_available()
+        # One buffer for everything streamed: the pinned allocator rounds each request up to a power of two.
+        self.host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        for i in self.order:
+            self._pack(i)
+        self.prime()
+        for j in range(self.num_slots):
+            self._bind(self.order[j], j)  # shapes/devices valid from the start; data arrives with the load
+        self._install_hooks()
+
+    @torch.no_grad()
+    def _pack(self, i: int) -> None:
+        """Copy module i's parameters into the host buffer (quantising if fp8) and drop their old storage."""
+        lay = self._layouts[i]
+        for e in lay.entries:
+            base = lay.host_base
+            dst = self.host[base + e.host_off: base + e.host_off + e.nbytes]
+            src = e.param.data
+            if e.fp8:
+                w = src.to(self.device, torch.float32)
+                scale = (w.abs().amax(dim=1).clamp(min=1e-12) / _FP8_MAX)
+                q = (w / scale[:, None]).to(_FP8)
+                dst.copy_(q.view(torch.uint8).reshape(-1))
+                sdst = self.host[base + e.scale_off: base + e.scale_off + e.shape[0] * 4]
+                sdst.copy_(scale.view(torch.uint8))
+            else:
+                dst.copy_(src.reshape(-1).view(torch.uint8))
+            # Free the original storage now (a placeholder keeps the Parameter object and its dtype).
+            e.param.data = torch.empty(0, dtype=e.dtype, device=self.device)
+
+    def _alloc_slots(self) -> None:
+        raw = max(self._layouts[i].raw_bytes for i in self.order)
+        deq = max(self._layouts[i].deq_numel for i in self.order)
+        dtype = next((e.dtype for i in self.order for e in self._layouts[i].entries if e.fp8), torch.bfloat16)
+        self.slots = []
+        for _ in range(self.num_slots):
+            slot = _Slot(torch.empty(raw, dtype=torch.uint8, device=self.device),
+                         torch.empty(deq, dtype=dtype, device=self.device) if deq else None)
+            if self.cuda:
+                slot.loaded, slot.free = torch.cuda.Event(), torch.cuda.Event()
+            self.slots.append(slot)
+
+    # ---- loading -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _load(self, i: int, s: int) -> None:
+        """Copy module i from host into slot s (async on the copy stream when on CUDA)."""
+        slot, lay = self.slots[s], self._layouts[i]
+        src = self.host[lay.host_base: lay.host_base + lay.raw_bytes]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(slot.free)
+                slot.staging[: lay.raw_bytes].copy_(src, non_blocking=True)
+                self._dequant(slot, lay)
+                slot.loaded.record(self.copy_stream)
+        else:
+            slot.staging[: lay.raw_bytes].copy_(src)
+        slot.holds = i
+        self._slot_of[i] = s
+        self.stats["loads"] += 1
+
+    def _dequant(self, slot: _Slot, lay: _ModuleLayout) -> None:
+        for e in lay.entries:
+            if not e.fp8:
+                continue
+            q = slot.staging[e.host_off: e.host_off + e.nbytes].view(_FP8).view(e.shape)
+            scale = slot.staging[e.scale_off: e.scale_off + e.shape[0] * 4].view(torch.float32)
+            out = slot.dequant[e.deq_off: e.deq_off + q.numel()].view(e.shape)
+            torch.mul(q.to(e.dtype), scale.to(e.dtype)[:, None], out=out)
+
+    def _bind(self, i: int, s: int) -> None:
+        slot, lay = self.slots[s], self._layouts[i]
+        for e in lay.entries:
+            if e.fp8:
+                e.param.data = slot.dequant[e.deq_off: e.deq_off + e.shape.numel()].view(e.shape)
+            else:
+                e.param.data = slot.staging[e.host_off: e.host_off + e.nbytes].view(e.dtype).view(e.shape)
+
+    def prime(self, start: int = 0) -> None:
+        """Load the streamed modules order[start:start+K] into the K slots (the next ones to run)."""
+        if not self.order:
+            return
+        if not self.slots:
+            self._alloc_slots()
+        for k in range(self.num_slots):
+            self._load(self.order[(start + k) % len(self.order)], k)
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    def _slot_holding(self, i: int) -> int | None:
+        s = self._slot_of.get(i)
+        return s if s is not None and s < len(self.slots) and self.slots[s].holds == i else None
+
+    def _pre(self, i: int) -> None:
+        s = self._slot_holding(i)
+        if s is None:  # out of order (an aborted pass) or slots released: load now, re-prime from here
+            self.stats["sync_loads"] += 1
+            self.prime(self._pos[i])
+            s = self._slot_holding(i)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.slots[s].loaded)
+        self._bind(i, s)
+
+    def _post(self, i: int) -> None:
+        j, s = self._pos[i], self._slot_of[i]
+        if self.cuda:
+            self.slots[s].free.record(torch.cuda.current_stream(self.device))
+        n = len(self.order)
+        if n > self.num_slots:
+            # The slot just freed takes the module K places later (cyclic: the next pass's first ones).
+            nxt = (j + self.num_slots) % n
+            if not (self.release_slots and nxt < j):
+                self._load(self.order[nxt], s)
+        if self.release_slots and j == n - 1:
+            self.release()
+
+    def release(self) -> None:
+        """Free the device slots (text encoder between prompts); the next pass reallocates them."""
+        if self.cuda and self.slots:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        for i in self.order:
+            for e in self._layouts[i].entries:
+                e.param.data = torch.empty(0, dtype=e.dtype, device=self.device)
+        self.slots = []
+
+    def _install_hooks(self) -> None:
+        for i in self.order:
+            m = self.modules[i]
+            self._hooks.append(m.register_forward_pre_hook(lambda _m, _a, i=i: self._pre(i)))
+            self._hooks.append(m.register_forward_hook(lambda _m, _a, _o, i=i: self._post(i)))
+
+    # ---- teardown ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Remove the hooks and give every streamed module real parameters on ``device`` again."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for i in self.order:
+            lay = self._layouts[i]
+            for e in lay.entries:
+                base = lay.host_base
+                raw = self.host[base + e.host_off: base + e.host_off + e.nbytes].to(self.device)
+                if e.fp8:
+                    scale = self.host[base + e.scale_off: base + e.scale_off + e.shape[0] * 4].to(self.device)
+                    w = raw.view(_FP8).view(e.shape).to(e.dtype) * scale.view(torch.float32).to(e.dtype)[:, None]
+                else:
+                    w = raw.view(e.dtype).view(e.shape).clone()
+                e.param.data = w
+        self.slots, self.host = [], None
+
+    def device_bytes(self) -> int:
+        """Bytes this engine holds on the device for streamed modules (the slots)."""
+        return sum(s.staging.numel() + (s.dequant.numel() * s.dequant.element_size() if s.dequant is not None
+                                         else 0) for s in self.slots)
+
+
+# ---- planning ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StreamingPlan:
+    """How the transformer is split between resident and streamed blocks."""
+
+    num_blocks: int
+    resident: tuple[int, ...]
+    streamed: tuple[int, ...]
+    block_gib: float
+    nonblock_gib: float
+    slot_gib: float
+    reserve_gib: float
+    budget_gib: float
+    fp8: bool
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary(self) -> str:
+        return (f"{len(self.resident)}/{self.num_blocks} blocks resident, {len(self.streamed)} streamed "
+                f"({len(self.streamed) * self.block_gib / (2 if self.fp8 else 1):.1f} GiB over PCIe per "
+                f"forward{', fp8' if self.fp8 else ''}); budget {self.budget_gib:.1f} GiB, activations "
+                f"reserve {self.reserve_gib:.1f} GiB")
+
+
+def _model_slope(key: str, default: float, path: Path | None = None) -> float:
+    """``gib_per_mpix`` of one entry of presets/memory_model.json, else ``default``."""
+    try:
+        data = json.loads((path or MEMORY_MODEL_PATH).read_text())
+        data = data.get("entries", data)
+        return float(data[key]["gib_per_mpix"])
+    except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        return default
+
+
+def activation_gib_per_mpix(dtype: str = "bf16", path: Path | None = None) -> float:
+    """Measured activation slope of the batched transformer forward ("activations/<dtype>"), else a default."""
+    return _model_slope(f"activations/{dtype}", DEFAULT_ACT_GIB_PER_MPIX, path)
+
+
+def plan_resident(num_blocks: int, block_bytes: int, nonblock_bytes: int, budget_gib: float, *,
+                  max_pixels: int = 1328 * 1328, num_slots: int = 2, fp8: bool = False,
+                  act_gib_per_mpix: float | None = None, extra_gib: float = 0.0) -> StreamingPlan:
+    """Choose how many blocks stay resident so weights + slots + activations fit ``budget_gib``."""
+    if not budget_gib > 0:
+        raise InvalidInputError("budget_gib", f"must be > 0 GiB, got {budget_gib!r}.")
+    per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix()
+    reserve = per_mpix * max_pixels / 1e6 + FIXED_OVERHEAD_GIB + extra_gib
+    block_gib, nonblock_gib = block_bytes / GIB, nonblock_bytes / GIB
+    slot_gib = block_gib * (1.5 if fp8 else 1.0)  # fp8: staging (half) + dequantised copy (full)
+    room = budget_gib - nonblock_gib - reserve - num_slots * slot_gib
+    n_res = max(0, min(num_blocks, math.floor(room / block_gib))) if block_gib > 0 else num_blocks
+    notes: list[str] = []
+    if n_res >= num_blocks - num_slots:
+        # Streaming a couple of blocks through as many slots buys nothing: keep everything resident.
+        n_res = num_blocks
+    if room < 0:
+        notes.append(f"budget {budget_gib:.1f} GiB is below the minimal streaming working set; expect OOM "
+                     f"at {max_pixels / 1e6:.2f} MP")
+    streamed = spread_streamed(num_blocks, num_blocks - n_res)
+    resident = tuple(i for i in range(num_blocks) if i not in set(streamed))
+    return StreamingPlan(num_blocks, resident, tuple(streamed), block_gib, nonblock_gib,
+                         slot_gib if streamed else 0.0, reserve, budget_gib, fp8 and bool(streamed),
+                         tuple(notes))
+
+
+# ---- pipeline level ----------------------------------------------------------------------------------
+@dataclass
+class StreamingHandle:
+    """What ``enable_streamed_offload`` set up; ``disable()`` undoes it."""
+
+    pipe: Any
+    device: torch.device
+    plan: StreamingPlan
+    transformer: ModuleStreamer
+    text_encoder: ModuleStreamer | None
+    vae_tiling: bool
+
+    def disable(self, restore_device: str | torch.device | None = None) -> None:
+        target = torch.device(restore_device) if restore_device is not None else self.device
+        for streamer in (self.transformer, self.text_encoder):
+            if streamer is not None:
+                streamer.remove()
+        if target != self.device:
+            for name in ("transformer", "text_encoder", "vae"):
+                comp = getattr(self.pipe, name, None)
+                if isinstance(comp, nn.Module):
+                    comp.to(target)
+        if getattr(self.pipe, "_qwen_streaming", None) is self:
+            self.pipe._qwen_streaming = None
+
+
+def _move_except(root: nn.Module, exclude: Sequence[nn.Module], device: torch.device) -> None:
+    """Move the parameters and buffers of ``root`` to ``device``, skipping the subtrees in ``exclude``."""
+    skip = {id(m) for m in exclude}
+
+    def visit(m: nn.Module) -> None:
+        if id(m) in skip:
+            return
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.device != device:
+                p.data = p.data.to(device)
+                m._parameters[name] = p
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.to(device)
+        for child in m.children():
+            visit(child)
+
+    visit(root)
+
+
+def _text_encoder_modules(te: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(streamed modules in call order, subtrees left where they are) of a Qwen2.5-VL text encoder."""
+    layers = next((m for name, m in te.named_modules() if name.endswith("language_model.layers")
+                   or name.endswith("model.layers")), None)
+    if layers is None:
+        raise InvalidInputError("text_encoder", "no decoder `layers` found to stream.",
+                                fix="Use memory mode model_offload for this text encoder.")
+    streamed = [te.get_input_embeddings(), *layers]
+    head = te.get_output_embeddings()
+    if head is not None:
+        streamed.append(head)
+    # The vision tower is not used for text-to-image prompts: it stays on the host.
+    left = [m for name, m in te.named_modules() if name.endswith("visual")][:1]
+    return streamed, left
+
+
+def _default_budget(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB - FIXED_OVERHEAD_GIB
+    import psutil
+
+    return psutil.virtual_memory().available / GIB
+
+
+def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budget_gib: float | None = None, *,
+                            fp8: bool = False, max_pixels: int = 1328 * 1328, num_slots: int = 2,
+                            vae_tiling: bool | None = None, stream_text_encoder: bool = True) -> StreamingHandle:
+    """Run ``pipe`` (a diffusers Qwen-Image pipeline) within ``budget_gib`` of device memory.
+
+    ``max_pixels`` sizes the activation reserve (the largest image you will ask for). ``fp8`` stores the
+    streamed blocks in float8 (lossy, half the PCIe bytes). ``vae_tiling=None`` decides from the budget.
+    """
+    dev = torch.device(device)
+    budget = float(budget_gib) if budget_gib is not None else _default_budget(dev)
+    old = getattr(pipe, "_qwen_streaming", None)
+    if old is not None:
+        old.disable()
+    transformer = pipe.transformer
+    blocks = list(transformer.transformer_blocks)
+    _move_except(transformer, [transformer.transformer_blocks], dev)
+    te_streamed, te_left = ([], [])
+    if stream_text_encoder and getattr(pipe, "text_encoder", None) is not None:
+        te_streamed, te_left = _text_encoder_modules(pipe.text_encoder)
+    te_ws_gib = num_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
+    per_mpix = activation_gib_per_mpix()
+    plan = plan_resident(len(blocks), max(module_bytes(b) for b in blocks),
+                         module_bytes(transformer) - sum(module_bytes(b) for b in blocks), budget,
+                         max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
+                         extra_gib=max(0.0, te_ws_gib - per_mpix * max_pixels / 1e6))
+    t_streamer = ModuleStreamer(blocks, dev, plan.resident, num_slots=num_slots, fp8=fp8)
+    te_streamer = None
+    if te_streamed:
+        _move_except(pipe.text_encoder, te_streamed + te_left, dev)
+        te_streamer = ModuleStreamer(te_streamed, dev, [], num_slots=num_slots, release_slots=True)
+        te_streamer.release()  # nothing of it stays on the device between prompts
+    elif getattr(pipe, "text_encoder", None) is not None:
+        pipe.text_encoder.to(dev)
+    tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling)
+    handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling)
+    pipe._qwen_streaming = handle
+    return handle
+
+
+# VAE decode working memory per megapixel when untiled (bf16), used until memory_model.json has "vae/<dtype>".
+DEFAULT_VAE_GIB_PER_MPIX = 4.0
+
+
+def _vae_placement(pipe: Any, dev: torch.device, plan: StreamingPlan, max_pixels: int,
+                   vae_tiling: bool | None) -> bool:
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return False
+    vae.to(dev)
+    if vae_tiling is None:
+        per_mpix = _model_slope("vae/bf16", DEFAULT_VAE_GIB_PER_MPIX)
+        # During the decode the activation reserve is free again; tile when the decode would not fit in it.
+        vae_tiling = per_mpix * max_pixels / 1e6 > plan.reserve_gib
+    if vae_tiling and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+    elif hasattr(vae, "disable_tiling"):
+        vae.disable_tiling()
+    return bool(vae_tiling)
+
+
+def disable_streamed_offload(pipe: Any, restore_device: str | torch.device | None = None) -> None:
+    """Undo ``enable_streamed_offload`` (no-op when it was not enabled)."""
+    handle = getattr(pipe, "_qwen_streaming", None)
+    if handle is not None:
+        handle.disable(restore_device)
