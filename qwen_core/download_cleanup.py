@@ -1,0 +1,72 @@
+"""``--cleanup``: delete abandoned partial downloads and report the bytes freed.
+
+Ours: ``<target>/.qwen_download/**/*.part`` (+ sidecar) whose per-file lock nobody holds (a running download
+keeps its lock, so it is never pulled from under it). huggingface_hub's: ``*.incomplete`` files in its hub cache
+(``<cache>/models--*/blobs``) and in ``<target>/.cache/huggingface/download``; since huggingface_hub >= 1.18
+never resumes those across runs they are pure waste once nobody writes them (judged by age).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qwen_core.download_http import STAGING_DIR
+from qwen_core.file_lock import FileLock
+from qwen_core.paths import hf_hub_cache
+
+
+@dataclass
+class CleanupReport:
+    removed: list[Path] = field(default_factory=list)
+    bytes_freed: int = 0
+    skipped_in_use: list[Path] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [f"cleanup: removed {len(self.removed)} partial files, freed {self.bytes_freed / 1e6:.1f} MB"]
+        lines += [f"  removed {p}" for p in self.removed]
+        lines += [f"  kept (in use by a running download) {p}" for p in self.skipped_in_use]
+        return "\n".join(lines)
+
+
+def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_age_s: float = 60.0) -> CleanupReport:
+    report = CleanupReport()
+    if target is not None and (target / STAGING_DIR).is_dir():
+        for part in sorted((target / STAGING_DIR).rglob("*.part")):
+            lock = FileLock(part.with_name(part.name[: -len(".part")] + ".lock"), timeout=0)
+            if not lock.try_acquire():
+                report.skipped_in_use.append(part)
+                continue
+            try:
+                _remove(part, report)
+                _remove(part.with_name(part.name + ".json"), report, count=False)
+            finally:
+                lock.release()
+    cutoff = time.time() - min_age_s
+    roots = [hub_cache if hub_cache is not None else hf_hub_cache()]
+    if target is not None:
+        roots.append(target / ".cache" / "huggingface" / "download")
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for inc in sorted(root.rglob("*.incomplete")):
+            try:
+                if inc.is_file() and inc.stat().st_mtime <= cutoff:
+                    _remove(inc, report)
+                elif inc.is_file():
+                    report.skipped_in_use.append(inc)
+            except OSError:
+                continue
+    return report
+
+
+def _remove(path: Path, report: CleanupReport, count: bool = True) -> None:
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except OSError:
+        return
+    if count:
+        report.removed.append(path)
+    report.bytes_freed += size

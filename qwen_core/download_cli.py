@@ -1,0 +1,170 @@
+"""Command line of the downloader: ``python -m qwen_core download`` and ``tools/robust_download.py``.
+
+Exit codes (also in the README "Downloads" section): 0 ok, 1 other error, 2 bad arguments, 3 auth (gated or
+private repo: set HF_TOKEN), 4 repo/revision/file not found, 5 network kept failing, 6 verification failed
+twice, 7 disk full or target not writable, 8 unsafe filename from the server, 9 lock held by another live
+download, 10 offline and files missing, 130 interrupted (partials kept; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from qwen_core.download_http import EXIT_CANCELLED, EXIT_USAGE, HttpConfig
+from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("repo_id", help="Hub repo id, e.g. Qwen/Qwen-Image")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="target folder (default: <model store>/<org>/<name>, see QWEN_HOME)")
+    parser.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    parser.add_argument("--retries", type=int, default=3, help="retries per file without progress (default 3)")
+    parser.add_argument("--workers", type=int, default=8, help="files downloaded in parallel (default 8)")
+    parser.add_argument("--endpoint", default=None, help="Hub or mirror URL (default: HF_ENDPOINT or huggingface.co)")
+    parser.add_argument("--allow", action="append", default=None, metavar="PAT",
+                        help="only files matching this glob (repeatable, or comma-separated)")
+    parser.add_argument("--ignore", action="append", default=None, metavar="PAT",
+                        help="skip files matching this glob (repeatable, or comma-separated)")
+    parser.add_argument("--dry-run", action="store_true", help="list files, total size and the disk check; fetch nothing")
+    parser.add_argument("--cleanup", action="store_true",
+                        help="delete abandoned partial downloads (ours in the target, huggingface_hub's *.incomplete)")
+    parser.add_argument("--engine", choices=("auto", "http", "xet"), default="auto",
+                        help="auto/http: resumable ranged HTTP; xet: huggingface_hub + hf_xet where offered")
+    parser.add_argument("--offline", action="store_true", help="verify the local copy only (same as HF_HUB_OFFLINE=1)")
+    parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds without a byte = stalled (default 30)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each time)")
+    parser.add_argument("--lock-timeout", type=float, default=120.0,
+                        help="seconds to wait for another download's file lock without progress")
+    parser.add_argument("--progress-interval", type=float, default=5.0,
+                        help="seconds between plain progress lines when not on a terminal")
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwen_core.download import download_repo
+    from qwen_core.paths import repo_folder
+
+    # Tokens only come from HF_TOKEN / `hf auth login`: a --token flag would show in `ps` and shell history.
+    try:
+        target = args.out_dir if args.out_dir is not None else repo_folder(args.repo_id)
+        if args.cleanup:
+            return _cleanup(target)
+        printer = _Printer(args.progress_interval)
+        cfg = HttpConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+                         backoff_base=args.backoff, lock_timeout=args.lock_timeout)
+        result = download_repo(
+            args.repo_id, revision=args.revision, local_dir=target, allow_patterns=args.allow,
+            ignore_patterns=args.ignore, endpoint=args.endpoint, workers=args.workers, retries=args.retries,
+            engine=args.engine, offline=True if args.offline else None, dry_run=args.dry_run,
+            progress=printer.progress, on_message=printer.message, config=cfg)
+        printer.close()
+    except InvalidInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except DownloadCancelled as err:
+        print(f"cancelled: {err}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("interrupted: partial files are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_CANCELLED
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    if result.dry_run:
+        _print_dry_run(result, target)
+    else:
+        print(result.local_dir)
+    return 0
+
+
+def _cleanup(target: Path) -> int:
+    from qwen_core.download_cleanup import cleanup_partials
+
+    print(cleanup_partials(target).text())
+    return 0
+
+
+def _print_dry_run(result, target: Path) -> None:  # noqa: ANN001 - DownloadResult
+    from qwen_core.download import _fmt_bytes
+
+    print(f"{result.repo_id} @ {result.revision} = commit {result.commit}")
+    print(f"{len(result.files)} files, {_fmt_bytes(result.bytes_total)} total -> {target}")
+    for note in result.notes:
+        print(f"note: {note}")
+    free_at = _existing_parent(target)
+    free = shutil.disk_usage(free_at).free
+    verdict = "ok" if free >= result.bytes_total else "NOT ENOUGH"
+    print(f"disk: {_fmt_bytes(free)} free at {free_at}, up to {_fmt_bytes(result.bytes_total)} needed: {verdict}")
+    for line in _preflight_disk_lines(target):
+        print(f"preflight: {line}")
+
+
+def _preflight_disk_lines(target: Path) -> list[str]:
+    """The preflight report's disk check(s) for the target, when the preflight module is available."""
+    try:
+        from qwen_core.preflight import perform_preflight_checks
+    except ImportError:
+        return []
+    try:
+        report = perform_preflight_checks(target_dir=target)
+    except Exception as err:  # the dry run must not fail because a machine probe did
+        return [f"(preflight failed: {err})"]
+    lines = []
+    for check in getattr(report, "checks", []):
+        name = str(getattr(check, "name", "") or (check.get("name") if isinstance(check, dict) else ""))
+        if "disk" in name.lower():
+            status = getattr(check, "status", None) or (check.get("status") if isinstance(check, dict) else "")
+            msg = getattr(check, "message", None) or (check.get("message") if isinstance(check, dict) else "")
+            lines.append(f"{name}: {status} {msg}".strip())
+    return lines
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+class _Printer:
+    """tqdm bar on a terminal; plain lines (one every `interval` s) in logs and CI."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.bar = None
+        self.tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        self.last_line = 0.0
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def progress(self, p) -> None:  # noqa: ANN001 - DownloadProgress
+        if p.phase == "resolving":
+            return
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc=p.repo_id, file=sys.stderr,
+                                dynamic_ncols=True)
+            self.bar.n = p.bytes_done
+            self.bar.set_postfix_str(f"files {p.files_done}/{p.files_total}", refresh=False)
+            self.bar.refresh()
+            return
+        now = time.monotonic()
+        if p.phase == "done" or now - self.last_line >= self.interval:
+            self.last_line = now
+            print(p.text(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

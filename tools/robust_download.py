@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Resumable, verified, parallel download of a Hugging Face model repo (no symlinks, no lost progress).
+
+    python tools/robust_download.py Qwen/Qwen-Image --out-dir models/Qwen-Image --retries 3 --workers 8
+
+Kill it at any point (Ctrl-C, SIGKILL, a reboot) and run the same command again: it resumes every file
+where it stopped. Same as `python -m qwen_core download ...`; exit codes in qwen_core/download_cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Runnable straight from a checkout: put the repo root (the folder holding qwen_core/) on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qwen_core.download_cli import configure, run  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="robust_download.py", description=__doc__.splitlines()[0])
+    configure(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except KeyboardInterrupt:
+        print("interrupted: partial files are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
