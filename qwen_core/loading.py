@@ -36,6 +36,7 @@ import torch
 from qwen_core import devices
 from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
 from qwen_core.integrity import ModelFolder, check_model_folder
+from qwen_core.memory import get_residency_manager, release_pipeline
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
 from qwen_core.session_log import get_session_log, redact
 
@@ -331,7 +332,6 @@ class PipelineLoader:
         self.configs = self._read_configs()
         mode, self.memory_mode_reason = self._initial_mode()
         self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype)
-        self.pipeline: Any = None
         self.attempts: list[LoadAttempt] = []
         self.last_error: BaseException | None = None
         self.placement = ""
@@ -366,6 +366,20 @@ class PipelineLoader:
 
     # -- lazy part --
     @property
+    def residency_key(self) -> tuple[str, ...]:
+        """Key of this model in the process's residency registry (``memory.get_residency_manager``).
+
+        Handles with the same folder, device, dtype and memory mode share one resident pipeline; the
+        registry, not the handle, owns it (ComfyUI may cache a handle for ever, it must not pin 40 GB)."""
+        cfg = self.device_config
+        return ("qwen-image", str(self.path.resolve()), cfg.device, self.dtype_choice.value, self.memory_mode_choice.value)
+
+    @property
+    def pipeline(self) -> Any:
+        """The resident pipeline, or None when not loaded (or evicted by another model's load)."""
+        return get_residency_manager().get(self.residency_key)
+
+    @property
     def is_loaded(self) -> bool:
         return self.pipeline is not None
 
@@ -384,9 +398,15 @@ class PipelineLoader:
     def load(self) -> Any:
         """The loaded pipeline, loading it now if needed (with retries and fallbacks)."""
         with self._lock:
-            if self.pipeline is None:
-                self.pipeline = load_model_with_retry(self)
-            return self.pipeline
+            pipe = get_residency_manager().acquire(self.residency_key, lambda: load_model_with_retry(self))
+            state = getattr(pipe, "_qwen_load_state", None)
+            if state is not None:  # loaded through another handle with the same key
+                self.plan, self.placement = state
+            current = getattr(pipe, "_qwen_attention", "")
+            wanted = self.wanted_attention()
+            self.attention_backend = apply_attention(pipe, wanted) if current != wanted else current
+            pipe._qwen_attention = self.attention_backend
+            return pipe
 
     def load_once(self, plan: LoadPlan) -> Any:
         """One attempt: from_pretrained with the light parts reused, then placement and attention."""
@@ -406,6 +426,9 @@ class PipelineLoader:
         except BaseException:
             _release(pipe)
             raise
+        # Plain attributes on the pipeline (not modules): they travel with it in the residency registry.
+        pipe._qwen_load_state = (plan, self.placement)
+        pipe._qwen_attention = self.attention_backend
         return pipe
 
     def wanted_attention(self) -> str:
@@ -414,15 +437,15 @@ class PipelineLoader:
     def switch_to_sdpa(self, reason: str) -> None:
         """Use SDPA for the loaded pipeline and, from now on, for every pipeline in this process."""
         force_sdpa(reason)
-        if self.pipeline is not None and self.attention_backend != SDPA:
-            self.attention_backend = apply_attention(self.pipeline, SDPA)
+        pipe = self.pipeline
+        if pipe is not None and self.attention_backend != SDPA:
+            self.attention_backend = apply_attention(pipe, SDPA)
+            pipe._qwen_attention = self.attention_backend
 
     def unload(self) -> None:
         """Drop the weights (the tokenizer/scheduler stay); the next use loads them again."""
         with self._lock:
-            pipe, self.pipeline = self.pipeline, None
-            if pipe is not None:
-                _release(pipe)
+            if get_residency_manager().release(self.residency_key):
                 get_session_log().info(f"loader: unloaded weights of {self.path}")
 
     def governor_inputs(self) -> dict[str, Any]:
@@ -444,19 +467,8 @@ class PipelineLoader:
 
 
 def _release(pipe: Any) -> None:
-    """Remove offload hooks and drop the pipeline's modules (memory.release_pipeline when available)."""
-    try:
-        from qwen_core.memory import release_pipeline
-    except ImportError as err:
-        if err.name != "qwen_core.memory":
-            raise
-        release_pipeline = None
-    if release_pipeline is not None:
-        release_pipeline(pipe)
-    else:
-        if hasattr(pipe, "remove_all_hooks"):
-            pipe.remove_all_hooks()
-        free_memory()
+    """A half-placed pipeline from a failed attempt: hooks off, modules dropped, memory collected."""
+    release_pipeline(pipe, settle_s=0.0)
 
 
 def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None = None) -> Any:

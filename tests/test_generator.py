@@ -12,6 +12,7 @@ from qwen_core import loading
 from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
 from qwen_core.generator import PROMPT_CHAR_LIMIT, QwenImageGenerator, validate_request
 from qwen_core.loading import PipelineLoader
+from qwen_core.memory import get_residency_manager
 from qwen_core.session_log import get_session_log
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,11 @@ def shared(tiny_model_dir) -> QwenImageGenerator:
 
 @pytest.fixture
 def fresh(tiny_model_dir) -> QwenImageGenerator:
-    """A private generator for tests that patch its pipeline."""
-    return QwenImageGenerator(tiny_model_dir, device="cpu")
+    """A private generator for tests that patch its pipeline (released before and after: handles with the
+    same settings share the resident pipeline, and a patched one must not leak into the next test)."""
+    get_residency_manager().release_all()
+    yield QwenImageGenerator(tiny_model_dir, device="cpu")
+    get_residency_manager().release_all()
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +110,7 @@ class TestProgressAndCancel:
         assert decodes == [1, 1] and torch.equal(after.images, again.images)
 
     def test_cancel_before_start_does_not_load(self, tiny_model_dir):
+        get_residency_manager().release_all()
         gen = QwenImageGenerator(tiny_model_dir, device="cpu")
         with pytest.raises(GenerationCancelled):
             gen.generate("x", should_cancel=lambda: True, **FAST)
@@ -114,6 +119,7 @@ class TestProgressAndCancel:
 
 class TestNonFinite:
     def test_nan_latents_retry_once_with_sdpa_and_stick(self, tiny_model_dir):
+        get_residency_manager().release_all()
         loader = PipelineLoader(tiny_model_dir, device="cpu")
         # Pretend the device policy chose another kernel ("_native_math" runs on CPU) that yields NaN once.
         loader.device_config = dataclasses.replace(loader.device_config, attention_backend="_native_math")
@@ -176,6 +182,7 @@ class TestValidation:
         ("height", {"height": 100000}),
     ])  # fmt: skip
     def test_bad_input_names_the_field_before_any_compute(self, tiny_model_dir, field, overrides):
+        get_residency_manager().release_all()
         gen = QwenImageGenerator(tiny_model_dir, device="cpu")
         kwargs = {"prompt": "a cat", **FAST} | overrides
         with pytest.raises(InvalidInputError) as err:

@@ -24,10 +24,20 @@ from qwen_core.loading import (
     classify_error,
     next_plan,
 )
+from qwen_core.memory import get_residency_manager
 from qwen_core.options import MemoryMode
 from qwen_core.session_log import get_session_log
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _nothing_resident():
+    """Each test starts with no resident pipeline (handles with the same settings share one)."""
+    get_residency_manager().release_all()
+    loading._reset_sdpa_flag()
+    yield
+    loading._reset_sdpa_flag()
 
 
 class Sleeps(list):
