@@ -101,28 +101,19 @@ def _print_dry_run(result, target: Path) -> None:  # noqa: ANN001 - DownloadResu
     free = shutil.disk_usage(free_at).free
     verdict = "ok" if free >= result.bytes_total else "NOT ENOUGH"
     print(f"disk: {_fmt_bytes(free)} free at {free_at}, up to {_fmt_bytes(result.bytes_total)} needed: {verdict}")
-    for line in _preflight_disk_lines(target):
+    line = _preflight_disk_line(target, result.repo_id, result.bytes_total)
+    if line:
         print(f"preflight: {line}")
 
 
-def _preflight_disk_lines(target: Path) -> list[str]:
-    """The preflight report's disk check(s) for the target, when the preflight module is available."""
+def _preflight_disk_line(target: Path, repo_id: str, total_bytes: int) -> str | None:
+    """The preflight disk check (its safety margin included) for this exact listing, when available."""
     try:
-        from qwen_core.preflight import perform_preflight_checks
+        from qwen_core.preflight import _free_bytes, check_disk
     except ImportError:
-        return []
-    try:
-        report = perform_preflight_checks(target_dir=target)
-    except Exception as err:  # the dry run must not fail because a machine probe did
-        return [f"(preflight failed: {err})"]
-    lines = []
-    for check in getattr(report, "checks", []):
-        name = str(getattr(check, "name", "") or (check.get("name") if isinstance(check, dict) else ""))
-        if "disk" in name.lower():
-            status = getattr(check, "status", None) or (check.get("status") if isinstance(check, dict) else "")
-            msg = getattr(check, "message", None) or (check.get("message") if isinstance(check, dict) else "")
-            lines.append(f"{name}: {status} {msg}".strip())
-    return lines
+        return None
+    check = check_disk(target, repo_id, total_bytes / 1e9, False, True, _free_bytes)
+    return f"disk {check.status}: {check.measured}; needs {check.needed}. {check.message} {check.recommendation}".strip()
 
 
 def _existing_parent(path: Path) -> Path:

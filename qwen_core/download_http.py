@@ -426,7 +426,7 @@ def _stream(resp: requests.Response, stage: Staging, state: _PartState, job: Job
         for chunk in resp.iter_content(chunk_size=job.config.chunk_size):
             job.check_cancel()
             try:
-                f.write(chunk)
+                _write_all(f, chunk)
             except OSError as err:
                 if err.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
                     f.truncate(state.offset)  # drop a torn chunk so the partial stays a clean prefix
@@ -437,3 +437,10 @@ def _stream(resp: requests.Response, stage: Staging, state: _PartState, job: Job
                 state.hasher.update(chunk)
             state.offset += len(chunk)
             job.add(len(chunk), len(chunk))
+
+
+def _write_all(f, data: bytes) -> None:  # noqa: ANN001 - raw file
+    # A raw write may be short (e.g. at a file-size limit); the next call then raises EFBIG/ENOSPC.
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view):]

@@ -1,0 +1,163 @@
+"""The downloader as users run it: tools/robust_download.py in a subprocess against the 127.0.0.1 hub stand-in.
+
+Covers what only a real process shows: SIGKILL mid-file and resume, exit codes, two processes at once, and a
+file-size limit (RLIMIT_FSIZE) standing in for a full disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from download_helpers import FAST_CLI, ROOT, blob, cli_env, run_cli, start_cli
+from hub_server import HubServer
+
+from qwen_core.download_http import EXIT_AUTH, EXIT_DISK, EXIT_NOT_FOUND, EXIT_OFFLINE_MISSING, Staging
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
+pytest_plugins = ["download_fixtures"]
+
+MB = 1_000_000
+CHUNK = 1024 * 1024
+REPO = "org/big-model"
+BIG = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def make_repo(hub: HubServer, size: int = 6 * MB) -> dict[str, bytes]:
+    files = {"model_index.json": b'{"_class_name": "QwenImagePipeline"}', BIG: blob(size, 3)}
+    hub.add_repo(REPO, files)
+    return files
+
+
+def args(hub: HubServer, out: Path, *extra: str) -> list[str]:
+    return [REPO, "--out-dir", str(out), "--endpoint", hub.url, *FAST_CLI, *extra]
+
+
+def same(path: Path, data: bytes) -> bool:
+    return path.is_file() and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def wait_for(pred, timeout: float = 30.0) -> bool:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def part_size(out: Path) -> int:
+    p = Staging.for_file(out, BIG).part
+    return p.stat().st_size if p.exists() else 0
+
+
+class TestKillAndResume:
+    def test_sigkill_mid_file_then_rerun_fetches_only_the_rest(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        hub.faults.rate_bps = 4 * MB  # slow enough to kill mid-file
+        proc = start_cli(args(hub, tmp_path / "m"))
+        try:
+            assert wait_for(lambda: part_size(tmp_path / "m") >= 2 * CHUNK), "download never started"
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(10)
+        kept = part_size(tmp_path / "m")
+        assert 0 < kept < len(files[BIG]) and not (tmp_path / "m" / BIG).exists()
+        hub.reset_counters()
+        hub.faults.rate_bps = None
+        done = run_cli(args(hub, tmp_path / "m"))
+        assert done.returncode == 0, done.stderr
+        assert f"resuming at {kept / 1e6:.1f} MB" in done.stderr
+        served = hub.bytes_served[BIG]
+        assert served <= len(files[BIG]) - kept + CHUNK, (served, kept)
+        assert hub.total_served() <= len(files[BIG]) + CHUNK
+        assert same(tmp_path / "m" / BIG, files[BIG]) and done.stdout.strip() == str(tmp_path / "m")
+
+
+class TestExitCodes:
+    def test_missing_repo_exit_4(self, hub: HubServer, tmp_path: Path) -> None:
+        done = run_cli(args(hub, tmp_path))
+        assert done.returncode == EXIT_NOT_FOUND and "not found" in done.stderr and "Fix:" in done.stderr
+
+    def test_gated_repo_exit_3_and_token_from_env_works_unprinted(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub, size=2 * MB)
+        secret = "hf_CliSecretToken987654"
+        hub.faults.require_token = secret
+        denied = run_cli(args(hub, tmp_path))
+        assert denied.returncode == EXIT_AUTH and "HF_TOKEN" in denied.stderr
+        ok = run_cli(args(hub, tmp_path), env=cli_env(HF_TOKEN=secret))
+        assert ok.returncode == 0, ok.stderr
+        assert secret not in ok.stderr + ok.stdout + denied.stderr
+        log = Path(os.environ["QWEN_REPORTS_DIR"]) / "last_session.log"
+        assert not log.exists() or secret not in log.read_text()
+        assert same(tmp_path / BIG, files[BIG])
+
+    def test_bad_repo_id_exit_2(self, hub: HubServer, tmp_path: Path) -> None:
+        done = run_cli(["../etc", "--out-dir", str(tmp_path), "--endpoint", hub.url])
+        assert done.returncode == 2 and "repo_id" in done.stderr
+
+    def test_offline_env_verifies_only(self, hub: HubServer, tmp_path: Path) -> None:
+        make_repo(hub, size=2 * MB)
+        missing = run_cli(args(hub, tmp_path), env=cli_env(HF_HUB_OFFLINE="1"))
+        assert missing.returncode == EXIT_OFFLINE_MISSING and "Offline" in missing.stderr
+        assert run_cli(args(hub, tmp_path)).returncode == 0
+        hub.reset_counters()
+        ok = run_cli(args(hub, tmp_path), env=cli_env(HF_HUB_OFFLINE="1"))
+        assert ok.returncode == 0 and "verified" in ok.stderr and not hub.requests
+
+
+class TestProcesses:
+    def test_two_processes_download_the_same_repo(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        hub.faults.rate_bps = 12 * MB
+        procs = [start_cli(args(hub, tmp_path)) for _ in range(2)]
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        for path, data in files.items():
+            assert same(tmp_path / path, data)
+        assert hub.bytes_served[BIG] <= len(files[BIG]) + CHUNK, "the lock must stop a double download"
+
+    def test_file_size_limit_is_a_clean_disk_full_stop_then_resume(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub, size=5 * MB)
+
+        def small_disk() -> None:
+            # SIGXFSZ would kill the process; ignored, write() fails with EFBIG like a full disk.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2 * MB, 2 * MB))
+
+        full = run_cli(args(hub, tmp_path, "--workers", "1"), preexec_fn=small_disk)
+        assert full.returncode == EXIT_DISK, full.stderr
+        assert "Disk full" in full.stderr and "still needed" in full.stderr and "Traceback" not in full.stderr
+        kept = part_size(tmp_path)
+        assert 0 < kept <= 2 * MB
+        again = run_cli(args(hub, tmp_path))
+        assert again.returncode == 0, again.stderr
+        assert "resuming at" in again.stderr and same(tmp_path / BIG, files[BIG])
+
+
+class TestCommands:
+    def test_dry_run_lists_files_size_and_disk(self, hub: HubServer, tmp_path: Path) -> None:
+        make_repo(hub, size=2 * MB)
+        done = run_cli(args(hub, tmp_path / "m", "--dry-run"))
+        assert done.returncode == 0, done.stderr
+        assert "2 files, 2.0 MB total" in done.stdout and "disk:" in done.stdout and ": ok" in done.stdout
+        assert not (tmp_path / "m").exists() and hub.total_served() == 0
+
+    def test_python_m_qwen_core_download_and_cleanup(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub, size=2 * MB)
+        cmd = [sys.executable, "-m", "qwen_core", "download", *args(hub, tmp_path, "--allow", "*.json")]
+        done = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert same(tmp_path / "model_index.json", files["model_index.json"]) and not (tmp_path / BIG).exists()
+        stage = Staging.for_file(tmp_path, BIG)
+        stage.part.parent.mkdir(parents=True, exist_ok=True)
+        stage.part.write_bytes(b"x" * 1234)
+        cleaned = run_cli([REPO, "--out-dir", str(tmp_path), "--cleanup"])
+        assert cleaned.returncode == 0 and "freed" in cleaned.stdout and not stage.part.exists()
