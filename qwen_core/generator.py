@@ -187,20 +187,31 @@ class QwenImageGenerator:
     def unload(self) -> None:
         self.loader.unload()
 
-    def switch_to_model(self, path: str | Path, **loader_kwargs: Any) -> Any:
-        """Release the current model, then make a loader for ``path`` (weights load on next use).
+    def switch_to_model(self, path: str | Path, *, load: bool = True, **loader_kwargs: Any) -> Any:
+        """Release the current model's weights and switch to the model at ``path``.
 
-        Returns the memory switch report (readings before/after). The new folder is validated before the
-        old model is released, so a bad path leaves the current model in place."""
-        from qwen_core import memory
+        The new folder is validated (and its tokenizer built) before anything is released, so a bad path
+        leaves the current model as it was. With ``load`` the new weights load now, inside
+        ``memory.safe_model_switch``: a failed load leaves nothing half-loaded and raises; this generator
+        then keeps its old model (which reloads on next use). Returns the ``memory.SwitchReport``
+        (readings before, after the release, and after loading)."""
+        from qwen_core.memory import get_residency_manager, memory_readings, safe_model_switch
 
         kwargs = {
             "dtype": self.loader.dtype_choice, "memory_mode": self.loader.memory_mode_choice,
             "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
         } | loader_kwargs  # fmt: skip
         new_loader = PipelineLoader(path, **kwargs)
-        report = memory.safe_model_switch(self.loader, new_loader)
+        before = memory_readings()
+        old_key = self.loader.residency_key
+        released = old_key != new_loader.residency_key and get_residency_manager().release(old_key)
+        with safe_model_switch(None) as report:
+            report.before = before
+            report.released_keys = [old_key] if released else []
+            if load:
+                new_loader.load()
         self.loader = new_loader
+        get_session_log().info(f"switch: -> {new_loader.path}: {report.summary()}")
         return report
 
     # -- generation --

@@ -5,11 +5,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import diffusers
 import pytest
 import torch
 
 from qwen_core import loading
-from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
+from qwen_core.errors import (
+    GenerationCancelled,
+    InvalidInputError,
+    ModelFolderError,
+    ModelLoadError,
+    OutOfMemoryError,
+    QwenError,
+)
 from qwen_core.generator import PROMPT_CHAR_LIMIT, QwenImageGenerator, validate_request
 from qwen_core.loading import PipelineLoader
 from qwen_core.memory import get_residency_manager
@@ -204,3 +212,42 @@ class TestLifecycle:
         assert not fresh.loader.is_loaded
         second = fresh.generate("a hill", seed=9, **FAST)
         assert torch.equal(first.images, second.images) and second.timings["load_s"] > 0
+
+
+class TestSwitchModel:
+    def test_switch_releases_old_and_generates_with_new(self, tiny_model_dir, tiny_model_dir_b):
+        get_residency_manager().release_all()
+        gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+        a = gen.generate("a tower", seed=1, **FAST)
+        old_key = gen.loader.residency_key
+        report = gen.switch_to_model(tiny_model_dir_b)
+        assert report.released_keys == [old_key] and report.error is None
+        assert report.before and report.released and report.after
+        assert get_residency_manager().resident_keys() == [gen.loader.residency_key]
+        b = gen.generate("a tower", seed=1, **FAST)
+        assert (a.images - b.images).abs().max() > 1e-3  # other weights, other image
+        assert "switch: -> " in get_session_log().read_text()
+
+    def test_bad_target_leaves_current_model_loaded(self, tiny_model_dir, tmp_path):
+        get_residency_manager().release_all()
+        gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+        gen.load()
+        with pytest.raises(ModelFolderError):
+            gen.switch_to_model(tmp_path)  # no model_index.json
+        assert gen.loader.is_loaded and gen.loader.path == tiny_model_dir
+
+    def test_failed_load_leaves_nothing_half_loaded(self, tiny_model_dir, tiny_model_dir_b, monkeypatch):
+        get_residency_manager().release_all()
+        gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+        gen.load()
+
+        def broken(cls, *args, **kwargs):
+            raise ValueError("shape mismatch in transformer_blocks.0")
+
+        monkeypatch.setattr(diffusers.QwenImagePipeline, "from_pretrained", classmethod(broken))
+        with pytest.raises(ModelLoadError, match="shape mismatch"):
+            gen.switch_to_model(tiny_model_dir_b)
+        assert get_residency_manager().resident_keys() == []
+        monkeypatch.undo()
+        assert gen.loader.path == tiny_model_dir  # still usable with the old model, reloaded on demand
+        assert gen.generate("a tower", **FAST).images.shape == (1, 64, 64, 3)
