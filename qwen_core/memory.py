@@ -13,12 +13,18 @@ API
   (``remove_all_hooks`` + per module) and diffusers hooks (group offloading and others), detach every
   component from the pipeline object (so a stale reference to the shell pins nothing), optionally move
   modules to the meta device (frees weights even if someone else still holds a module), then
-  ``collect_garbage(settle_s)``. ``pipe`` may be a DiffusionPipeline, a torch module or None.
+  ``collect_garbage(settle_s)``. ``pipe`` may be a DiffusionPipeline, a torch module, None, or an object
+  with an ``unload()`` method (``PipelineLoader``, ``QwenImageGenerator``), which is called instead.
 - ``collect_garbage(settle_s=0.2)``: gc.collect, CUDA synchronize + empty_cache + ipc_collect, glibc
   malloc_trim (so freed CPU weights go back to the OS and RSS really drops), then sleep ``settle_s``.
-- ``safe_model_switch(old=None, *, settle_s=0.2) -> SwitchReport`` (context manager): releases ``old``,
-  yields the report, the caller loads the next model in the body. On error in the body, garbage is
-  collected (no half-loaded model survives) and the error propagates. The report holds readings
+- ``safe_model_switch(old=None, *, settle_s=0.2) -> SwitchReport`` (context manager): releases ``old``
+  (as ``release_pipeline`` does), yields the report, the caller loads the next model in the body::
+
+      with safe_model_switch(self.loader) as report:
+          self.loader = new_loader          # or: new_pipe = load(...)
+      log(report.summary())
+
+  On error in the body, garbage is collected (no half-loaded model survives) and the error propagates. The report holds readings
   ``before`` (old resident), ``released`` (after releasing), ``after`` (after the body) and ``error``.
 - ``ResidencyManager(max_resident=1, *, settle_s=0.2, release=release_pipeline)``:
   ``acquire(key, factory) -> obj`` (resident -> returned at once; else evicts down to max_resident - 1
@@ -26,7 +32,10 @@ API
   raises: QwenError subclasses unchanged (they already say what to do), anything else as ModelLoadError
   naming the key), ``get(key)``, ``release(key) -> bool``, ``release_all()``, ``resident_keys()``,
   ``set_max_resident(n)``, ``last_switch`` (the SwitchReport of the last load). Thread-safe; a key is any
-  hashable (e.g. ``(str(model_dir), dtype, memory_mode)``).
+  hashable (e.g. ``(str(model_dir), dtype, memory_mode)``). Put only heavy objects (pipelines) in the
+  process-wide manager: a light object (generator, handle) there counts as a resident model, so loading
+  its own weights would evict it, and the next use would evict the weights again. Cache light objects in
+  their own ``ResidencyManager(n, release=lambda obj, settle_s: None)``.
 - ``get_residency_manager()``: the process-wide manager the generator and the ComfyUI nodes share;
   ``QWEN_MAX_RESIDENT`` sets its size (default 1).
 """
@@ -145,7 +154,11 @@ def release_pipeline(pipe: Any, *, settle_s: float = DEFAULT_SETTLE_S, free_weig
     """Release a pipeline (or module) so its memory can be reclaimed; the object is unusable afterwards."""
     if pipe is None:
         return
-    _detach(pipe, free_weights)
+    unload = getattr(pipe, "unload", None)
+    if callable(unload) and not hasattr(pipe, "components"):
+        unload()  # a loader / generator: it releases its own weights (through the residency registry)
+    else:
+        _detach(pipe, free_weights)
     collect_garbage(settle_s)
 
 

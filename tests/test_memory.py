@@ -204,3 +204,50 @@ class TestTwentySwitches:
         assert rss_bytes() - baseline > 3 * model_bytes(tiny_model_dir)
         for pipe in held:
             release_pipeline(pipe, settle_s=0)
+
+
+@pytest.mark.slow
+class TestWithLoaderAndNodes:
+    """The registry as the generator (B2) and the ComfyUI nodes (D) use it."""
+
+    def test_release_pipeline_asks_a_loader_to_unload(self):
+        class Loader:
+            unloaded = 0
+
+            def unload(self) -> None:
+                self.unloaded += 1
+
+        loader = Loader()
+        release_pipeline(loader, settle_s=0)
+        assert loader.unloaded == 1
+
+    def test_generator_switch_to_model_releases_the_old_weights(self, tiny_model_dir, tiny_model_dir_b):
+        from qwen_core.generator import QwenImageGenerator
+
+        gen = QwenImageGenerator(tiny_model_dir)
+        old_ref = weakref.ref(gen.load())
+        report = gen.switch_to_model(tiny_model_dir_b)
+        gc.collect()
+        assert old_ref() is None and report.released is not None and report.error is None
+        assert gen.load().transformer is not None
+        assert [key[1] for key in memory.get_residency_manager().resident_keys()] == [str(tiny_model_dir_b)]
+        gen.unload()
+
+    def test_regression_node_generator_cache_does_not_reload_weights_each_use(
+        self, tiny_model_dir, monkeypatch
+    ):
+        """Bug: nodes kept generators in the weights registry; with one slot, loading the weights evicted the
+        generator, and the next use evicted the weights, so every Generate reloaded the model."""
+        from nodes.common import PipeHandle, generator_for
+        from qwen_core import loading
+
+        loads = []
+        real_load = loading.load_model_with_retry
+        monkeypatch.setattr(
+            loading, "load_model_with_retry", lambda loader, **kw: loads.append(1) or real_load(loader, **kw)
+        )
+        handle = PipeHandle(str(tiny_model_dir))
+        for _ in range(3):
+            generator_for(handle).load()
+        assert len(loads) == 1
+        memory.get_residency_manager().release_all()
