@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_core.errors import InvalidInputError
+from qwen_core.memory import ResidencyManager
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
 
 from . import comfy_bridge as bridge
@@ -97,13 +98,20 @@ def resolve_model(model: str, model_path: str | None = None, field: str = "model
 
 
 def generator_for(handle: PipeHandle) -> Any:
-    """The resident generator of ``handle`` (evicting the previous model first if it differs)."""
+    """The generator of ``handle``. Generators are light (tokenizer, configs) and kept in a small cache of
+    their own: in the weights registry one would count as the resident model and be evicted by its own
+    weights' load, reloading the weights on every use. Its loader puts the weights in the registry, which
+    evicts the previous model first."""
     from qwen_core.generator import QwenImageGenerator
-    from qwen_core.memory import get_residency_manager
 
-    return get_residency_manager().acquire(
-        handle.key, lambda: QwenImageGenerator(handle.path, **handle.loader_kwargs())
-    )
+    return _generators.acquire(handle.key, lambda: QwenImageGenerator(handle.path, **handle.loader_kwargs()))
+
+
+def _drop_light(obj: Any, settle_s: float) -> None:
+    """Evicting a cached generator frees nothing heavy: its weights belong to the registry."""
+
+
+_generators = ResidencyManager(4, settle_s=0.0, release=_drop_light)
 
 
 def release_resident() -> list[Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_core.memory import get_residency_manager, memory_readings
+from qwen_core.memory import memory_readings
 
 from .common import (
     QWEN_PIPE,
@@ -52,7 +52,7 @@ class QwenImageSwitchModel:
         new = PipeHandle(str(resolve_model(model, model_path)), pipe.dtype, pipe.memory_mode, pipe.attention)
         before = memory_readings()
         if new.key != pipe.key:
-            get_residency_manager().release(pipe.key)
+            release_resident()  # the registry holds the weights (under the loader's key, not the handle's)
         released = memory_readings()
         try:
             generator_for(new).load()  # weights now, so "after" shows the new model's real footprint
