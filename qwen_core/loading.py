@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import importlib
 import json
+import logging
 import random
 import threading
 import time
@@ -242,6 +243,17 @@ def _streaming_module() -> Any:
         ) from err
 
 
+def _set_backend(transformer: Any, backend: str) -> None:
+    # diffusers warns "experimental feature" on every call; our choice and its reason are logged instead.
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.ERROR)
+    try:
+        transformer.set_attention_backend(backend)
+    finally:
+        diffusers_logger.setLevel(level)
+
+
 def apply_attention(pipe: Any, backend: str) -> str:
     """Set the transformer's attention backend; SDPA when the requested one cannot be set."""
     if backend.endswith("_hub"):
@@ -251,12 +263,12 @@ def apply_attention(pipe: Any, backend: str) -> str:
     if transformer is None or not hasattr(transformer, "set_attention_backend"):
         return "default"
     try:
-        transformer.set_attention_backend(backend)
+        _set_backend(transformer, backend)
     except Exception as err:  # noqa: BLE001 - an unavailable kernel must not stop generation
         if backend == SDPA:
             raise
         get_session_log().warning(f"attention: {backend} could not be set ({err}); using SDPA")
-        transformer.set_attention_backend(SDPA)
+        _set_backend(transformer, SDPA)
         return SDPA
     return backend
 

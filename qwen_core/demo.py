@@ -1,0 +1,214 @@
+"""`python -m qwen_core demo` and `python -m qwen_core generate`.
+
+``demo`` proves the whole path offline on any machine: it builds (or reuses) the cached tiny random
+Qwen-Image pipeline, runs preflight, asks the governor for the size, generates with the real diffusers
+pipeline, and writes a PNG. The tiny model has random weights, so the picture is structured noise; what
+the demo shows is that every stage runs, how long each took, and what was decided.
+
+``generate`` runs the same path on a real model folder (e.g. a downloaded Qwen/Qwen-Image).
+
+Default output: ``reports/demo.png`` (``reports/`` under the repo, or QWEN_REPORTS_DIR): the folder
+that already holds the session log, is ignored by git, and is the same wherever the command is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from qwen_core.errors import InvalidInputError
+
+DEMO_PROMPT = "a watercolor fox in a snowy forest at dawn"
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, *, width: int, height: int, steps: int) -> None:
+    parser.add_argument("--width", type=int, default=width, help=f"image width in px, multiple of 16 (default {width})")
+    parser.add_argument("--height", type=int, default=height, help=f"image height in px, multiple of 16 (default {height})")
+    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
+    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; <= 1 turns it off (default 4.0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed; same seed -> same image on the same device")
+    parser.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
+
+
+def configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default reports/demo.png)")
+    parser.add_argument("--prompt", default=DEMO_PROMPT, help="prompt (the tiny model ignores its meaning)")
+    _add_sampling_args(parser, width=256, height=256, steps=8)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the tiny pipeline is cached (default $QWEN_TINY_CACHE or ~/.cache/qwen_core)")  # fmt: skip
+
+
+def configure_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="local diffusers Qwen-Image folder")
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--out", required=True, type=Path, help="PNG to write (batch: NAME_1.png, NAME_2.png, ...)")
+    _add_sampling_args(parser, width=1328, height=1328, steps=50)
+    parser.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
+    parser.add_argument("--memory-mode", default="auto",
+                        help="auto, gpu, streamed, model_offload, group_offload or sequential (default auto)")  # fmt: skip
+    parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default auto)")
+    parser.add_argument("--attention", default="auto", help="auto, sdpa or flash (default auto)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain `step i/n` lines otherwise (logs, CI, pipes)."""
+
+    def __init__(self, total: int, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="denoising", unit="step", file=self.stream)
+
+    def __call__(self, step: int, total: int, eta_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"eta {eta_s:.1f}s")
+        else:
+            print(f"  step {step}/{total}  eta {eta_s:.1f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_out(out: Path) -> Path:
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".png":
+        raise InvalidInputError("out", f"{out} must end in .png.")
+    if out.is_dir():
+        raise InvalidInputError("out", f"{out} is a folder; give a file name ending in .png.")
+    return out
+
+
+def save_png(image: Any, out: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write one [H, W, C] float image in 0..1 as a PNG, atomically (temp file + rename)."""
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    array = (image.detach().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(array, mode="RGB").save(fh, format="PNG", pnginfo=info)
+        os.replace(tmp, out)  # a reader never sees half a PNG
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _outputs(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, count + 1)]
+
+
+def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batch: int, model_name: str) -> list[Path]:
+    progress = _Progress(args.steps)
+    try:
+        result = generator.generate(
+            args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+            true_cfg_scale=args.cfg, seed=args.seed, batch_size=batch, on_step=progress,
+        )  # fmt: skip
+    finally:
+        progress.close()
+    for warning in result.warnings:
+        print(f"  warning: {warning}")
+    t = result.timings
+    print(f"  {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, attention "
+          f"{result.attention_backend}: load {t['load_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
+          f"({t['per_step_s'] * 1000:.0f} ms/step), decode {t['decode_s']:.2f} s, total {t['total_s']:.2f} s")  # fmt: skip
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": str(result.seed),
+            "steps": str(result.steps), "true_cfg_scale": f"{result.true_cfg_scale:g}", "model": model_name,
+            "software": "qwen_core"}  # fmt: skip
+    written = []
+    for image, path in zip(result.images, _outputs(out, len(result.images)), strict=True):
+        written.append(save_png(image, path, meta))
+        print(f"  wrote {path} ({image.shape[1]}x{image.shape[0]})")
+    return written
+
+
+def _print_preflight(model_dir: Path, device_config: Any) -> None:
+    from qwen_core.preflight import perform_preflight_checks
+
+    report = perform_preflight_checks(model=model_dir, device_config=device_config)
+    p = report.profile
+    print(f"  verdict {report.status}: device {p.device}, dtype {p.dtype}, memory mode {p.memory_mode}, "
+          f"attention {p.attention_backend}, window {p.max_pixels / 1e6:.2f} MP")  # fmt: skip
+    for check in report.checks:
+        if check.status != "ok":
+            print(f"  [{check.status}] {check.name}: {check.message}")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from qwen_core import governor, paths
+    from qwen_core.generator import QwenImageGenerator
+    from qwen_core.tiny import ensure_tiny_pipeline
+
+    out = _check_out(args.out or paths.reports_dir() / "demo.png")
+    _quiet_library_progress_bars()
+    started = time.perf_counter()
+    print("[1/4] tiny pipeline (random weights, built offline, cached)")
+    model_dir = ensure_tiny_pipeline(args.cache_dir)
+    print(f"  {model_dir} ({time.perf_counter() - started:.1f} s)")
+    generator = QwenImageGenerator(model_dir)
+    loader = generator.loader
+    print(f"  loader: {loader.device_config.device}, {loader.dtype_name}, {loader.plan.memory_mode.value}; "
+          "tokenizer + scheduler ready, weights load on first use")  # fmt: skip
+    print("[2/4] preflight")
+    _print_preflight(model_dir, loader.device_config)
+    print("[3/4] governor")
+    decision = governor.clamp_image_size(args.width, args.height, **loader.governor_inputs())
+    print(f"  {decision.requested_width}x{decision.requested_height} -> {decision.width}x{decision.height}: "
+          f"{decision.message or decision.reason}")  # fmt: skip
+    print(f"[4/4] generate: {args.prompt!r}")
+    _generate_and_save(generator, args, out, 1, "tiny-qwen-image (random weights)")
+    print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from qwen_core.generator import QwenImageGenerator
+
+    out = _check_out(args.out)
+    started = time.perf_counter()
+    generator = QwenImageGenerator(
+        args.model, dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention, device=args.device
+    )
+    loader = generator.loader
+    print(f"model {loader.path} ({loader.folder.class_name}): {loader.device_config.device}, {loader.dtype_name}, "
+          f"memory mode {loader.plan.memory_mode.value} ({loader.memory_mode_reason}), attention "
+          f"{loader.device_config.attention_backend}")  # fmt: skip
+    _generate_and_save(generator, args, out, args.batch, str(loader.path))
+    for attempt in loader.attempts:
+        if attempt.outcome != "ok":
+            print(f"  load {attempt.describe()}")
+    print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
+    return 0
+
+
+def _quiet_library_progress_bars() -> None:
+    """The tiny model loads in a blink: diffusers'/transformers' loading bars would only clutter the demo."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _log_path() -> Path:
+    from qwen_core.session_log import get_session_log
+
+    return get_session_log().path
