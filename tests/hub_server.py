@@ -147,6 +147,10 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 hub.requests.append((self.command, path, self.headers.get("Range")))
             if hub.faults.require_token and self.headers.get("Authorization") != f"Bearer {hub.faults.require_token}":
                 return self._error(401, "GatedRepo", "Access to this repo is restricted; pass a token.")
+            if path in ("/_stats", "/_reset"):  # for a server in another process (the benchmark)
+                if path == "/_reset":
+                    hub.reset_counters()
+                return self._json({"bytes_served": hub.total_served(), "requests": len(hub.requests)})
             m = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+))?", path)
             tree = re.fullmatch(r"/api/models/(.+?)/tree/([^/]+)(?:/.*)?", path)
             resolve = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", path)
@@ -311,6 +315,8 @@ def _main() -> None:  # a manual server for the README's kill-and-resume walkthr
     files = {p.relative_to(args.folder).as_posix(): p for p in sorted(args.folder.rglob("*")) if p.is_file()}
     with HubServer() as hub:
         hub.add_repo(args.repo, files)
+        for path in files:  # hash up front, so the first client doesn't pay for it
+            hub.meta(args.repo, path)
         if args.rate_mbps:
             hub.faults.rate_bps = int(args.rate_mbps * 1e6)
         print(f"serving {len(files)} files of {args.folder} as {args.repo} at {hub.url}  (Ctrl-C to stop)", flush=True)
