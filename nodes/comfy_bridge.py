@@ -144,8 +144,13 @@ def raise_if_interrupted() -> None:
 
 
 def raise_as_interrupt(err: BaseException) -> None:
-    """Re-raise our cancel error as ComfyUI's interrupt, so the UI shows "interrupted", not a failure."""
+    """Re-raise our cancel error as ComfyUI's interrupt, so the UI shows "interrupted", not a failure.
+
+    The flag is consumed like ComfyUI's own progress hook does: ComfyUI never clears it at the start of a
+    prompt, so a flag we only read would cancel the next queued run before its first step.
+    """
     if model_management is not None:
+        model_management.interrupt_current_processing(False)
         raise model_management.InterruptProcessingException() from err
     raise err
 

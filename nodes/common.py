@@ -1,20 +1,21 @@
 """What the nodes share: socket types, the light QWEN_PIPE handle, model-folder lookup, residency access.
 
 The handle is four strings. The pipeline itself lives in qwen_core's residency registry (one resident
-model by default), so ComfyUI's output cache, which keeps node outputs and node instances alive, never
-pins a 40 GB model: /free, an error or a cancel releases it and the next Generate loads it again.
+model by default, keyed by the loader), so ComfyUI's output cache, which keeps node outputs and node
+instances alive, never pins a 40 GB model: /free, an error or a cancel releases it and the next Generate
+loads it again.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwen_core.errors import InvalidInputError
-from qwen_core.memory import ResidencyManager
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
 
 from . import comfy_bridge as bridge
@@ -97,21 +98,30 @@ def resolve_model(model: str, model_path: str | None = None, field: str = "model
     return candidate
 
 
+_generators: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
+_generators_lock = threading.Lock()
+MAX_GENERATORS = 4  # light objects (tokenizer, configs); the weights live in the residency registry
+
+
 def generator_for(handle: PipeHandle) -> Any:
-    """The generator of ``handle``. Generators are light (tokenizer, configs) and kept in a small cache of
-    their own: in the weights registry one would count as the resident model and be evicted by its own
-    weights' load, reloading the weights on every use. Its loader puts the weights in the registry, which
-    evicts the previous model first."""
+    """The generator of ``handle``: folder checked and tokenizer built once; weights load on first use.
+
+    Generators are cached here, apart from the weights registry, because they are light: in the registry a
+    generator would count as the resident model and be evicted by its own weights' load. The pipeline they
+    load lives in qwen_core's residency registry (``memory.get_residency_manager``), one model by default.
+    """
     from qwen_core.generator import QwenImageGenerator
 
-    return _generators.acquire(handle.key, lambda: QwenImageGenerator(handle.path, **handle.loader_kwargs()))
-
-
-def _drop_light(obj: Any, settle_s: float) -> None:
-    """Evicting a cached generator frees nothing heavy: its weights belong to the registry."""
-
-
-_generators = ResidencyManager(4, settle_s=0.0, release=_drop_light)
+    with _generators_lock:
+        if handle.key in _generators:
+            _generators.move_to_end(handle.key)
+            return _generators[handle.key]
+    generator = QwenImageGenerator(handle.path, **handle.loader_kwargs())
+    with _generators_lock:
+        _generators[handle.key] = generator
+        while len(_generators) > MAX_GENERATORS:
+            _generators.popitem(last=False)
+    return generator
 
 
 def release_resident() -> list[Any]:

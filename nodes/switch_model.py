@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_core.memory import memory_readings
+from qwen_core.memory import get_residency_manager, memory_readings, safe_model_switch
 
 from .common import (
     QWEN_PIPE,
@@ -50,16 +50,16 @@ class QwenImageSwitchModel:
     def switch(self, pipe: PipeHandle, model: str, model_path: str | None = None, after: Any = None) -> tuple[PipeHandle, str]:
         install_comfy_hooks()
         new = PipeHandle(str(resolve_model(model, model_path)), pipe.dtype, pipe.memory_mode, pipe.attention)
+        old_loader, new_gen = generator_for(pipe).loader, generator_for(new)  # B is checked before A goes
         before = memory_readings()
-        if new.key != pipe.key:
-            release_resident()  # the registry holds the weights (under the loader's key, not the handle's)
-        released = memory_readings()
+        if old_loader.residency_key != new_gen.loader.residency_key:
+            get_residency_manager().release(old_loader.residency_key)
         try:
-            generator_for(new).load()  # weights now, so "after" shows the new model's real footprint
+            with safe_model_switch(None) as report:  # a failed load leaves nothing half-loaded
+                report.before = before
+                new_gen.load()  # weights now, so the report shows the new model's real footprint
         except BaseException:
-            release_resident()  # no half-loaded model survives a failed switch
+            release_resident()
             raise
-        after_load = memory_readings()
-        report = (f"{pipe.path} -> {new.path}\nbefore:   {before.summary()}\nreleased: {released.summary()}\n"
-                  f"loaded:   {after_load.summary()}")
-        return (new, report)
+        text = f"{pipe.path} -> {new.path}\n" + report.summary().replace("; ", "\n")
+        return (new, text)

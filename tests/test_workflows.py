@@ -1,0 +1,156 @@
+"""Every example workflow in workflows/ against the node definitions, as ComfyUI would check it.
+
+Checks: every class known; widgets_values match the widget order (with the extra control_after_generate
+value after a seed) and each value is valid for its widget; links are type-consistent at both ends and
+agree with the nodes' inputs/outputs; the `models` entry is what the frontend's missing-model check reads;
+the workflow converts to a complete /prompt (API) body. The real run through ComfyUI is test_comfyui_live.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from comfy_workflow import (
+    CONTROL_VALUES,
+    VIRTUAL_NODES,
+    all_inputs,
+    definitions_from_classes,
+    ui_to_api,
+    widget_slots,
+)
+
+import nodes
+
+WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
+# ComfyUI's app/custom_node_manager.py serves a pack's templates from the first of these folders it finds.
+COMFY_TEMPLATE_FOLDERS = ["example_workflows", "example", "examples", "workflow", "workflows"]
+# The core nodes our workflows use, as ComfyUI 0.3.x's /object_info describes them.
+CORE = {
+    "SaveImage": {"input": {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
+                  "output": []},
+    "PreviewAny": {"input": {"required": {"source": ("*", {})}}, "output": []},
+}
+DEFS = {**definitions_from_classes(nodes.NODE_CLASS_MAPPINGS), **CORE}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_value(node_type: str, name: str, spec: Any, value: Any) -> None:
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    where = f"{node_type}.{name}={value!r}"
+    cls = nodes.NODE_CLASS_MAPPINGS.get(node_type)
+    validate = getattr(cls, "VALIDATE_INPUTS", None)
+    if isinstance(kind, (list, tuple)):
+        if validate is not None and name in validate.__code__.co_varnames:
+            assert validate(**{name: value}) is True, where  # ComfyUI lets VALIDATE_INPUTS decide
+        else:
+            assert value in kind, where
+    elif kind in ("INT", "FLOAT"):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), where
+        assert opts.get("min", -math.inf) <= value <= opts.get("max", math.inf), where
+        if kind == "INT":
+            assert int(value) == value, where
+            if opts.get("step", 1) == 16:
+                assert value % 16 == 0, where
+    elif kind == "STRING":
+        assert isinstance(value, str), where
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+
+
+def test_workflows_exist_in_a_folder_comfyui_serves_as_templates() -> None:
+    names = {p.stem for p in WORKFLOWS}
+    assert {"qwen_image_text_to_image", "qwen_image_low_vram", "qwen_image_model_switch", "qwen_image_tiny_cpu"} <= names
+    assert WORKFLOWS[0].parent.name in COMFY_TEMPLATE_FOLDERS
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+class TestWorkflow:
+    def test_frontend_format(self, path: Path) -> None:
+        wf = load(path)
+        assert {"nodes", "links", "last_node_id", "last_link_id", "version"} <= set(wf)
+        ids = [n["id"] for n in wf["nodes"]]
+        assert len(ids) == len(set(ids)) and wf["last_node_id"] >= max(ids)
+        assert wf["last_link_id"] >= max((link[0] for link in wf["links"]), default=0)
+
+    def test_every_class_known_and_widgets_valid(self, path: Path) -> None:
+        for node in load(path)["nodes"]:
+            if node["type"] in VIRTUAL_NODES:
+                continue
+            assert node["type"] in DEFS, f"unknown node class {node['type']}"
+            slots = widget_slots(DEFS[node["type"]])
+            values = node.get("widgets_values", [])
+            assert len(values) == len(slots), f"{node['type']}: {len(values)} values for {[s[0] for s in slots]}"
+            for (name, spec, control), value in zip(slots, values, strict=True):
+                if control:
+                    assert value in CONTROL_VALUES, f"{node['type']}.{name}={value!r}"
+                else:
+                    check_value(node["type"], name, spec, value)
+
+    def test_links_type_consistent(self, path: Path) -> None:
+        wf = load(path)
+        by_id = {n["id"]: n for n in wf["nodes"]}
+        for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+            source, target = by_id[src], by_id[dst]
+            produced = DEFS[source["type"]]["output"][src_slot]
+            assert produced == source["outputs"][src_slot]["type"] and link_id in source["outputs"][src_slot]["links"]
+            entry = target["inputs"][dst_slot]
+            assert entry["link"] == link_id
+            declared = all_inputs(DEFS[target["type"]])[entry["name"]][0]
+            declared = "COMBO" if isinstance(declared, (list, tuple)) else declared
+            # The frontend saves "*" as the type of a link into a wildcard input (e.g. PreviewAny).
+            assert kind == produced or (kind == "*" and declared == "*"), f"link {link_id}: {kind} vs {produced}"
+            assert declared in (produced, "*"), f"{source['type']} -> {target['type']}.{entry['name']}: {produced} vs {declared}"
+        linked = {(n["id"], i) for n in wf["nodes"] for i, e in enumerate(n.get("inputs", [])) if e.get("link") is not None}
+        assert linked == {(link[3], link[4]) for link in wf["links"]}
+
+    def test_converts_to_a_complete_prompt(self, path: Path) -> None:
+        api = ui_to_api(load(path), DEFS)
+        assert api
+        for node_id, node in api.items():
+            required = DEFS[node["class_type"]]["input"]["required"]
+            missing = set(required) - set(node["inputs"])
+            assert not missing, f"node {node_id} {node['class_type']} misses {missing}"
+            for value in node["inputs"].values():
+                if isinstance(value, list):
+                    assert value[0] in api, f"node {node_id} links to a node that is not sent"
+
+    def test_models_entry_points_at_what_the_downloader_fetches(self, path: Path) -> None:
+        wf = load(path)
+        repos = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageDownloader"}
+        loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoader"}
+        models = wf.get("models", [])
+        if path.stem == "qwen_image_tiny_cpu":
+            assert not models and not repos and loaders == {"qwen-image-tiny"}  # made locally by make-tiny
+            return
+        assert models, "the frontend offers downloads from the top-level models list"
+        for entry in models:
+            assert entry["directory"] == "diffusers" and entry["name"].endswith(".safetensors")
+            assert entry["url"].startswith("https://huggingface.co/")
+            repo = "/".join(entry["name"].split("/")[:2])
+            assert entry["url"] == f"https://huggingface.co/{repo}/resolve/main/{entry['name'][len(repo) + 1:]}"
+            assert repo in (repos | loaders)
+
+
+def test_seeds_have_a_control_value_right_after_them() -> None:
+    wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_tiny_cpu"))
+    generate = next(n for n in wf["nodes"] if n["type"] == "QwenImageGenerate")
+    names = [s[0] for s in widget_slots(DEFS["QwenImageGenerate"])]
+    seed_at = names.index("seed")
+    assert names[seed_at + 1] == "seed:control_after_generate"
+    assert generate["widgets_values"][seed_at : seed_at + 2] == [0, "fixed"]
+
+
+def test_validator_catches_a_shifted_widget_list() -> None:
+    """Regression guard for the check itself: dropping the control value must fail validation."""
+    wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_tiny_cpu"))
+    generate = next(n for n in wf["nodes"] if n["type"] == "QwenImageGenerate")
+    del generate["widgets_values"][7]  # the "fixed" after the seed
+    slots = widget_slots(DEFS["QwenImageGenerate"])
+    assert len(generate["widgets_values"]) != len(slots)
