@@ -134,22 +134,28 @@ def fill_random_(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> nn.M
     return module
 
 
-def _materialise(build: Any, device: str | torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
-    """Build on meta, allocate on ``device`` (uninitialised), restore real buffers, fill with random."""
+def _materialise(build: Any, device: str | torch.device, dtype: torch.dtype, seed: int, *,
+                 keep_buffer_dtype: bool = False) -> nn.Module:
+    """Build on meta, allocate on ``device`` in ``dtype`` (uninitialised), restore real buffers, fill random.
+
+    The cast happens on meta (free), so a 20 B-param model never exists in fp32 on the device (76 GiB).
+    ``keep_buffer_dtype``: transformers models keep fp32 rotary buffers when loaded in bf16; diffusers casts.
+    """
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
         model = build()
     # Buffers (e.g. rotary inv_freq) were built for real on the CPU; to_empty would leave them garbage.
     saved = {name: buf.clone() for name, buf in model.named_buffers() if buf.device.type != "meta"}
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-kept modules these models do not have.
+    model = nn.Module.to(model, dtype=dtype)
     model = model.to_empty(device=device)
     for name, buf in saved.items():
         module_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(module_name) if module_name else model
-        owner._buffers[attr] = buf.to(device)
+        cast = buf.is_floating_point() and not keep_buffer_dtype
+        owner._buffers[attr] = buf.to(device=device, dtype=dtype if cast else buf.dtype)
     fill_random_(model, seed=seed)
-    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-kept modules these models do not have.
-    model = nn.Module.to(model, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -192,7 +198,8 @@ def build_text_encoder(device: str | torch.device = "cpu", dtype: torch.dtype = 
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     config = text_encoder_config(text_overrides, vision_overrides)
-    return _materialise(lambda: Qwen2_5_VLForConditionalGeneration(config), device, dtype, seed + 1)
+    return _materialise(lambda: Qwen2_5_VLForConditionalGeneration(config), device, dtype, seed + 1,
+                        keep_buffer_dtype=True)
 
 
 def build_vae(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16, *,

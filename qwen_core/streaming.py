@@ -449,11 +449,13 @@ def _default_budget(device: torch.device) -> float:
 
 def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budget_gib: float | None = None, *,
                             fp8: bool = False, max_pixels: int = 1328 * 1328, num_slots: int = 2,
-                            vae_tiling: bool | None = None, stream_text_encoder: bool = True) -> StreamingHandle:
+                            vae_tiling: bool | None = None, stream_text_encoder: bool = True,
+                            act_gib_per_mpix: float | None = None) -> StreamingHandle:
     """Run ``pipe`` (a diffusers Qwen-Image pipeline) within ``budget_gib`` of device memory.
 
     ``max_pixels`` sizes the activation reserve (the largest image you will ask for). ``fp8`` stores the
     streamed blocks in float8 (lossy, half the PCIe bytes). ``vae_tiling=None`` decides from the budget.
+    ``act_gib_per_mpix`` overrides the measured activation slope (the bench passes its fresh measurement).
     """
     dev = torch.device(device)
     budget = float(budget_gib) if budget_gib is not None else _default_budget(dev)
@@ -467,7 +469,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     if stream_text_encoder and getattr(pipe, "text_encoder", None) is not None:
         te_streamed, te_left = _text_encoder_modules(pipe.text_encoder)
     te_ws_gib = num_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
-    per_mpix = activation_gib_per_mpix()
+    per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix()
     plan = plan_resident(len(blocks), max(module_bytes(b) for b in blocks),
                          module_bytes(transformer) - sum(module_bytes(b) for b in blocks), budget,
                          max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
@@ -476,6 +478,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     te_streamer = None
     if te_streamed:
         _move_except(pipe.text_encoder, te_streamed + te_left, dev)
+        for m in te_left:  # the unused vision tower must not sit in the budget
+            m.to("cpu")
         te_streamer = ModuleStreamer(te_streamed, dev, [], num_slots=num_slots, release_slots=True)
         te_streamer.release()  # nothing of it stays on the device between prompts
     elif getattr(pipe, "text_encoder", None) is not None:
