@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from qwen_core import session_log
+from qwen_core import preflight, session_log
 from qwen_core.devices import DeviceConfig
 from qwen_core.preflight import MODEL_SIZES_GB, PACKAGE_RANGES, perform_preflight_checks
 
@@ -52,7 +52,7 @@ class TestVerdictAndProfile:
 
     def test_rtx_4080_16gb_streams_and_limits_pixels(self):
         r = run(gpu(16.0))
-        assert r.profile.memory_mode == "group_offload"
+        assert r.profile.memory_mode == "streamed"  # qwen_core/streaming.py, the low-VRAM engine
         assert r.profile.max_pixels == 1_800_000  # the "high" tier
         assert "offloaded weights live in RAM" in r.check("ram").needed
 
@@ -61,6 +61,10 @@ class TestVerdictAndProfile:
         assert r.profile.max_pixels < 1664 * 928
         w, h = map(int, r.profile.example_size.split("x"))
         assert w * h <= r.profile.max_pixels and w % 16 == 0
+
+    def test_without_the_streaming_engine_group_offload(self, monkeypatch):
+        monkeypatch.setattr(preflight, "_streaming_available", lambda: False)
+        assert run(gpu(16.0)).profile.memory_mode == "group_offload"
 
     def test_48gb_card_uses_model_offload(self):
         assert run(gpu(48.0)).profile.memory_mode == "model_offload"
@@ -149,7 +153,7 @@ class TestOutput:
         assert all({"name", "status", "measured", "needed", "message", "recommendation"} <= set(c)
                    for c in data["checks"])
         text = r.to_text()
-        assert "verdict" in text and "Recommended profile" in text and "group_offload" in text
+        assert "verdict" in text and "Recommended profile" in text and "memory_mode=streamed" in text
 
     def test_fails_are_in_the_session_log_with_fix(self, tmp_path):
         run(gpu(80), model="Qwen/Qwen-Image", disk_free=lambda p: 10**9)
