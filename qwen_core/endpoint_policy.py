@@ -97,8 +97,8 @@ def check_endpoint(
         shown = ", ".join(blocked) or "no address"
         raise InvalidInputError(
             field,
-            f"{value!r} resolves to a loopback, private or link-local address ({shown}); a workflow may "
-            "only name such a host when the same host is configured in HF_ENDPOINT.",
+            f"{value!r} resolves to a non-public (loopback, private, link-local or reserved) address ({shown}); a workflow "
+            "may only name such a host when the same host is configured in HF_ENDPOINT.",
             fix=FIX,
         )
     return EndpointDecision(value, "workflow", f"Endpoint: {value} (from the workflow)")

@@ -1,0 +1,76 @@
+"""The download-endpoint (SSRF) policy the Downloader node applies to endpoints typed into a workflow."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen_core.endpoint_policy import DEFAULT_ENDPOINT, check_endpoint
+from qwen_core.errors import InvalidInputError
+
+
+def public(host: str, port: int) -> list[str]:
+    return ["8.8.8.8"] if host == "mirror.example" else ["1.1.1.1"]
+
+
+def fake_dns(mapping: dict[str, list[str]]):  # noqa: ANN201
+    def resolve(host: str, port: int) -> list[str]:
+        if host not in mapping:
+            raise OSError("Name or service not known")
+        return mapping[host]
+
+    return resolve
+
+
+class TestEmptyMeansConfigured:
+    def test_default_is_the_hub(self) -> None:
+        decision = check_endpoint("", env={})
+        assert (decision.url, decision.source) == (DEFAULT_ENDPOINT, "default")
+
+    def test_env_endpoint_is_used_and_reported(self) -> None:
+        decision = check_endpoint("  ", env={"HF_ENDPOINT": "http://127.0.0.1:9000/"})
+        assert (decision.url, decision.source) == ("http://127.0.0.1:9000", "env")
+        assert "HF_ENDPOINT" in decision.message
+
+
+class TestRefused:
+    @pytest.mark.parametrize("url", ["ftp://mirror.example", "file:///etc/passwd", "javascript:alert(1)", "mirror.example",
+                                     "http://", "http://user:pw@mirror.example", "http://mirror.example:99999",
+                                     "http://mirror.example/\nX: y"])
+    def test_malformed_or_non_http(self, url: str) -> None:
+        with pytest.raises(InvalidInputError) as info:
+            check_endpoint(url, env={}, resolver=public)
+        assert info.value.field == "endpoint"
+
+    @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data", "http://127.0.0.1:8188", "http://localhost",
+                                     "http://10.1.2.3", "http://192.168.1.1", "http://172.16.0.5", "http://[::1]:80",
+                                     "http://0.0.0.0", "http://2130706433", "http://[::ffff:127.0.0.1]",
+                                     "http://[fd00::1]", "http://100.64.0.1"])
+    def test_private_loopback_link_local_hosts(self, url: str) -> None:
+        """Literal addresses and their odd spellings (decimal, v4-mapped v6) resolve without DNS."""
+        with pytest.raises(InvalidInputError, match="non-public"):
+            check_endpoint(url, env={})
+
+    def test_a_name_that_resolves_to_a_private_address(self) -> None:
+        dns = fake_dns({"evil.example": ["8.8.4.4", "10.0.0.5"]})
+        with pytest.raises(InvalidInputError, match="10.0.0.5"):
+            check_endpoint("https://evil.example", env={}, resolver=dns)
+
+    def test_an_unresolvable_name(self) -> None:
+        with pytest.raises(InvalidInputError, match="cannot be resolved"):
+            check_endpoint("https://nowhere.example", env={}, resolver=fake_dns({}))
+
+    def test_same_host_other_port_than_configured_is_still_refused(self) -> None:
+        with pytest.raises(InvalidInputError):
+            check_endpoint("http://127.0.0.1:22", env={"HF_ENDPOINT": "http://127.0.0.1:9000"})
+
+
+class TestAllowed:
+    def test_public_mirror_is_allowed_and_shown(self) -> None:
+        decision = check_endpoint("https://mirror.example/", env={}, resolver=public)
+        assert (decision.url, decision.source) == ("https://mirror.example", "workflow")
+        assert "https://mirror.example" in decision.message
+
+    def test_private_host_allowed_when_the_user_configured_it(self) -> None:
+        decision = check_endpoint("http://LOCALHOST:9000/", env={"HF_ENDPOINT": "http://localhost:9000"},
+                                  resolver=fake_dns({}))  # never resolved: configured by the user
+        assert decision.source == "workflow" and "same host as HF_ENDPOINT" in decision.message
