@@ -207,7 +207,8 @@ def section_group_offload(ctx: Context) -> None:
     a, R, t = ctx.args, ctx.R, ctx.t
     cap = float(a.caps.split(",")[0])
     C.empty_host_cache()  # give back the pinned buffers our engine cached, so host RAM holds diffusers' copies
-    ctx.pipe.text_encoder.to("cpu")
+    # Last section: drop the text encoder (host RAM must hold diffusers' pageable + pinned copies of 38 GiB).
+    ctx.pipe.text_encoder.to_empty(device="meta")
     t.to("cpu")
     C.reset_peak()
     t0 = time.perf_counter()
