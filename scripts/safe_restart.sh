@@ -50,6 +50,7 @@ alive() {  # running, and not a zombie (an exited child nobody has reaped yet st
 }
 
 gpu_holds() {  # does the GPU still list this PID as a compute process?
+  # In a container nvidia-smi may not see host PIDs; then this reports "released" at once.
   command -v nvidia-smi >/dev/null 2>&1 || return 1
   nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null | tr -d ' ' | grep -qx "$1"
 }

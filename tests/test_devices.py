@@ -154,3 +154,19 @@ class TestAttention:
         from diffusers.models.attention_dispatch import AttentionBackendName
 
         assert AttentionBackendName(devices.SDPA_BACKEND) and AttentionBackendName(devices.FLASH_BACKEND)
+
+
+def test_importing_the_foundation_touches_no_device():
+    """Regression guard: device globals computed at import time ignore CUDA_VISIBLE_DEVICES set later."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "def boom(*a, **k): raise SystemExit('device queried at import time')\n"
+        "torch.cuda.is_available = torch.cuda.device_count = torch.cuda.mem_get_info = boom\n"
+        "import qwen_core.devices, qwen_core.governor, qwen_core.preflight, qwen_core.paths, qwen_core.session_log\n"
+        "print('clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr
