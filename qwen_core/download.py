@@ -258,23 +258,25 @@ def _run_workers(
     first_error: BaseException | None = None
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-download") as pool:
         pending: set[Future] = {pool.submit(fetch_one, f, job) for f in files}
-        while pending:
-            done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-            for fut in done:
-                err = fut.exception()
-                if err is None:
-                    outcomes.append(fut.result())
-                elif first_error is None or isinstance(first_error, DownloadCancelled):
-                    first_error = err
-                if err is not None:
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    err = fut.exception()
+                    if err is None:
+                        outcomes.append(fut.result())
+                        continue
+                    if first_error is None or isinstance(first_error, DownloadCancelled):
+                        first_error = err
                     job.cancel.set()  # one fatal error stops the others; their partials stay for resume
-            try:
-                if should_cancel is not None and not job.cancel.is_set() and should_cancel():
-                    job.cancel.set()
-                meter.tick(progress, len(outcomes), final=not pending)
-            except BaseException as err:  # a progress hook raising (ComfyUI interrupt) cancels cleanly
-                job.cancel.set()
-                first_error = first_error or err
+                if first_error is None:
+                    if should_cancel is not None and should_cancel():
+                        job.cancel.set()
+                    meter.tick(progress, len(outcomes), final=not pending)
+        except BaseException as err:  # Ctrl-C, or a progress hook raising (ComfyUI's interrupt)
+            job.cancel.set()
+            first_error = first_error or err
+            wait(pending)  # workers see the cancel flag within one chunk and keep their partials
     if first_error is not None:
         raise _explain(first_error, plan, job)
     return outcomes

@@ -256,8 +256,8 @@ def _open_part(remote: RemoteFile, stage: Staging, job: Job) -> _PartState:
         reason = _part_problem(remote, stage)
         if reason is None:
             offset = stage.part.stat().st_size
-            hasher = hash_file(stage.part, remote, limit=offset)
             job.log(f"{remote.path}: resuming at {offset / 1e6:.1f} MB of {remote.size / 1e6:.1f} MB")
+            hasher = hash_file(stage.part, remote, limit=offset)  # the final check covers every byte
             job.add(offset)
             return _PartState(offset, hasher)
         job.log(f"{remote.path}: discarding partial download ({reason}); fetching from the start")

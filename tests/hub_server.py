@@ -63,14 +63,14 @@ class Repo:
 class HubServer:
     """Threaded fault-injecting Hub stand-in on 127.0.0.1 (port chosen by the OS)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.repos: dict[str, Repo] = {}
         self.faults = Faults()
         self.bytes_served: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self._lock = threading.Lock()
         self._meta: dict[tuple[str, str], tuple[int, str, str | None]] = {}  # (repo, path) -> size, etag, sha256
-        self.httpd = _QuietServer(("127.0.0.1", 0), _make_handler(self))
+        self.httpd = _QuietServer(("127.0.0.1", port), _make_handler(self))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
@@ -311,9 +311,10 @@ def _main() -> None:  # a manual server for the README's kill-and-resume walkthr
     parser.add_argument("folder", type=Path)
     parser.add_argument("--repo", default="local/model")
     parser.add_argument("--rate-mbps", type=float, default=None, help="throttle each body to this many MB/s")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
     args = parser.parse_args()
     files = {p.relative_to(args.folder).as_posix(): p for p in sorted(args.folder.rglob("*")) if p.is_file()}
-    with HubServer() as hub:
+    with HubServer(args.port) as hub:
         hub.add_repo(args.repo, files)
         for path in files:  # hash up front, so the first client doesn't pay for it
             hub.meta(args.repo, path)

@@ -81,6 +81,20 @@ class TestKillAndResume:
         assert same(tmp_path / "m" / BIG, files[BIG]) and done.stdout.strip() == str(tmp_path / "m")
 
 
+    def test_ctrl_c_stops_promptly_keeps_partial_and_says_how_to_resume(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        hub.faults.rate_bps = 4 * MB
+        proc = start_cli(args(hub, tmp_path))
+        try:
+            assert wait_for(lambda: part_size(tmp_path) >= CHUNK), "download never started"
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130 and "run the same command again to resume" in err
+        assert 0 < part_size(tmp_path) < len(files[BIG])
+
+
 class TestExitCodes:
     def test_missing_repo_exit_4(self, hub: HubServer, tmp_path: Path) -> None:
         done = run_cli(args(hub, tmp_path))
