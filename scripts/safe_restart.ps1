@@ -45,8 +45,14 @@ if ($proc) {
         exit 1
     }
     Write-Host "safe_restart: stopping ComfyUI (PID $procId)"
+    # taskkill without /F asks the process to close; a windowless python cannot be asked, and then
+    # taskkill fails at once: force it right away rather than waiting for nothing.
     & taskkill /PID $procId 2>$null | Out-Null
-    if (-not $proc.WaitForExit($Timeout * 1000)) {
+    if ($LASTEXITCODE -ne 0) {
+        Write-Host "safe_restart: ComfyUI cannot be asked to close (no window); stopping it"
+        Stop-Process -Id $procId -Force -ErrorAction SilentlyContinue
+        $proc.WaitForExit()
+    } elseif (-not $proc.WaitForExit($Timeout * 1000)) {
         Write-Host "safe_restart: still running after ${Timeout}s; forcing it"
         Stop-Process -Id $procId -Force -ErrorAction SilentlyContinue
         $proc.WaitForExit()
