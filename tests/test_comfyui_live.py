@@ -1,0 +1,210 @@
+"""The pack inside a real ComfyUI: skipped unless COMFYUI_DIR points at a ComfyUI checkout.
+
+Starts ``main.py --cpu --listen 127.0.0.1`` (COMFYUI_PYTHON, default this Python, must have ComfyUI's
+requirements and ours) with a private ``--base-directory`` holding only this pack in custom_nodes and the two
+tiny models in models/diffusers, and a Hub stand-in on 127.0.0.1 (set as HF_ENDPOINT) serving the tiny
+model as ``local/qwen-image-tiny`` for the Downloader. Then: the pack imports, the six nodes are in
+/object_info, the workflows are served as templates, every workflow (tiny model selected) runs through
+POST /prompt to ``status_str == "success"`` with its images saved, Cancel (/interrupt) stops a generation,
+and /free releases our model. Example:
+    COMFYUI_DIR=~/ComfyUI COMFYUI_PYTHON=~/comfy-venv/bin/python pytest tests/test_comfyui_live.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from comfy_workflow import ui_to_api
+from hub_server import HubServer
+
+import nodes
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "").strip()
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run the live tests"),
+]
+REPO = Path(__file__).resolve().parent.parent
+PACK = "comfyui-qwen-image"
+TINY_REPO = "local/qwen-image-tiny"
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+
+@dataclass
+class Comfy:
+    url: str
+    base: Path
+    reports: Path
+    log: Path
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: dict) -> Any:
+        request = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            raise AssertionError(f"POST {path}: {err.code} {err.read().decode()[:3000]}") from None
+        return json.loads(raw) if raw.strip() else None
+
+    def queue(self, prompt: dict) -> str:
+        return self.post("/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.3)
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s; log: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model_dir_b: Path) -> Iterator[Comfy]:
+    base = tmp_path_factory.mktemp("comfy-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
+    diffusers = base / "models" / "diffusers"
+    diffusers.mkdir(parents=True)
+    (diffusers / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    (diffusers / "qwen-image-tiny-b").symlink_to(tiny_model_dir_b, target_is_directory=True)
+    reports, log = base / "reports", base / "comfyui.log"
+    files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
+    with HubServer() as hub:
+        hub.add_repo(TINY_REPO, files)
+        port = _free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "QWEN_HOME", "HF_TOKEN")}
+        env.update({"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "QWEN_REPORTS_DIR": str(reports),
+                    "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
+        python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+        cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
+               "--disable-auto-launch"]
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = Comfy(f"http://127.0.0.1:{port}", base, reports, log)
+        try:
+            _wait_until_up(server, proc)
+            yield server
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_until_up(server: Comfy, proc: subprocess.Popen) -> None:
+    end = time.monotonic() + 240
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"ComfyUI exited with {proc.returncode}: {server.log_tail()}")
+        try:
+            server.get("/system_stats")
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    raise AssertionError(f"ComfyUI did not answer within 240 s: {server.log_tail()}")
+
+
+def with_tiny_models(api: dict[str, dict]) -> dict[str, dict]:
+    """Select the tiny models (and small sizes) in a converted workflow; everything else stays as shipped."""
+    for node in api.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind == "QwenImageDownloader":
+            inputs["repo_id"] = TINY_REPO
+        elif kind == "QwenImagePreflight" or kind == "QwenImageLoader":
+            inputs["model"] = "qwen-image-tiny"
+        elif kind == "QwenImageSwitchModel":
+            inputs["model"] = "qwen-image-tiny-b"
+        elif kind == "QwenImagePixelGovernor":
+            inputs.update(aspect_preset="custom", width=96, height=64)
+    return api
+
+
+def saved_images(entry: dict) -> list[dict]:
+    return [img for out in entry["outputs"].values() for img in out.get("images", []) if img.get("type") == "output"]
+
+
+def test_pack_imports_and_all_six_nodes_are_registered(comfy: Comfy) -> None:
+    log = comfy.log_tail() + comfy.log.read_text(errors="replace")[:20000]
+    assert "IMPORT FAILED" not in log and "Cannot import" not in log
+    info = comfy.get("/object_info")
+    assert set(nodes.NODE_CLASS_MAPPINGS) <= set(info)
+    loader = info["QwenImageLoader"]["input"]["required"]["model"]
+    assert loader[0] == ["qwen-image-tiny", "qwen-image-tiny-b"]
+    assert info["QwenImageGenerate"]["input"]["required"]["seed"][1]["control_after_generate"] is True
+
+
+def test_workflows_are_served_as_templates(comfy: Comfy) -> None:
+    listed = comfy.get("/api/workflow_templates")
+    assert sorted(listed[PACK]) == sorted(p.stem for p in WORKFLOWS)
+    for path in WORKFLOWS:
+        assert comfy.get(f"/api/workflow_templates/{PACK}/{path.name}") == json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_through_prompt(comfy: Comfy, path: Path) -> None:
+    api = with_tiny_models(ui_to_api(json.loads(path.read_text(encoding="utf-8")), comfy.get("/object_info")))
+    entry = comfy.wait(comfy.queue(api))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
+    images = saved_images(entry)
+    expected = sum(1 for n in api.values() if n["class_type"] == "SaveImage")
+    assert len(images) == expected >= 1
+    for img in images:
+        assert (comfy.base / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
+
+
+def test_cancel_interrupts_generation_and_the_next_run_works(comfy: Comfy) -> None:
+    path = REPO / "workflows" / "qwen_image_tiny_cpu.json"
+    api = with_tiny_models(ui_to_api(json.loads(path.read_text(encoding="utf-8")), comfy.get("/object_info")))
+    generate = next(k for k, n in api.items() if n["class_type"] == "QwenImageGenerate")
+    api[generate]["inputs"].update(steps=200, seed=12345)  # long enough to cancel mid-way
+    prompt_id = comfy.queue(api)
+    time.sleep(2.0)
+    comfy.post("/interrupt", {})
+    entry = comfy.wait(prompt_id)
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds
+    assert not saved_images(entry)
+    api[generate]["inputs"].update(steps=2, seed=7)
+    again = comfy.wait(comfy.queue(api))
+    assert again["status"]["status_str"] == "success", "the interrupt flag must not leak into the next run"
+
+
+def test_free_releases_our_resident_model(comfy: Comfy) -> None:
+    path = REPO / "workflows" / "qwen_image_tiny_cpu.json"
+    api = with_tiny_models(ui_to_api(json.loads(path.read_text(encoding="utf-8")), comfy.get("/object_info")))
+    assert comfy.wait(comfy.queue(api))["status"]["status_str"] == "success"
+    log = comfy.reports / "last_session.log"
+    before = log.read_text(errors="replace").count("released (")
+    comfy.post("/free", {"unload_models": True, "free_memory": True})
+    end = time.monotonic() + 30
+    while time.monotonic() < end and log.read_text(errors="replace").count("released (") <= before:
+        time.sleep(0.5)
+    assert log.read_text(errors="replace").count("released (") > before, "ComfyUI's /free did not release our model"
