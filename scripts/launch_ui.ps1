@@ -23,22 +23,21 @@ param(
     [Parameter(ValueFromRemainingArguments = $true)][string[]]$Rest
 )
 $ErrorActionPreference = "Stop"
+# Messages to stderr and the same exit codes as the .sh twin (Write-Error would throw with code 1).
+function Fail([string]$Message, [int]$Code = 2) { [Console]::Error.WriteLine($Message); exit $Code }
 $Root = Split-Path -Parent $PSScriptRoot
 
 if (-not $env:COMFYUI_DIR) {
-    Write-Error "launch_ui: COMFYUI_DIR is not set. Point it at your ComfyUI folder, e.g. `$env:COMFYUI_DIR = 'C:\ComfyUI'"
-    exit 2
+    Fail "launch_ui: COMFYUI_DIR is not set. Point it at your ComfyUI folder, e.g. `$env:COMFYUI_DIR = 'C:\ComfyUI'" 2
 }
 $Comfy = $env:COMFYUI_DIR
 if (-not (Test-Path (Join-Path $Comfy "main.py"))) {
-    Write-Error "launch_ui: $Comfy has no main.py; COMFYUI_DIR must be the ComfyUI folder itself."
-    exit 2
+    Fail "launch_ui: $Comfy has no main.py; COMFYUI_DIR must be the ComfyUI folder itself." 2
 }
 $Venv = if ($env:QWEN_VENV) { $env:QWEN_VENV } else { Join-Path $Root ".venv" }
 $Py = if ($env:COMFYUI_PYTHON) { $env:COMFYUI_PYTHON } else { Join-Path $Venv "Scripts\python.exe" }
 if (-not (Test-Path $Py) -and -not (Get-Command $Py -ErrorAction SilentlyContinue)) {
-    Write-Error "launch_ui: no Python at $Py; run scripts\setup.ps1 or set COMFYUI_PYTHON to ComfyUI's interpreter."
-    exit 2
+    Fail "launch_ui: no Python at $Py; run scripts\setup.ps1 or set COMFYUI_PYTHON to ComfyUI's interpreter." 2
 }
 $Reports = if ($env:QWEN_REPORTS_DIR) { $env:QWEN_REPORTS_DIR } else { Join-Path $Root "reports" }
 New-Item -ItemType Directory -Force -Path $Reports | Out-Null
@@ -61,12 +60,10 @@ if (Test-Path $Link) {
     $item = Get-Item $Link -Force
     $target = if ($item.LinkType) { (Resolve-Path ($item.Target | Select-Object -First 1)).Path } else { $null }
     if (-not $target) {
-        Write-Error "launch_ui: $Link exists and is not a link to this checkout; remove or rename it first."
-        exit 2
+        Fail "launch_ui: $Link exists and is not a link to this checkout; remove or rename it first." 2
     }
     if ($target.TrimEnd("\") -ne (Resolve-Path $Root).Path.TrimEnd("\")) {
-        Write-Error "launch_ui: $Link links to another copy of the pack; remove it first (two copies would clash)."
-        exit 2
+        Fail "launch_ui: $Link links to another copy of the pack; remove it first (two copies would clash)." 2
     }
 } else {
     New-Item -ItemType Junction -Path $Link -Target $Root | Out-Null
@@ -88,8 +85,7 @@ $proc = Start-Process -FilePath $Py -ArgumentList $args_ -WorkingDirectory $Comf
 Set-Content -Path $PidFile -Value $proc.Id
 Start-Sleep -Seconds 1
 if ($proc.HasExited) {
-    Write-Error "launch_ui: ComfyUI exited at once; see $LogFile and $LogFile.err"
     Remove-Item $PidFile -ErrorAction SilentlyContinue
-    exit 1
+    Fail "launch_ui: ComfyUI exited at once; see $LogFile and $LogFile.err" 1
 }
 Write-Host "launch_ui: ComfyUI starting on http://${Listen}:$Port (PID $($proc.Id), log $LogFile)"

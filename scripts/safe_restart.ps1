@@ -21,10 +21,11 @@ param(
     [switch]$Cpu
 )
 $ErrorActionPreference = "Stop"
+# Messages to stderr and the same exit codes as the .sh twin (Write-Error would throw with code 1).
+function Fail([string]$Message, [int]$Code = 2) { [Console]::Error.WriteLine($Message); exit $Code }
 $Root = Split-Path -Parent $PSScriptRoot
 if (-not $env:COMFYUI_DIR) {
-    Write-Error "safe_restart: COMFYUI_DIR is not set. Point it at your ComfyUI folder, e.g. `$env:COMFYUI_DIR = 'C:\ComfyUI'"
-    exit 2
+    Fail "safe_restart: COMFYUI_DIR is not set. Point it at your ComfyUI folder, e.g. `$env:COMFYUI_DIR = 'C:\ComfyUI'" 2
 }
 $Reports = if ($env:QWEN_REPORTS_DIR) { $env:QWEN_REPORTS_DIR } else { Join-Path $Root "reports" }
 $PidFile = Join-Path $Reports "comfyui.pid"
@@ -41,8 +42,7 @@ if ($proc) {
     # Guard against a recycled PID belonging to something else.
     $cmd = (Get-CimInstance Win32_Process -Filter "ProcessId = $procId").CommandLine
     if ($cmd -notmatch "main\.py") {
-        Write-Error "safe_restart: PID $procId from $PidFile is not a ComfyUI main.py; not touching it."
-        exit 1
+        Fail "safe_restart: PID $procId from $PidFile is not a ComfyUI main.py; not touching it." 1
     }
     Write-Host "safe_restart: stopping ComfyUI (PID $procId)"
     # taskkill without /F asks the process to close; a windowless python cannot be asked, and then

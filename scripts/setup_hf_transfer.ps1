@@ -16,20 +16,20 @@ param(
     [switch]$NoInstall
 )
 $ErrorActionPreference = "Stop"
+# Messages to stderr and the same exit codes as the .sh twin (Write-Error would throw with code 1).
+function Fail([string]$Message, [int]$Code = 2) { [Console]::Error.WriteLine($Message); exit $Code }
 $Root = Split-Path -Parent $PSScriptRoot
 if (-not $Python) {
     $Venv = if ($env:QWEN_VENV) { $env:QWEN_VENV } else { Join-Path $Root ".venv" }
     $Python = Join-Path $Venv "Scripts\python.exe"
 }
 if (-not (Test-Path $Python) -and -not (Get-Command $Python -ErrorAction SilentlyContinue)) {
-    Write-Error "setup_hf_transfer: no Python at $Python; run scripts\setup.ps1 first or pass -Python"
-    exit 2
+    Fail "setup_hf_transfer: no Python at $Python; run scripts\setup.ps1 first or pass -Python" 2
 }
 & $Python -c "import hf_xet" 2>$null
 if ($LASTEXITCODE -ne 0) {
     if ($NoInstall) {
-        Write-Error "setup_hf_transfer: hf_xet is not installed in $Python (run without -NoInstall to install it)"
-        exit 1
+        Fail "setup_hf_transfer: hf_xet is not installed in $Python (run without -NoInstall to install it)" 1
     }
     Write-Host "setup_hf_transfer: installing hf_xet into $Python"
     & $Python -m pip install --disable-pip-version-check -q "hf_xet>=1.1,<2"
