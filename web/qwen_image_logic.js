@@ -13,6 +13,8 @@ export const NODES = {
   governor: "QwenImagePixelGovernor",
 };
 const STATUS_COLOURS = { ok: "#3c9a4a", warn: "#c99a1d", fail: "#c0392b" };
+const CELL = "padding:2px 4px;border-bottom:1px solid #444;vertical-align:top;text-align:left";
+const TABLE = "width:100%;border-collapse:collapse;font-size:10px;table-layout:auto";
 
 export function escapeHtml(value) {
   return String(value ?? "")
@@ -82,18 +84,19 @@ export function preflightHtml(report) {
   const rows = preflightRows(report)
     .map(
       (r) =>
-        `<tr><td>${escapeHtml(r.name)}</td>` +
-        `<td style="color:${STATUS_COLOURS[r.status]};font-weight:bold">${r.status.toUpperCase()}</td>` +
-        `<td>${escapeHtml(r.measured)}</td><td>${escapeHtml(r.needed)}</td>` +
-        `<td>${escapeHtml(r.message)}</td></tr>`,
+        `<tr><td style="${CELL}">${escapeHtml(r.name)}</td>` +
+        `<td style="${CELL};color:${STATUS_COLOURS[r.status]};font-weight:bold">${r.status.toUpperCase()}</td>` +
+        `<td style="${CELL}">${escapeHtml(r.measured)}</td><td style="${CELL}">${escapeHtml(r.needed)}</td>` +
+        `<td style="${CELL}">${escapeHtml(r.message)}</td></tr>`,
     )
     .join("");
   return (
     `<div class="qwen-preflight-verdict" style="color:${STATUS_COLOURS[verdict]};font-weight:bold">` +
     `Verdict: ${verdict.toUpperCase()}</div>` +
     (profileText ? `<div class="qwen-preflight-profile">${profileText}</div>` : "") +
-    `<table class="qwen-preflight-table"><thead><tr><th>Check</th><th>Status</th><th>Measured</th>` +
-    `<th>Needed</th><th>Notes</th></tr></thead><tbody>${rows}</tbody></table>`
+    `<table class="qwen-preflight-table" style="${TABLE}"><thead><tr>` +
+    ["Check", "Status", "Measured", "Needed", "Notes"].map((h) => `<th style="${CELL}">${h}</th>`).join("") +
+    `</tr></thead><tbody>${rows}</tbody></table>`
   );
 }
 

@@ -128,6 +128,7 @@ describe("preflight table", () => {
     assert.match(html, /memory_mode: model_offload/);
     assert.match(html, /Disk &lt;x&gt;/);
     assert.equal((html.match(/<tr>/g) ?? []).length, 4); // header + 3 checks
+    assert.equal((html.match(/<th /g) ?? []).length, 5);
   });
 
   it("renders an empty report without throwing", () => {
