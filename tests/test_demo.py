@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_demo_cli_writes_png_of_requested_size_offline(tiny_model_dir, tmp_path):
     """The issue's acceptance command, as a subprocess (CPU only, no network, cached tiny pipeline)."""
     out = tmp_path / "x.png"
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "QWEN_TINY_CACHE": str(tiny_model_dir.parent)}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "QWEN_TINY_CACHE": str(tiny_model_dir.parent),
+                        "QWEN_REPORTS_DIR": str(tmp_path / "reports")}
     proc = subprocess.run(
         [sys.executable, "-m", "qwen_core", "demo", "--out", str(out), "--width", "128", "--height", "96", "--steps", "2"],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
@@ -33,6 +34,7 @@ def test_demo_cli_writes_png_of_requested_size_offline(tiny_model_dir, tmp_path)
     for marker in ("[1/4] tiny pipeline", "[2/4] preflight", "[3/4] governor", "128x96 -> 128x96", "step 2/2", "wrote"):
         assert marker in proc.stdout
     assert str(tiny_model_dir) in proc.stdout  # reused the cached build
+    assert "loader: attempt 1" in (tmp_path / "reports" / "last_session.log").read_text()
 
 
 def test_demo_in_process_aligns_the_size(tiny_model_dir, tmp_path, capsys):

@@ -43,7 +43,10 @@ def fresh(tiny_model_dir) -> QwenImageGenerator:
 
 
 @pytest.fixture(autouse=True)
-def _no_sticky_sdpa():
+def _no_sticky_sdpa(tmp_path, monkeypatch):
+    """No SDPA flag from an earlier test, and a private session log (a subprocess of another test may
+    rotate the shared one under this process)."""
+    monkeypatch.setenv("QWEN_REPORTS_DIR", str(tmp_path / "reports"))
     loading._reset_sdpa_flag()
     yield
     loading._reset_sdpa_flag()

@@ -32,8 +32,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(autouse=True)
-def _nothing_resident():
-    """Each test starts with no resident pipeline (handles with the same settings share one)."""
+def _nothing_resident(tmp_path, monkeypatch):
+    """Each test starts with no resident pipeline (handles with the same settings share one) and its own
+    session log (a subprocess of another test may rotate the shared one under this process)."""
+    monkeypatch.setenv("QWEN_REPORTS_DIR", str(tmp_path / "reports"))
     get_residency_manager().release_all()
     loading._reset_sdpa_flag()
     yield
