@@ -1,5 +1,6 @@
 """Shared fixtures for the whole suite.
 
+- One torch CPU thread (see below), which keeps the suite fast on small and busy machines.
 - The session never reaches a hub (HF_HUB_OFFLINE=1, set before any test imports huggingface_hub, which
   reads it at import) and never writes into the repo's reports/ (QWEN_REPORTS_DIR -> a temp dir).
 - ``tiny_model_dir`` / ``tiny_model_dir_b``: two different tiny random Qwen-Image pipelines (seeds 0 and
@@ -20,6 +21,10 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# One torch CPU thread (read when torch is first imported; set QWEN_TEST_THREADS to change it). The tiny
+# models' ops are far too small to gain from a second thread, and on a busy 2-core box OpenMP's barrier
+# waits made a 32x32 generate 10-20x slower with 2 threads than with 1 (0.05-0.16 s vs 0.45-1.7 s).
+os.environ["OMP_NUM_THREADS"] = os.environ.get("QWEN_TEST_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
