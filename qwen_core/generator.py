@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,22 +290,27 @@ class QwenImageGenerator:
         d = request.decision
         ok = False
         try:
-            with torch.inference_mode():
-                output = pipe(
-                    prompt=request.prompt,
-                    negative_prompt=(request.negative_prompt or DEFAULT_NEGATIVE) if cfg_on else None,
-                    true_cfg_scale=request.true_cfg_scale,
-                    width=d.width,
-                    height=d.height,
-                    num_inference_steps=request.steps,
-                    num_images_per_prompt=request.batch_size,
-                    generator=generator,
-                    output_type="pt",
-                    callback_on_step_end=watch,
-                )
+            # The pipeline runs under no_grad itself. Not inference_mode: tensors an offload/streaming engine
+            # allocates during the call would become inference tensors and break later in-place copies.
+            output = pipe(
+                prompt=request.prompt,
+                negative_prompt=(request.negative_prompt or DEFAULT_NEGATIVE) if cfg_on else None,
+                true_cfg_scale=request.true_cfg_scale,
+                width=d.width,
+                height=d.height,
+                num_inference_steps=request.steps,
+                num_images_per_prompt=request.batch_size,
+                generator=generator,
+                output_type="pt",
+                callback_on_step_end=watch,
+            )
             images = output.images.permute(0, 2, 3, 1).to(device="cpu", dtype=torch.float32).clamp(0, 1).contiguous()
             ok = True
         except Exception as err:
+            # The finished pipeline frames in the traceback hold latents, embeddings and (for an OOM) the
+            # activations that did fit: drop their locals so a stored exception (ComfyUI keeps the last
+            # one) pins no device memory. File/line information stays.
+            traceback.clear_frames(err.__traceback__)
             if is_oom(err):
                 raise self._oom_error(request, err) from err
             raise

@@ -223,9 +223,13 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -
     elif mode is MemoryMode.SEQUENTIAL:
         pipe.enable_sequential_cpu_offload(device=device)
     elif mode is MemoryMode.STREAMED:
+        from qwen_core import governor
+
         budget = (config.vram_free_gb or config.vram_total_gb or 0.0) * plan.max_memory_fraction
-        _streaming_module().enable_streamed_offload(pipe, device=device, budget_gib=budget)
-        return f"streamed on {device} within {budget:.1f} GiB"
+        # The engine reserves activation memory for the largest image: the window the governor will allow.
+        window = int(governor.max_pixels(config.vram_total_gb, devices.dtype_name(plan.dtype), mode.value) * plan.pixel_scale)
+        _streaming_module().enable_streamed_offload(pipe, device=device, budget_gib=budget, max_pixels=window)
+        return f"streamed on {device} within {budget:.1f} GiB (activations for {window / 1e6:.2f} MP)"
     else:
         raise ValueError(f"memory mode {mode} must be resolved before loading")
     return f"{mode.value} on {device}"

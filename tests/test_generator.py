@@ -67,6 +67,15 @@ def _patch_transformer_once(gen: QwenImageGenerator, make_output) -> list[int]:
     return calls
 
 
+def _tensors_held_by(err: BaseException) -> list[str]:
+    """Names of tensor locals still alive in the frames of an exception's traceback."""
+    held, tb = [], err.__traceback__
+    while tb is not None:
+        held += [f"{tb.tb_frame.f_code.co_name}.{k}" for k, v in tb.tb_frame.f_locals.items() if isinstance(v, torch.Tensor)]
+        tb = tb.tb_next
+    return held
+
+
 class TestOutput:
     def test_same_seed_same_image_other_seed_other_image(self, shared):
         a = shared.generate("a red fox in snow", seed=7, **FAST)
@@ -112,10 +121,11 @@ class TestProgressAndCancel:
         original_decode = pipe.vae.decode
         monkeypatch.setattr(pipe.vae, "decode", lambda *a, **k: decodes.append(1) or original_decode(*a, **k))
         steps_seen = []
-        with pytest.raises(GenerationCancelled, match="after step 1 of 4"):
+        with pytest.raises(GenerationCancelled, match="after step 1 of 4") as err:
             fresh.generate("a bridge", width=64, height=64, steps=4, seed=5,
                            on_step=lambda s, t, e: steps_seen.append(s), should_cancel=lambda: len(steps_seen) >= 1)  # fmt: skip
         assert steps_seen == [1] and decodes == []  # stopped within one step, nothing decoded
+        assert _tensors_held_by(err.value) == []  # a stored exception pins no latents/embeddings
         after = fresh.generate("a bridge", width=64, height=64, steps=4, seed=5)
         again = fresh.generate("a bridge", width=64, height=64, steps=4, seed=5)
         assert decodes == [1, 1] and torch.equal(after.images, again.images)

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import random
 import sys
+import types
 from pathlib import Path
 
 import diffusers
@@ -267,6 +268,19 @@ class TestMemoryModes:
         cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=16.0, vram_total_gb=16.0)
         with pytest.raises(QwenError, match="streaming.py"):
             apply_memory_mode(object(), LoadPlan(MemoryMode.STREAMED, torch.bfloat16), cfg)
+
+
+def test_streamed_mode_hands_budget_and_window_to_the_engine(tiny_model_dir, monkeypatch):
+    calls = []
+    engine = types.SimpleNamespace(enable_streamed_offload=lambda pipe, **kw: calls.append(kw))
+    monkeypatch.setitem(sys.modules, "qwen_core.streaming", engine)
+    cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=15.0, vram_total_gb=16.0)
+    plan = LoadPlan(MemoryMode.STREAMED, torch.bfloat16, max_memory_fraction=0.7, pixel_scale=0.75)
+    placement = apply_memory_mode(object(), plan, cfg)
+    (kw,) = calls
+    assert kw["device"] == torch.device("cuda") and kw["budget_gib"] == pytest.approx(15.0 * 0.7)
+    assert kw["max_pixels"] == int(governor.max_pixels(16.0, "bf16", "streamed") * 0.75)
+    assert "streamed on cuda within 10.5 GiB" in placement
 
 
 class _FakeTransformer:
