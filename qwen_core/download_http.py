@@ -26,7 +26,9 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -81,6 +83,7 @@ class HttpConfig:
     backoff_max: float = 60.0
     retry_after_max: float = 300.0
     lock_timeout: float = 120.0  # seconds without progress of another holder before we give up
+    pipeline_hash: bool = True  # hash on a helper thread, overlapping the next socket read
 
 
 class DiskFullError(DownloadError):
@@ -420,6 +423,15 @@ def _stream(resp: requests.Response, stage: Staging, state: _PartState, job: Job
     # short file ourselves and resume from exactly what arrived.
     if hasattr(resp.raw, "enforce_content_length"):
         resp.raw.enforce_content_length = False
+    pipe = _HashPipe(state.hasher) if job.config.pipeline_hash and state.hasher is not None else None
+    try:
+        _stream_into(resp, stage, state, job, pipe)
+    finally:
+        if pipe is not None:
+            pipe.close()  # the hasher has seen exactly the bytes on disk again, also after an error
+
+
+def _stream_into(resp: requests.Response, stage: Staging, state: _PartState, job: Job, pipe: _HashPipe | None) -> None:
     with stage.part.open("r+b", buffering=0) as f:
         f.seek(state.offset)
         f.truncate()
@@ -433,7 +445,9 @@ def _stream(resp: requests.Response, stage: Staging, state: _PartState, job: Job
                     raise DiskFullError(f"No space left while writing {stage.part} ({os.strerror(err.errno)}).",
                                         exit_code=EXIT_DISK) from err
                 raise
-            if state.hasher is not None:
+            if pipe is not None:
+                pipe.update(chunk)
+            elif state.hasher is not None:
                 state.hasher.update(chunk)
             state.offset += len(chunk)
             job.add(len(chunk), len(chunk))
@@ -444,3 +458,43 @@ def _write_all(f, data: bytes) -> None:  # noqa: ANN001 - raw file
     view = memoryview(data)
     while view:
         view = view[f.write(view):]
+
+
+class _HashPipe:
+    """Hash chunks on a helper thread while the worker reads the next ones from the socket.
+
+    sha256 costs about as much CPU as receiving the bytes; overlapping the two keeps a lone stream (the last big
+    file of a repo) from waiting on its own hashing (hashlib releases the GIL). Chunks go over in batches of
+    ``batch`` bytes to keep the hand-off cost small, and at most ``depth`` batches wait, so memory stays bounded.
+    """
+
+    def __init__(self, hasher: hashlib._Hash, batch: int = 4 << 20, depth: int = 2) -> None:
+        self.hasher = hasher
+        self.batch, self.depth = batch, depth
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.pending: deque[Future] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-hash")
+
+    def _hash(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.hasher.update(chunk)
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.pending.append(self.pool.submit(self._hash, self.buffer))
+            self.buffer, self.buffered = [], 0
+        while len(self.pending) > self.depth:
+            self.pending.popleft().result()
+
+    def update(self, chunk: bytes) -> None:
+        self.buffer.append(chunk)
+        self.buffered += len(chunk)
+        if self.buffered >= self.batch:
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        while self.pending:
+            self.pending.popleft().result()
+        self.pool.shutdown(wait=True)

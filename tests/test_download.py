@@ -100,11 +100,16 @@ class TestBasics:
 
 
 class TestResume:
-    def test_valid_partial_is_resumed_fetching_only_the_tail(self, hub: HubServer, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("pipeline_hash", [True, False], ids=["hash-thread", "hash-inline"])
+    def test_valid_partial_is_resumed_fetching_only_the_tail(self, hub: HubServer, tmp_path: Path,
+                                                             pipeline_hash: bool) -> None:
+        from dataclasses import replace
+
         files = make_repo(hub)
         data = files["transformer/w.safetensors"]
         seed_partial(hub, tmp_path, "transformer/w.safetensors", data, 2 * MB)
-        result, messages = get(hub, tmp_path)
+        hub.faults.drop_after, hub.faults.drop_count = 300_000, 2  # and two drops on the way
+        result, messages = get(hub, tmp_path, config=replace(FAST, pipeline_hash=pipeline_hash))
         assert_tree(tmp_path, files)
         assert hub.bytes_served["transformer/w.safetensors"] == len(data) - 2 * MB
         assert any("resuming at 2.0 MB" in m for m in messages) and result.files_resumed == 1
