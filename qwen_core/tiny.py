@@ -23,6 +23,7 @@ API:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -294,9 +295,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, *, variant: str = "q
             pipe.save_pretrained(tmp, safe_serialization=True)
         _check_saved(tmp)
         tmp.chmod(0o755)  # mkdtemp made it 0700; the rename keeps the mode
-        if out.exists():
-            out.rmdir()  # empty (checked above); rename cannot replace a folder on every platform
-        os.replace(tmp, out)
+        _move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -314,6 +313,16 @@ def _quiet_progress() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    # An empty placeholder goes (rename cannot replace a folder everywhere); a non-empty one stays.
+    with contextlib.suppress(OSError):
+        out.rmdir()
+    try:
+        os.replace(tmp, out)
+    except OSError as err:  # another process's build (or the user's files) landed there meanwhile
+        raise InvalidInputError("out_dir", f"{out} was filled by someone else during the build.") from err
 
 
 def _check_saved(folder: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +163,24 @@ class TestEnsure:
         assert not tiny.is_complete_pipeline_dir(target)
         assert tiny.ensure_tiny_pipeline(tmp_path, seed=0) == target
         assert file_hashes(target) == file_hashes(tiny_model_dir)
+
+    def test_a_build_that_lands_first_elsewhere_is_reused(
+        self, tiny_model_dir: Path, tmp_path: Path, monkeypatch
+    ):
+        """Two processes building the same cache entry: the loser keeps the winner's folder, leaves no temp."""
+        from diffusers import QwenImagePipeline
+
+        target = tmp_path / tiny.tiny_dir_name(0)
+        real_save = QwenImagePipeline.save_pretrained
+
+        def other_process_wins(self, save_directory, **kwargs):
+            shutil.copytree(tiny_model_dir, target)  # the other build is renamed into place meanwhile
+            return real_save(self, save_directory, **kwargs)
+
+        monkeypatch.setattr(QwenImagePipeline, "save_pretrained", other_process_wins)
+        assert tiny.ensure_tiny_pipeline(tmp_path, seed=0) == target
+        assert file_hashes(target) == file_hashes(tiny_model_dir)
+        assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 class TestMakeTinyCli:
