@@ -8,6 +8,7 @@ loads it again.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -53,6 +54,20 @@ def model_choices() -> list[str]:
 def _inside(path: Path, roots: list[Path]) -> bool:
     real = os.path.realpath(path)
     return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
+
+
+def validate_float(name: str, value: float | None, low: float, high: float) -> bool | str:
+    """VALIDATE_INPUTS for a FLOAT widget: NaN passes ComfyUI's min/max check (both comparisons are false).
+
+    Naming an input in VALIDATE_INPUTS makes ComfyUI skip its own range check for it, so the range is
+    checked here too. ``None`` means the input is linked: its value is checked when the node runs.
+    """
+    if value is None:
+        return True
+    number = float(value)
+    if not math.isfinite(number) or not low <= number <= high:
+        return f"{name} must be a finite number in {low:g}..{high:g}, got {value!r}"
+    return True
 
 
 def validate_model_name(model: str) -> bool | str:

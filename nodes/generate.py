@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from qwen_core.errors import GenerationCancelled, InvalidInputError
@@ -10,7 +9,7 @@ from qwen_core.generator import CFG_RANGE, MAX_BATCH, MAX_STEPS, SEED_MAX
 from qwen_core.presets import MAX_SIDE
 
 from . import comfy_bridge as bridge
-from .common import HIDDEN, QWEN_PIPE, generator_for, install_comfy_hooks, release_resident
+from .common import HIDDEN, QWEN_PIPE, generator_for, install_comfy_hooks, release_resident, validate_float
 
 
 class QwenImageGenerate:
@@ -43,15 +42,7 @@ class QwenImageGenerate:
 
     @classmethod
     def VALIDATE_INPUTS(cls, true_cfg_scale: float | None = None) -> bool | str:
-        # NaN passes ComfyUI's min/max check (both comparisons are false); naming the input here makes
-        # ComfyUI skip its own range check for it, so the range is checked here too.
-        if true_cfg_scale is None:  # linked from another node: checked when it runs
-            return True
-        low, high = CFG_RANGE
-        value = float(true_cfg_scale)
-        if not math.isfinite(value) or not low <= value <= high:
-            return f"true_cfg_scale must be a finite number in {low:g}..{high:g}, got {true_cfg_scale!r}"
-        return True
+        return validate_float("true_cfg_scale", true_cfg_scale, *CFG_RANGE)
 
     def generate(self, pipe: Any, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                  true_cfg_scale: float, seed: int, batch_size: int, unique_id: str | None = None) -> dict[str, Any]:
