@@ -267,7 +267,8 @@ class ResidencyManager:
                     raise
                 except Exception as err:
                     fix = (
-                        "See the error above; the previous model was already released, nothing is loaded now."
+                        "Check the model folder (re-download damaged files with the Downloader) and the session log. "
+                        "The previous model was released first, so no model is loaded now."
                     )
                     _log_error(f"loading {key!r} failed: {type(err).__name__}: {err}", fix)
                     raise ModelLoadError(
