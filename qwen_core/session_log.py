@@ -76,8 +76,27 @@ class SessionLog:
         with self._lock:
             if self._file.closed:
                 return
+            self._follow_rotation()
             self._file.write(text)
             self._file.flush()
+
+    def _follow_rotation(self) -> None:
+        """Another process sharing the reports folder (a CLI download beside ComfyUI, a test's subprocess) may
+        have started its session and moved our file to ``.1``: keep appending to the current file instead of
+        writing into the renamed one, where nobody looks."""
+        try:
+            current = os.stat(self.path)
+            mine = os.fstat(self._file.fileno())
+            if (current.st_ino, current.st_dev) == (mine.st_ino, mine.st_dev):
+                return
+        except OSError:
+            pass  # the file vanished: recreate it below
+        try:
+            reopened = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - replaces the handle we own
+        except OSError:
+            return  # keep writing where we can
+        self._file.close()
+        self._file = reopened
 
     def info(self, message: str) -> None:
         self._write("INFO", message)
