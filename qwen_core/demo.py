@@ -39,6 +39,9 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default reports/demo.png)")
     parser.add_argument("--prompt", default=DEMO_PROMPT, help="prompt (the tiny model ignores its meaning)")
     _add_sampling_args(parser, width=256, height=256, steps=8)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default 1 unless OMP_NUM_THREADS is set: the tiny model's ops are "
+                             "too small to gain from threads, and on a busy machine threads cost 5-10x)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the tiny pipeline is cached (default $QWEN_TINY_CACHE or ~/.cache/qwen_core)")  # fmt: skip
 
@@ -159,6 +162,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     out = _check_out(args.out or paths.reports_dir() / "demo.png")
     _quiet_library_progress_bars()
+    _set_threads(args.threads)
     started = time.perf_counter()
     print("[1/4] tiny pipeline (random weights, built offline, cached)")
     model_dir = ensure_tiny_pipeline(args.cache_dir)
@@ -197,6 +201,16 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"  load {attempt.describe()}")
     print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None and threads < 1:
+        raise InvalidInputError("threads", f"{threads} must be >= 1.")
+    if threads is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    torch.set_num_threads(threads or 1)
 
 
 def _quiet_library_progress_bars() -> None:
