@@ -279,12 +279,14 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, *, variant: str = "q
     """Build the tiny pipeline into ``out_dir`` (absent or empty) and return its path.
 
     Written to a temp folder beside ``out_dir`` first, then renamed, so ``out_dir`` is either complete
-    or absent even if the process is killed mid-build.
+    or absent even if the process is killed mid-build (``ensure_tiny_pipeline`` sweeps such leftovers).
     """
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInputError(
-            "out_dir", f"{out} exists and is not an empty folder.", fix="Pick a new folder."
+            "out_dir",
+            f"{out} exists and is not an empty folder.",
+            fix="Pick a new or empty folder (make-tiny never overwrites).",
         )
     components = make_tiny_components(seed, variant=variant)
     pipe = _pipeline_class(variant)(**components)
@@ -353,6 +355,7 @@ def ensure_tiny_pipeline(
     target = target / tiny_dir_name(seed, variant)
     if is_complete_pipeline_dir(target):
         return target
+    _sweep_stale_partials(target)
     if target.exists():
         # Not from us (our builds appear whole, by rename): a hand-made or damaged folder; start over.
         shutil.rmtree(target)
@@ -363,6 +366,15 @@ def ensure_tiny_pipeline(
         if is_complete_pipeline_dir(target):
             return target
         raise
+
+
+def _sweep_stale_partials(target: Path, max_age_s: float = 600.0) -> None:
+    """Remove temp folders of builds that were killed (a live build takes seconds, not minutes)."""
+    now = time.time()
+    for partial in target.parent.glob(f".{target.name}.*.partial"):
+        with contextlib.suppress(OSError):
+            if now - partial.stat().st_mtime > max_age_s:
+                shutil.rmtree(partial)
 
 
 def folder_size_bytes(path: str | Path) -> int:

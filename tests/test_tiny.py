@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,18 @@ class TestEnsure:
         assert tiny.ensure_tiny_pipeline(tmp_path, seed=0) == target
         assert file_hashes(target) == file_hashes(tiny_model_dir)
         assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+    def test_sweeps_temp_folders_of_killed_builds_but_not_live_ones(
+        self, tiny_model_dir: Path, tmp_path: Path
+    ):
+        name = tiny.tiny_dir_name(0)
+        killed, live = tmp_path / f".{name}.old.partial", tmp_path / f".{name}.new.partial"
+        for folder in (killed, live):
+            folder.mkdir()
+            (folder / "model_index.json").write_text("{}")
+        os.utime(killed, (time.time() - 3600, time.time() - 3600))
+        tiny.ensure_tiny_pipeline(tmp_path, seed=0)
+        assert not killed.exists() and live.exists()
 
 
 class TestMakeTinyCli:
