@@ -255,9 +255,22 @@ def _component_weights(folder: Path, name: str) -> list[SafetensorsInfo]:
     return [read_safetensors_header(p) for p in files]
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """The folder holding model_index.json. A Hugging Face cache repo folder (``models--Org--Name`` with
+    ``refs/`` and ``snapshots/``) resolves to the snapshot its ``refs/main`` names; anything else is kept."""
+    folder = Path(path).expanduser()
+    ref = folder / "refs" / "main"
+    if not (folder / "model_index.json").exists() and ref.is_file():
+        commit = ref.read_text(encoding="utf-8").strip()
+        # The ref is file content from the cache: accept only a plain commit-hash-like name.
+        if commit.isalnum() and (folder / "snapshots" / commit / "model_index.json").is_file():
+            return folder / "snapshots" / commit
+    return folder
+
+
 def check_model_folder(path: str | Path) -> ModelFolder:
     """Validate a diffusers Qwen-Image folder without loading weights; raise ModelFolderError naming the file."""
-    folder = Path(path).expanduser()
+    folder = resolve_model_dir(path)
     if not folder.is_dir():
         raise ModelFolderError(
             f"{folder}: no such folder.", fix="Download the model first (Downloader node or `python -m qwen_core download`)."

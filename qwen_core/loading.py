@@ -337,8 +337,8 @@ class PipelineLoader:
         self.dtype_choice = DtypeChoice.parse(dtype, "dtype")
         self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
         self.attention_choice = AttentionChoice.parse(attention, "attention")
-        self.path = Path(path).expanduser()
-        self.folder = check_model_folder(self.path)
+        self.folder = check_model_folder(path)
+        self.path = self.folder.path  # a hub-cache repo folder resolves to its snapshot
         self.device_config = devices.get_device_config(
             device=device, dtype=self.dtype_choice.value, attention=self.attention_choice.value
         )

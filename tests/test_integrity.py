@@ -189,6 +189,23 @@ class TestModelFolder:
         with pytest.raises(ModelFolderError, match="no .safetensors weights"):
             check_model_folder(folder)
 
+    def test_hub_cache_repo_folder_resolves_to_its_snapshot(self, tmp_path):
+        repo = tmp_path / "models--Qwen--Qwen-Image"
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        _make_folder(repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit + "\n")
+        model = check_model_folder(repo)
+        assert model.path == repo / "snapshots" / commit and model.class_name == "QwenImagePipeline"
+
+    def test_hub_cache_ref_cannot_escape(self, tmp_path):
+        repo = tmp_path / "models--x--y"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("../../elsewhere")
+        _make_folder(tmp_path / "elsewhere")
+        with pytest.raises(ModelFolderError, match="model_index.json"):
+            check_model_folder(repo)
+
     def test_no_model_index(self, tmp_path):
         with pytest.raises(ModelFolderError, match="model_index.json"):
             check_model_folder(tmp_path)
