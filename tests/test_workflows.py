@@ -68,6 +68,8 @@ def test_workflows_exist_in_a_folder_comfyui_serves_as_templates() -> None:
     names = {p.stem for p in WORKFLOWS}
     assert {"qwen_image_text_to_image", "qwen_image_low_vram", "qwen_image_model_switch", "qwen_image_tiny_cpu"} <= names
     assert WORKFLOWS[0].parent.name in COMFY_TEMPLATE_FOLDERS
+    for path in WORKFLOWS:  # the template browser shows <name>.jpg as the card's picture
+        assert path.with_suffix(".jpg").read_bytes()[:3] == b"\xff\xd8\xff", f"{path.stem}.jpg thumbnail"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
