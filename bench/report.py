@@ -69,8 +69,12 @@ def print_summary(ctx: Context) -> None:
             (f"ours eager batched ({ctx.best_backend})", n.get("ours_step_ms")),
             ("diffusers regional compile (b1 x2)", 2 * n["compiled_b1_ms"] if n.get("compiled_b1_ms") else None),
             ("ours compiled batched", n.get("compiled_step_ms")),
-            ("masked (neg shorter): diffusers", n.get("masked_diffusers_step_ms")),
-            ("masked (neg shorter): ours", n.get("masked_ours_step_ms")),
+            ("neg shorter: diffusers (2 forwards)", n.get("masked_diffusers_step_ms")),
+            ("neg shorter: ours batched + SDPA mask", n.get("masked_ours_step_ms")),
+            ("neg shorter: ours batched + split attn", n.get("split_ours_step_ms")),
+            ("neg shorter: ours compiled split", n.get("compiled_split_step_ms")),
+            ("fp8 compute eager batched", n.get("fp8_step_ms")),
+            ("fp8 compute compiled batched", n.get("fp8_compiled_step_ms")),
             ("diffusers group offload (cap)", n.get("group_offload_step_ms"))]
     rows += [(f"ours streamed {k[9:]}", v["median_ms"]) for k, v in n.items()
              if k.startswith("streamed_cap") and isinstance(v, dict) and "median_ms" in v]

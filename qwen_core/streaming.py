@@ -83,6 +83,31 @@ class _Slot:
     holds: int = -1  # module index currently (being) loaded
 
 
+def _pinned_host_buffer(nbytes: int) -> torch.Tensor:
+    """Page-locked host memory of exactly ``nbytes``.
+
+    ``pin_memory=True`` goes through torch's caching host allocator, which rounds to a power of two: 38 GiB
+    of streamed weights would lock 64 GiB of RAM. Registering an ordinary allocation locks only what is used.
+    """
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
+        if int(getattr(rc, "value", rc)) == 0:
+            _REGISTERED[buf.data_ptr()] = nbytes
+            return buf
+    except (AttributeError, RuntimeError, TypeError):
+        pass
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+def _unpin(buf: torch.Tensor | None) -> None:
+    if buf is not None and _REGISTERED.pop(buf.data_ptr(), None) is not None:
+        torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+
+
+_REGISTERED: dict[int, int] = {}
+
+
 def module_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -156,9 +181,7 @@ class ModuleStreamer:
             self._layouts[i] = lay
         if not self.order:
             return
-        pin = self.cuda and torch.cuda.is_available()
-        # One buffer for everything streamed: the pinned allocator rounds each request up to a power of two.
-        self.host = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        self.host = _pinned_host_buffer(total) if self.cuda else torch.empty(total, dtype=torch.uint8)
         for i in self.order:
             self._pack(i)
         self.prime()
@@ -223,7 +246,9 @@ class ModuleStreamer:
             q = slot.staging[e.host_off: e.host_off + e.nbytes].view(_FP8).view(e.shape)
             scale = slot.staging[e.scale_off: e.scale_off + e.shape[0] * 4].view(torch.float32)
             out = slot.dequant[e.deq_off: e.deq_off + q.numel()].view(e.shape)
-            torch.mul(q.to(e.dtype), scale.to(e.dtype)[:, None], out=out)
+            # In place, no full-size temporaries: blocks freed on the copy stream stay in that stream's pool.
+            out.copy_(q)
+            out.mul_(scale.to(e.dtype)[:, None])
 
     def _bind(self, i: int, s: int) -> None:
         slot, lay = self.slots[s], self._layouts[i]
@@ -286,6 +311,10 @@ class ModuleStreamer:
             self._hooks.append(m.register_forward_hook(lambda _m, _a, _o, i=i: self._post(i)))
 
     # ---- teardown ----------------------------------------------------------------------------------
+    def __del__(self) -> None:
+        # Registered (page-locked) memory must be unregistered before it is freed.
+        _unpin(getattr(self, "host", None))
+
     @torch.no_grad()
     def remove(self) -> None:
         """Remove the hooks and give every streamed module real parameters on ``device`` again."""
@@ -305,7 +334,9 @@ class ModuleStreamer:
                 else:
                     w = raw.view(e.dtype).view(e.shape).clone()
                 e.param.data = w
-        self.slots, self.host = [], None
+        self.slots = []
+        _unpin(self.host)
+        self.host = None
 
     def device_bytes(self) -> int:
         """Bytes this engine holds on the device for streamed modules (the slots)."""
@@ -485,6 +516,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     elif getattr(pipe, "text_encoder", None) is not None:
         pipe.text_encoder.to(dev)
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # hand back the segments the streamed weights occupied
     handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling)
     pipe._qwen_streaming = handle
     return handle

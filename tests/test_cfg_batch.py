@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 import torch
 
-from qwen_core.cfg_batch import cfg_batching_stats, disable_cfg_batching, enable_cfg_batching, pad_and_stack
+from qwen_core.cfg_batch import (
+    cfg_batching_stats,
+    disable_cfg_batching,
+    enable_cfg_batching,
+    install_split_attention,
+    pad_and_stack,
+    remove_split_attention,
+    text_lengths,
+)
 
 pytestmark = pytest.mark.slow
 SHORT_NEG = "blurry"
@@ -34,10 +42,11 @@ def _run(pipe: Any, negative: str | None = SHORT_NEG, **extra: Any) -> torch.Ten
 
 
 class TestEquivalence:
+    @pytest.mark.parametrize("split", [True, False])
     @pytest.mark.parametrize("negative", [SHORT_NEG, LONG_NEG, "a cat on a mat"])
-    def test_batched_equals_two_forwards(self, pipe: Any, negative: str) -> None:
+    def test_batched_equals_two_forwards(self, pipe: Any, negative: str, split: bool) -> None:
         ref = _run(pipe, negative)
-        enable_cfg_batching(pipe)
+        enable_cfg_batching(pipe, split_attention=split)
         try:
             out = _run(pipe, negative)
             stats = cfg_batching_stats(pipe)
@@ -46,8 +55,10 @@ class TestEquivalence:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         # 3 steps: each step one batched forward, and the uncond call served from it.
         assert stats["batched"] == 3 and stats["reused"] == 3 and stats["plain"] == 0
-        # Prompts of different lengths go through the padded + masked path.
-        assert (stats["masked"] == 3) == (negative != "a cat on a mat")
+        # Prompts of different lengths are padded; with split attention the mask never reaches SDPA.
+        differ = negative != "a cat on a mat"
+        assert (stats["masked"] == 3) == differ
+        assert stats["split"] == (3 if differ and split else 0)
 
     def test_padding_with_mask_does_not_change_the_transformer_output(self, pipe: Any) -> None:
         t = pipe.transformer
@@ -63,6 +74,35 @@ class TestEquivalence:
                      encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5, 0.5]),
                      img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]
         torch.testing.assert_close(both[:1], ref, atol=1e-5, rtol=1e-5)
+
+
+    def test_split_attention_equals_unbatched_per_prompt(self, pipe: Any) -> None:
+        t = pipe.transformer
+        g = torch.Generator().manual_seed(1)
+        hs = torch.randn(1, 16, t.config.in_channels, generator=g)
+        short = torch.randn(1, 4, t.config.joint_attention_dim, generator=g)
+        long = torch.randn(1, 7, t.config.joint_attention_dim, generator=g)
+        common = dict(timestep=torch.tensor([0.3]), img_shapes=[[(1, 4, 4)]], return_dict=False)
+        state = install_split_attention(t)
+        try:
+            with torch.no_grad():
+                refs = [t(hidden_states=hs, encoder_hidden_states=e, **common)[0] for e in (long, short)]
+                embeds, mask = pad_and_stack([(long, None), (short, None)])
+                with state.active(text_lengths([(long, None), (short, None)])):
+                    both = t(hidden_states=torch.cat([hs, hs]), encoder_hidden_states=embeds,
+                             encoder_hidden_states_mask=mask, timestep=torch.tensor([0.3, 0.3]),
+                             img_shapes=[[(1, 4, 4)]] * 2, return_dict=False)[0]
+        finally:
+            remove_split_attention(t)
+        torch.testing.assert_close(both[:1], refs[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(both[1:], refs[1], atol=1e-6, rtol=1e-5)
+        assert not any(type(b.attn.processor).__name__ == "SplitTextAttnProcessor" for b in t.transformer_blocks)
+
+    def test_text_lengths(self) -> None:
+        e = torch.zeros(2, 5, 3)
+        assert text_lengths([(e, None)]) == (5, 5)
+        assert text_lengths([(e, torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))]) == (3, 5)
+        assert text_lengths([(e, torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1]]))]) is None  # not a prefix
 
 
 class TestFallbacks:
