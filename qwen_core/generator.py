@@ -157,12 +157,14 @@ class _StepWatch:
         self.total, self.on_step, self.should_cancel = total, on_step, should_cancel
         self.start = time.perf_counter()
         self.step_ends: list[float] = []
+        self.latents: torch.Tensor | None = None  # the newest latents: what a failed decode can start from
 
     def __call__(self, pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         latents = kwargs.get("latents")
         # One reduction per step; it also syncs the device, which makes the step timings below honest.
         if latents is not None and not bool(torch.isfinite(latents).all()):
             raise _NonFiniteLatents(step + 1)
+        self.latents = latents
         now = time.perf_counter()
         self.step_ends.append(now)
         done = step + 1
@@ -173,6 +175,11 @@ class _StepWatch:
         if self.should_cancel is not None and self.should_cancel():
             raise GenerationCancelled(f"generation cancelled after step {done} of {self.total}; nothing was decoded.")
         return {}
+
+
+def _to_comfy(images: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in 0..1 (diffusers "pt") -> ComfyUI IMAGE: float32 [B, H, W, C] on the CPU."""
+    return images.permute(0, 2, 3, 1).to(device="cpu", dtype=torch.float32).clamp(0, 1).contiguous()
 
 
 class QwenImageGenerator:
@@ -304,16 +311,21 @@ class QwenImageGenerator:
                 output_type="pt",
                 callback_on_step_end=watch,
             )
-            images = output.images.permute(0, 2, 3, 1).to(device="cpu", dtype=torch.float32).clamp(0, 1).contiguous()
+            images = _to_comfy(output.images)
             ok = True
         except Exception as err:
             # The finished pipeline frames in the traceback hold latents, embeddings and (for an OOM) the
             # activations that did fit: drop their locals so a stored exception (ComfyUI keeps the last
             # one) pins no device memory. File/line information stays.
             traceback.clear_frames(err.__traceback__)
-            if is_oom(err):
+            if not is_oom(err):
+                raise
+            if len(watch.step_ends) < request.steps or watch.latents is None:
                 raise self._oom_error(request, err) from err
-            raise
+            # Every step finished and the VAE decode ran out of memory (the classic OOM at 99%): decode the
+            # final latents again in tiles instead of throwing the whole run away.
+            images = self._decode_in_tiles(pipe, watch.latents, request, err)
+            ok = True
         finally:
             if not ok:
                 # A run aborted mid-way (cancel, NaN, OOM, ComfyUI interrupt) skipped the pipeline's own
@@ -328,6 +340,33 @@ class QwenImageGenerator:
             "per_step_s": (last_step - watch.step_ends[0]) / (len(watch.step_ends) - 1) if len(watch.step_ends) > 1 else last_step - watch.start,
         }  # fmt: skip
         return images, timings
+
+    def _decode_in_tiles(self, pipe: Any, latents: torch.Tensor, request: GenerationRequest, err: BaseException) -> torch.Tensor:
+        """The pipeline's own decode steps (unpack, de-normalise, vae.decode, postprocess) with VAE tiling on."""
+        d, vae = request.decision, pipe.vae
+        was_tiling = bool(getattr(vae, "use_tiling", False))
+        get_session_log().warning(f"generate: VAE decode out of memory at {d.width}x{d.height} ({err}); decoding in tiles")
+        free_memory()
+        try:
+            vae.enable_tiling()
+            with torch.no_grad():
+                z = pipe._unpack_latents(latents, d.height, d.width, pipe.vae_scale_factor).to(vae.dtype)
+                shape = (1, vae.config.z_dim, 1, 1, 1)
+                mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
+                std = torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
+                image = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+                image = pipe.image_processor.postprocess(image, output_type="pt")
+        except Exception as again:
+            traceback.clear_frames(again.__traceback__)
+            if is_oom(again):
+                raise self._oom_error(request, again) from again
+            raise
+        finally:
+            if not was_tiling:
+                vae.disable_tiling()  # next run tries the faster untiled decode first (and stays reproducible)
+            pipe.maybe_free_model_hooks()
+        request.warnings.append("The VAE decode ran out of memory; the image was decoded in tiles instead (slower).")
+        return _to_comfy(image)
 
     def _oom_error(self, request: GenerationRequest, err: BaseException) -> OutOfMemoryError:
         free_memory()

@@ -130,6 +130,20 @@ class TestProgressAndCancel:
         again = fresh.generate("a bridge", width=64, height=64, steps=4, seed=5)
         assert decodes == [1, 1] and torch.equal(after.images, again.images)
 
+    def test_exception_from_on_step_propagates_unchanged(self, fresh):
+        """ComfyUI's ProgressBar.update raises its own InterruptProcessingException on Cancel."""
+
+        class InterruptProcessingException(Exception):
+            pass
+
+        def on_step(step, total, eta):
+            if step == 2:
+                raise InterruptProcessingException()
+
+        with pytest.raises(InterruptProcessingException):
+            fresh.generate("a bridge", width=64, height=64, steps=4, on_step=on_step)
+        assert fresh.generate("a bridge", **FAST).images.shape == (1, 64, 64, 3)
+
     def test_cancel_before_start_does_not_load(self, tiny_model_dir):
         get_residency_manager().release_all()
         gen = QwenImageGenerator(tiny_model_dir, device="cpu")
@@ -177,6 +191,25 @@ class TestOutOfMemory:
         assert "smaller size (e.g. 96x96)" in err.value.fix and "model_offload" in err.value.fix
         assert "out of memory at 128x128" in get_session_log().read_text()
         assert fresh.generate("a storm", width=128, height=128, steps=2).images.shape == (1, 128, 128, 3)
+
+    def test_oom_in_vae_decode_decodes_again_in_tiles(self, fresh, monkeypatch):
+        reference = fresh.generate("a harbour", seed=11, width=64, height=48, steps=2)
+        vae = fresh.load().vae
+        original, tiling_at_call = vae.decode, []
+
+        def decode(*args, **kwargs):
+            tiling_at_call.append(vae.use_tiling)
+            if len(tiling_at_call) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 12.00 GiB")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(vae, "decode", decode)
+        result = fresh.generate("a harbour", seed=11, width=64, height=48, steps=2)
+        assert tiling_at_call == [False, True] and vae.use_tiling is False  # tiled once, then back to normal
+        # Same latents, same decode math (the tiny image is smaller than one tile): the same picture.
+        assert torch.allclose(result.images, reference.images, atol=1e-5)
+        assert any("decoded in tiles" in w for w in result.warnings)
+        assert "decoding in tiles" in get_session_log().read_text()
 
 
 class TestValidation:
