@@ -28,6 +28,7 @@ from pathlib import Path
 
 from qwen_core.download_http import (
     EXIT_DISK,
+    EXIT_NETWORK,
     EXIT_USAGE,
     STAGING_DIR,
     DiskFullError,
@@ -168,9 +169,25 @@ def download_repo(
         return replace(result, elapsed_s=time.monotonic() - started)
     tok = resolve_token(token)
     url = resolve_endpoint(endpoint)
+    local = _local_ids(root, repo_id)
+    if not dry_run and local is not None and local[1] == revision:
+        # A commit never changes: when every selected file of it is here and verified, skip the network.
+        done = _try_local(repo_id, revision, root, allow_patterns, ignore_patterns, say, started)
+        if done is not None:
+            return done
     _emit(progress, DownloadProgress(repo_id, "resolving", 0, 0, 0, 0, 0.0, None))
-    plan = resolve_plan(repo_id, revision, root, endpoint=url, token=tok, allow_patterns=allow_patterns,
-                        ignore_patterns=ignore_patterns, config=cfg, log=say)
+    try:
+        plan = resolve_plan(repo_id, revision, root, endpoint=url, token=tok, allow_patterns=allow_patterns,
+                            ignore_patterns=ignore_patterns, config=cfg, log=say)
+    except DownloadError as err:
+        # Hub unreachable but a verified copy of this revision is here: use it rather than fail the workflow.
+        if err.exit_code != EXIT_NETWORK or dry_run or local is None or revision not in local:
+            raise
+        done = _try_local(repo_id, revision, root, allow_patterns, ignore_patterns, say, started)
+        if done is None:
+            raise
+        say(f"notice: the hub could not be reached ({err}); using the verified local copy of {done.commit[:12]}")
+        return done
     if dry_run:
         return _result(plan, root, [], 0, time.monotonic() - started, engine, dry_run=True)
     _prepare_target(root, plan)
@@ -183,11 +200,25 @@ def download_repo(
         fetch_one = fetch_file
     outcomes = _run_workers(plan, job, fetch_one, workers, progress, should_cancel)
     result = _result(plan, root, outcomes, job.fetched_bytes, time.monotonic() - started, chosen)
-    save_plan(root, plan, complete=True)
     say(f"done: {len(plan.files)} files, {_fmt_bytes(plan.total_bytes)} in {root} "
         f"({_fmt_bytes(job.fetched_bytes)} fetched, {result.files_present} already present, "
         f"{result.files_resumed} resumed, {result.elapsed_s:.1f} s)")
     return result
+
+
+def _local_ids(root: Path, repo_id: str) -> tuple[str, str] | None:
+    """(revision, commit) of the last listing saved in ``root`` for this repo, if any."""
+    plan = load_plan(root) if (root / STAGING_DIR).is_dir() else None
+    return (plan.revision, plan.commit) if plan is not None and plan.repo_id == repo_id else None
+
+
+def _try_local(repo_id: str, revision: str, root: Path, allow_patterns, ignore_patterns,  # noqa: ANN001
+               say: Callable[[str], None], started: float) -> DownloadResult | None:
+    try:
+        result = verify_offline(repo_id, revision, root, allow_patterns, ignore_patterns, say)
+    except DownloadError:
+        return None
+    return replace(result, elapsed_s=time.monotonic() - started, engine="local")
 
 
 def _messenger(on_message: Callable[[str], None] | None) -> Callable[[str], None]:

@@ -31,7 +31,7 @@ from qwen_core.download_http import (
     write_record,
 )
 from qwen_core.errors import DownloadError, InvalidInputError
-from qwen_core.paths import safe_join
+from qwen_core.paths import safe_join, validate_revision
 
 PLAN_FILE = "plan.json"
 
@@ -41,8 +41,9 @@ class DownloadPlan:
     repo_id: str
     revision: str
     commit: str
-    files: tuple[RemoteFile, ...]
+    files: tuple[RemoteFile, ...]  # selected by the allow/ignore patterns
     notes: tuple[str, ...] = field(default_factory=tuple)
+    listing: tuple[RemoteFile, ...] = ()  # every file of the commit (saved, so other patterns can be checked offline)
 
     @property
     def total_bytes(self) -> int:
@@ -140,6 +141,11 @@ def resolve_plan(
     api = HfApi(endpoint=endpoint, token=token or False)
     info = _call_api(lambda: api.model_info(repo_id, revision=revision), "repo info", repo_id, revision, config, log)
     commit = info.sha or revision
+    try:
+        commit = validate_revision(commit)  # from the server: it ends up in URLs and bookkeeping files
+    except InvalidInputError as err:
+        raise DownloadError(f"The server answered an invalid commit id {commit!r} for {repo_id}.",
+                            fix="Use a trusted endpoint.", exit_code=EXIT_UNSAFE) from err
     notes: list[str] = []
     try:
         entries = _call_api(lambda: list(api.list_repo_tree(repo_id, revision=commit, recursive=True)),
@@ -163,7 +169,7 @@ def resolve_plan(
                                          ignore_patterns=_patterns(ignore_patterns), key=lambda f: f.path))
     if not selected:
         notes.append("no file matches the allow/ignore patterns")
-    return DownloadPlan(repo_id, revision, commit, selected, tuple(notes))
+    return DownloadPlan(repo_id, revision, commit, selected, tuple(notes), tuple(files))
 
 
 def _patterns(value: Sequence[str] | str | None) -> list[str] | None:
@@ -185,10 +191,10 @@ def _check_name(root: Path, path: str) -> None:
             exit_code=EXIT_UNSAFE) from err
 
 
-def save_plan(root: Path, plan: DownloadPlan, *, complete: bool = False) -> None:
+def save_plan(root: Path, plan: DownloadPlan) -> None:
     _atomic_write_json(root / STAGING_DIR / PLAN_FILE, {
-        "repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit, "complete": complete,
-        "files": [f.identity() for f in plan.files], "saved": time.time()})
+        "repo_id": plan.repo_id, "revision": plan.revision, "commit": plan.commit,
+        "files": [f.identity() for f in plan.listing or plan.files], "saved": time.time()})
 
 
 def load_plan(root: Path) -> DownloadPlan | None:
@@ -199,7 +205,7 @@ def load_plan(root: Path) -> DownloadPlan | None:
         return None
     for f in files:
         _check_name(root, f.path)  # the plan file is on disk: still untrusted input
-    return DownloadPlan(data["repo_id"], data["revision"], data["commit"], files)
+    return DownloadPlan(data["repo_id"], data["revision"], data["commit"], files, listing=files)
 
 
 def verify_offline(repo_id: str, revision: str, root: Path, allow_patterns, ignore_patterns,  # noqa: ANN001
@@ -231,7 +237,7 @@ def verify_offline(repo_id: str, revision: str, root: Path, allow_patterns, igno
                             exit_code=EXIT_OFFLINE_MISSING)
     if revision not in (plan.revision, plan.commit):
         log(f"offline: the local copy is {plan.revision}@{plan.commit[:12]}, not {revision}")
-    log(f"offline: {len(files)} files of {repo_id} verified in {root}; nothing fetched")
+    log(f"{len(files)} files of {repo_id}@{plan.commit[:12]} verified in {root}; nothing fetched")
     return DownloadResult(repo_id=repo_id, revision=plan.revision, commit=plan.commit, local_dir=root,
                           files=tuple(f.path for f in files), bytes_total=sum(f.size for f in files),
                           bytes_fetched=0, files_present=len(files), files_resumed=0, elapsed_s=0.0,

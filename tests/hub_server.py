@@ -50,6 +50,7 @@ class Faults:
     api_status: int | None = None  # answer the API endpoints with this status (e.g. 500) ...
     api_status_count: int = 0  # ... this many times
     xet: bool = False  # advertise X-Xet-Hash on HEAD (we never serve the Xet protocol itself)
+    range_416: int = 0  # answer the next N ranged GETs with 416 (a CDN that lost the object's size)
 
 
 @dataclass
@@ -216,6 +217,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             size, etag, sha256 = hub.meta(repo_id, path)
             start, end, status = 0, size - 1, 200
             rng = self.headers.get("Range")
+            if rng and not head and f.range_416 > 0:
+                f.range_416 -= 1
+                return self._error(416, None, "Range not satisfiable", {"Content-Range": f"bytes */{size}"})
             if rng and not f.no_range:
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())
                 if m:

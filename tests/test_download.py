@@ -147,6 +147,14 @@ class TestResume:
         assert_tree(tmp_path, files)
         assert any("ignores Range" in m for m in messages)
 
+    def test_416_on_resume_restarts_the_file(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        seed_partial(hub, tmp_path, "transformer/w.safetensors", files["transformer/w.safetensors"], MB)
+        hub.faults.range_416 = 1
+        _, messages = get(hub, tmp_path)
+        assert_tree(tmp_path, files)
+        assert any("416" in m and "from 0" in m for m in messages)
+
     def test_repo_updated_between_runs_replaces_the_old_file(self, hub: HubServer, tmp_path: Path) -> None:
         make_repo(hub, seed=1)
         get(hub, tmp_path)
@@ -199,7 +207,39 @@ class TestFaults:
         assert_tree(tmp_path, files)
 
 
+class TestLocalFirst:
+    def test_complete_copy_of_a_commit_returns_without_network(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        get(hub, tmp_path)
+        hub.reset_counters()
+        result, _ = get(hub, tmp_path, revision=hub.repos[REPO].commit)
+        assert not hub.requests and result.engine == "local" and result.files_present == len(files)
+
+    def test_unreachable_hub_falls_back_to_the_verified_local_copy(self, hub: HubServer, tmp_path: Path) -> None:
+        make_repo(hub)
+        get(hub, tmp_path)
+        hub.faults.api_status, hub.faults.api_status_count = 503, 100
+        result, messages = get(hub, tmp_path, retries=1)
+        assert result.engine == "local" and any("could not be reached" in m for m in messages)
+        with pytest.raises(DownloadError) as info:  # no local copy: the network error stands
+            get(hub, tmp_path / "other", retries=1)
+        assert info.value.exit_code == EXIT_NETWORK
+
+    def test_hf_endpoint_env_is_used(self, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        files = make_repo(hub)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        download_repo(REPO, local_dir=tmp_path, config=FAST)
+        assert_tree(tmp_path, files)
+
+
 class TestClearErrors:
+    def test_invalid_commit_from_server_is_refused(self, hub: HubServer, tmp_path: Path) -> None:
+        make_repo(hub)
+        hub.repos[REPO].revisions["main"] = "../../x"
+        with pytest.raises(DownloadError) as info:
+            get(hub, tmp_path / "m")
+        assert info.value.exit_code == EXIT_UNSAFE and not (tmp_path / "m").exists()
+
     def test_missing_repo(self, hub: HubServer, tmp_path: Path) -> None:
         with pytest.raises(DownloadError) as info:
             get(hub, tmp_path)
