@@ -30,7 +30,8 @@ import sections as S  # noqa: E402
 
 from qwen_core import fullsize  # noqa: E402
 
-ALL = ("env", "te_vae", "full", "memory", "e2e", "streamed", "compile", "governor", "fp8", "group_offload")
+ALL = ("env", "te_vae", "full", "memory", "e2e", "streamed", "compile", "governor", "streamed_compiled", "fp8",
+       "group_offload")
 SECTIONS = {name: getattr(S, f"section_{name}", None) or getattr(lowvram, f"section_{name}") for name in ALL}
 
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                     / C.GIB, 3) for n in ("transformer", "text_encoder", "vae")})
     R.set("build", "allocated_gib", C.allocated_gib())
     ctx = S.Context(args=args, pipe=pipe, dev=dev, dtype=dtype, R=R)
-    minimum = {"compile": 120, "fp8": 60, "group_offload": 70, "governor": 60, "streamed": 60}
+    minimum = {"compile": 120, "fp8": 60, "group_offload": 70, "governor": 60, "streamed": 60,
+               "streamed_compiled": 70}
     for name in wanted:
         if R.left() < minimum.get(name, 20):
             R.set("skipped", name, f"only {R.left():.0f} s left of the time budget")

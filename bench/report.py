@@ -78,6 +78,8 @@ def print_summary(ctx: Context) -> None:
             ("diffusers group offload (cap)", n.get("group_offload_step_ms"))]
     rows += [(f"ours streamed {k[9:]}", v["median_ms"]) for k, v in n.items()
              if k.startswith("streamed_cap") and isinstance(v, dict) and "median_ms" in v]
+    rows += [(f"ours streamed+compiled {k[18:]}", v["median_ms"]) for k, v in n.items()
+             if k.startswith("streamed_compiled_") and isinstance(v, dict) and "median_ms" in v]
     print("\n=== summary (ms per denoising step = cond+uncond; s/image = x50 transformer only) ===")
     for name, ms in rows:
         print(f"{name:42s} {_fmt(ms, ' ms'):>12s} {_fmt(ms * STEPS / 1e3 if ms else None, ' s'):>10s}")

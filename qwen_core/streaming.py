@@ -549,3 +549,17 @@ def disable_streamed_offload(pipe: Any, restore_device: str | torch.device | Non
     handle = getattr(pipe, "_qwen_streaming", None)
     if handle is not None:
         handle.disable(restore_device)
+
+
+def compile_blocks(transformer: nn.Module, *, fullgraph: bool = True, **kwargs: Any) -> None:
+    """Regional compilation that leaves module hooks outside the graph: each block's ``forward`` is compiled,
+    not its ``__call__`` (diffusers' ``compile_repeated_blocks`` compiles ``__call__``, which would pull the
+    streaming engine's stream/event hooks into the graph). All blocks share one compiled code object."""
+    for block in transformer.transformer_blocks:
+        if "forward" not in block.__dict__:
+            block.forward = torch.compile(block.forward, fullgraph=fullgraph, **kwargs)
+
+
+def uncompile_blocks(transformer: nn.Module) -> None:
+    for block in transformer.transformer_blocks:
+        block.__dict__.pop("forward", None)
