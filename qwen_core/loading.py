@@ -36,13 +36,13 @@ import torch
 
 from qwen_core import devices
 from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
-from qwen_core.integrity import ModelFolder, check_model_folder
+from qwen_core.integrity import ALLOWED_PIPELINE_CLASSES, ModelFolder, check_model_folder
 from qwen_core.memory import get_residency_manager, release_pipeline
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
 from qwen_core.session_log import get_session_log, redact
 
 __all__ = [
-    "LIGHTER_MODE", "LoadAttempt", "LoadPlan", "PipelineLoader", "RetryPolicy", "add_before_load_hook",
+    "LIGHTER_MODE", "InMemoryPipelineLoader", "LoadAttempt", "LoadPlan", "PipelineLoader", "RetryPolicy", "add_before_load_hook",
     "apply_memory_mode", "check_model_folder", "choose_memory_mode", "classify_error", "force_sdpa",
     "load_model_with_retry", "next_plan", "sdpa_forced",
 ]  # fmt: skip
@@ -424,11 +424,11 @@ class PipelineLoader:
             pipe._qwen_attention = self.attention_backend
             return pipe
 
-    def load_once(self, plan: LoadPlan) -> Any:
-        """One attempt: from_pretrained with the light parts reused, then placement and attention."""
+    def _build_pipeline(self, plan: LoadPlan) -> Any:
+        """from_pretrained with the eager parts reused (weights land in CPU RAM, in the plan's dtype)."""
         # Re-check the folder: a download may have been running or a file replaced since construction.
         self.folder = check_model_folder(self.path)
-        pipe = self.pipeline_class.from_pretrained(
+        return self.pipeline_class.from_pretrained(
             self.path,
             dtype=plan.dtype,
             use_safetensors=True,
@@ -436,16 +436,24 @@ class PipelineLoader:
             trust_remote_code=False,
             **self.light_components,
         )
+
+    def load_once(self, plan: LoadPlan) -> Any:
+        """One attempt: build the pipeline, then placement (memory mode) and attention."""
+        pipe = self._build_pipeline(plan)
         try:
             self.placement = apply_memory_mode(pipe, plan, self.device_config)
             self.attention_backend = apply_attention(pipe, self.wanted_attention())
         except BaseException:
-            _release(pipe)
+            self._discard_failed(pipe)
             raise
         # Plain attributes on the pipeline (not modules): they travel with it in the residency registry.
         pipe._qwen_load_state = (plan, self.placement)
         pipe._qwen_attention = self.attention_backend
         return pipe
+
+    def _discard_failed(self, pipe: Any) -> None:
+        """A pipeline whose placement failed (e.g. OOM half way to the GPU): nothing of it may survive."""
+        _release(pipe)
 
     def wanted_attention(self) -> str:
         return SDPA if sdpa_forced() else self.device_config.attention_backend
@@ -541,3 +549,72 @@ def _run_before_load_hooks(bytes_needed: int) -> None:
             hook(bytes_needed)
         except Exception as err:  # noqa: BLE001 - freeing someone else's memory is best effort
             get_session_log().warning(f"loader: before-load hook {hook!r} failed: {err}")
+
+
+def _config_dict(config: Any) -> dict:
+    """diffusers configs are dicts; transformers configs have to_dict()."""
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+class InMemoryPipelineLoader(PipelineLoader):
+    """A loader around a pipeline that already exists in memory and has no folder (benchmarks build the
+    full-size architecture with random weights; saving 40 GB first would be pointless). Placement,
+    attention, retries on placement OOM, residency and the generator work as for a folder; once
+    released (unload, or evicted by another model), it cannot be loaded again."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        name: str = "in-memory",
+        memory_mode: str | MemoryMode = "gpu",
+        attention: str | AttentionChoice = "auto",
+        device: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        if type(pipe).__name__ not in ALLOWED_PIPELINE_CLASSES:
+            raise QwenError(f"{type(pipe).__name__} is not a Qwen-Image pipeline.", fix="Pass a diffusers QwenImagePipeline.")
+        self._pipe: Any = pipe
+        self.dtype_choice = DtypeChoice.parse(devices.dtype_name(pipe.transformer.dtype), "dtype")
+        self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
+        self.attention_choice = AttentionChoice.parse(attention, "attention")
+        self.path = Path(f"<{name}>")
+        self.folder = ModelFolder(path=self.path, class_name=type(pipe).__name__, components={})
+        self.device_config = devices.get_device_config(
+            device=device, dtype=pipe.transformer.dtype, attention=self.attention_choice.value
+        )
+        self.retry = retry or RetryPolicy()
+        self.pipeline_class = type(pipe)
+        self.light_components = {"tokenizer": pipe.tokenizer, "scheduler": pipe.scheduler}
+        self.configs = {n: _config_dict(m.config) for n in ("transformer", "vae", "text_encoder")
+                        if (m := getattr(pipe, n, None)) is not None and hasattr(m, "config")}  # fmt: skip
+        mode = self.memory_mode_choice
+        if mode is MemoryMode.AUTO:
+            mode = MemoryMode.GPU  # no folder to size from; the caller built it for this device
+        self.memory_mode_reason = "in-memory pipeline"
+        self.plan = LoadPlan(memory_mode=mode, dtype=pipe.transformer.dtype)
+        self.attempts, self.last_error = [], None
+        self.placement = self.attention_backend = ""
+        self._lock = threading.RLock()
+
+    @property
+    def residency_key(self) -> tuple[str, ...]:
+        return ("qwen-image-in-memory", str(self.path), str(id(self)), self.memory_mode_choice.value)
+
+    def _build_pipeline(self, plan: LoadPlan) -> Any:
+        if self._pipe is None or getattr(self._pipe, "transformer", None) is None:
+            raise ModelLoadError(f"{self.path} was released and has no folder to load from.",
+                                 fix="Build the pipeline again and wrap it in a new InMemoryPipelineLoader.")  # fmt: skip
+        if plan.dtype != self._pipe.transformer.dtype:
+            self._pipe.to(dtype=plan.dtype)
+        return self._pipe
+
+    def _discard_failed(self, pipe: Any) -> None:
+        # No folder to rebuild from: undo the placement instead, so the next rung of the ladder can try.
+        pipe.remove_all_hooks()
+        pipe.to("cpu")
+        free_memory()
+
+    def unload(self) -> None:
+        super().unload()
+        self._pipe = None

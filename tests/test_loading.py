@@ -323,3 +323,44 @@ class TestHooks:
             loading.remove_before_load_hook(hook)
         assert len(seen) == 1 and seen[0] > 1_000_000  # fp32 tiny weights are ~36 MB
         assert "before-load hook" in get_session_log().read_text()
+
+
+class TestInMemory:
+    """Benchmarks wrap a pipeline built in memory (full-size random weights are never saved)."""
+
+    def test_in_memory_pipeline_generates_like_the_saved_one(self, tiny_model_dir):
+        from diffusers import QwenImagePipeline
+
+        from qwen_core.generator import QwenImageGenerator
+        from qwen_core.tiny import make_tiny_components
+
+        pipe = QwenImagePipeline(**make_tiny_components(seed=0))
+        loader = loading.InMemoryPipelineLoader(pipe, name="tiny-random", device="cpu")
+        assert loader.plan.memory_mode is MemoryMode.GPU and loader.configs["transformer"]["num_layers"] == 2
+        in_memory = QwenImageGenerator(loader).generate("a kite", seed=2, width=64, height=64, steps=2)
+        assert [a.outcome for a in loader.attempts] == ["ok"]
+        from_folder = QwenImageGenerator(tiny_model_dir, device="cpu").generate("a kite", seed=2, width=64, height=64, steps=2)
+        assert torch.allclose(in_memory.images, from_folder.images, atol=1e-5)  # same seed-0 weights
+
+    def test_released_in_memory_pipeline_cannot_reload(self):
+        from diffusers import QwenImagePipeline
+
+        from qwen_core.tiny import make_tiny_components
+
+        loader = loading.InMemoryPipelineLoader(QwenImagePipeline(**make_tiny_components(seed=0)), device="cpu")
+        loader.load()
+        loader.unload()
+        with pytest.raises(ModelLoadError, match="released"):
+            loader.load()
+
+    def test_placement_oom_keeps_the_pipeline_for_the_next_rung(self, monkeypatch):
+        from diffusers import QwenImagePipeline
+
+        from qwen_core.tiny import make_tiny_components
+
+        sleeps = Sleeps()
+        loader = loading.InMemoryPipelineLoader(QwenImagePipeline(**make_tiny_components(seed=0)), device="cpu",
+                                                retry=RetryPolicy(sleep=sleeps))  # fmt: skip
+        _fail_first_calls(monkeypatch, diffusers.DiffusionPipeline, "to", [torch.OutOfMemoryError("out of memory")])
+        assert loader.load().transformer is not None
+        assert [a.outcome for a in loader.attempts] == ["oom", "ok"]
