@@ -184,13 +184,21 @@ def test_cancel_interrupts_generation_and_the_next_run_works(comfy: Comfy) -> No
     path = REPO / "workflows" / "qwen_image_tiny_cpu.json"
     api = with_tiny_models(ui_to_api(json.loads(path.read_text(encoding="utf-8")), comfy.get("/object_info")))
     generate = next(k for k, n in api.items() if n["class_type"] == "QwenImageGenerate")
-    api[generate]["inputs"].update(steps=200, seed=12345)  # long enough to cancel mid-way
+    governor = next(k for k, n in api.items() if n["class_type"] == "QwenImagePixelGovernor")
+    api[governor]["inputs"].update(width=512, height=512)
+    api[generate]["inputs"].update(steps=200, seed=12345)  # far longer than the wait below, even on a fast CPU
+    for key in [k for k, n in api.items() if n["class_type"] == "QwenImagePreflight"]:
+        del api[key]  # nothing slow before Generate: the interrupt must land inside the denoising loop
     prompt_id = comfy.queue(api)
-    time.sleep(2.0)
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not any(job[1] == prompt_id for job in comfy.get("/queue")["queue_running"]):
+        time.sleep(0.1)
+    time.sleep(1.5)  # model loaded, denoising under way
     comfy.post("/interrupt", {})
     entry = comfy.wait(prompt_id)
-    kinds = [m[0] for m in entry["status"]["messages"]]
-    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds
+    interrupted = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"]
+    assert entry["status"]["status_str"] == "error" and interrupted
+    assert interrupted[0]["node_type"] == "QwenImageGenerate"
     assert not saved_images(entry)
     api[generate]["inputs"].update(steps=2, seed=7)
     again = comfy.wait(comfy.queue(api))
