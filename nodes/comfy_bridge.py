@@ -75,15 +75,6 @@ def register_models_dirs() -> list[Path]:
     return dirs
 
 
-def output_dir() -> Path:
-    """ComfyUI's output folder (headless: QWEN_REPORTS_DIR's parent via qwen_core)."""
-    if folder_paths is not None:
-        return Path(folder_paths.get_output_directory())
-    from qwen_core import paths
-
-    return paths.reports_dir()
-
-
 def _is_qwen_folder(folder: Path) -> bool:
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -98,13 +89,20 @@ def list_model_folders() -> list[str]:
     for root in models_dirs():
         if not root.is_dir():
             continue
-        for child in sorted(root.iterdir()):
-            candidates = [child] + (sorted(child.iterdir()) if child.is_dir() else [])
-            for folder in candidates:
+        for child in _subdirs(root):
+            for folder in [child, *_subdirs(child)]:  # "name" or "org/name" (the Downloader's layout)
                 name = folder.relative_to(root).as_posix()
-                if folder.is_dir() and _is_qwen_folder(folder) and name not in found:
+                if _is_qwen_folder(folder) and name not in found:
                     found.append(name)
     return found
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    """Visible subfolders; an unreadable folder lists nothing instead of breaking /object_info."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return []
 
 
 def resolve_model_folder(name: str) -> Path:
@@ -127,20 +125,9 @@ def free_comfy_memory(bytes_needed: int) -> None:
     model_management.soft_empty_cache()
 
 
-def soft_empty_cache() -> None:
-    if model_management is not None:
-        model_management.soft_empty_cache()
-
-
 def interrupted() -> bool:
     """True once the user pressed Cancel (ComfyUI's /interrupt flag); never clears it."""
     return bool(model_management is not None and model_management.processing_interrupted())
-
-
-def raise_if_interrupted() -> None:
-    """Raise ComfyUI's own interrupt exception (clears the flag) so the UI shows "interrupted"."""
-    if model_management is not None:
-        model_management.throw_exception_if_processing_interrupted()
 
 
 def raise_as_interrupt(err: BaseException) -> None:
@@ -153,10 +140,6 @@ def raise_as_interrupt(err: BaseException) -> None:
         model_management.interrupt_current_processing(False)
         raise model_management.InterruptProcessingException() from err
     raise err
-
-
-def is_comfy_oom(err: BaseException) -> bool:
-    return model_management is not None and isinstance(err, model_management.OOM_EXCEPTION)
 
 
 class Progress:
