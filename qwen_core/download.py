@@ -193,16 +193,22 @@ def download_repo(
     _prepare_target(root, plan)
     save_plan(root, plan)
     job = Job(root=root, endpoint=url, repo_id=repo_id, commit=plan.commit, token=tok, config=cfg, log=say)
-    chosen = _choose_engine(engine, plan, job, say)
+    return _fetch_all(plan, job, engine, workers, progress, should_cancel, started)
+
+
+def _fetch_all(plan: DownloadPlan, job: Job, engine: str, workers: int,
+               progress: Callable[[DownloadProgress], None] | None, should_cancel: Callable[[], bool] | None,
+               started: float) -> DownloadResult:
+    chosen = _choose_engine(engine, plan, job, job.log)
     if chosen == "xet":
         from qwen_core.download_xet import fetch_file_xet as fetch_one
     else:
         fetch_one = fetch_file
     outcomes = _run_workers(plan, job, fetch_one, workers, progress, should_cancel)
-    result = _result(plan, root, outcomes, job.fetched_bytes, time.monotonic() - started, chosen)
-    say(f"done: {len(plan.files)} files, {_fmt_bytes(plan.total_bytes)} in {root} "
-        f"({_fmt_bytes(job.fetched_bytes)} fetched, {result.files_present} already present, "
-        f"{result.files_resumed} resumed, {result.elapsed_s:.1f} s)")
+    result = _result(plan, job.root, outcomes, job.fetched_bytes, time.monotonic() - started, chosen)
+    job.log(f"done: {len(plan.files)} files, {_fmt_bytes(plan.total_bytes)} in {job.root} "
+            f"({_fmt_bytes(job.fetched_bytes)} fetched, {result.files_present} already present, "
+            f"{result.files_resumed} resumed, {result.elapsed_s:.1f} s)")
     return result
 
 

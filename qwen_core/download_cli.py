@@ -123,13 +123,21 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class _Printer:
     """tqdm bar on a terminal; plain lines (one every `interval` s) in logs and CI."""
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.bar = None
-        self.tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+        # A pty without a size (e.g. under `script`) would get a zero-width bar: plain lines instead.
+        self.tty = sys.stderr.isatty() and os.environ.get("TERM") != "dumb" and _columns() >= 40
         self.last_line = 0.0
 
     def message(self, text: str) -> None:
@@ -145,8 +153,9 @@ class _Printer:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc=p.repo_id, file=sys.stderr,
-                                dynamic_ncols=True)
+                # initial= keeps resumed bytes out of the speed estimate.
+                self.bar = tqdm(total=p.bytes_total, initial=p.bytes_done, unit="B", unit_scale=True,
+                                desc=p.repo_id, file=sys.stderr, dynamic_ncols=True)
             self.bar.n = p.bytes_done
             self.bar.set_postfix_str(f"files {p.files_done}/{p.files_total}", refresh=False)
             self.bar.refresh()

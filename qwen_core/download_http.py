@@ -98,7 +98,7 @@ class Job:
     endpoint: str
     repo_id: str
     commit: str
-    token: str | None
+    token: str | None = field(repr=False)  # never in a repr: tracebacks with locals would print it
     config: HttpConfig
     log: Callable[[str], None]
     cancel: threading.Event = field(default_factory=threading.Event)

@@ -75,6 +75,7 @@ class TestKillAndResume:
         done = run_cli(args(hub, tmp_path / "m"))
         assert done.returncode == 0, done.stderr
         assert f"resuming at {kept / 1e6:.1f} MB" in done.stderr
+        assert "MB/s" in done.stderr and "(100%)" in done.stderr, "one plain progress line for the repo"
         served = hub.bytes_served[BIG]
         assert served <= len(files[BIG]) - kept + CHUNK, (served, kept)
         assert hub.total_served() <= len(files[BIG]) + CHUNK
