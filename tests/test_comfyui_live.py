@@ -2,7 +2,7 @@
 
 Starts ``main.py --cpu --listen 127.0.0.1`` (COMFYUI_PYTHON, default this Python, must have ComfyUI's
 requirements and ours) with a private ``--base-directory`` holding only this pack in custom_nodes and the two
-tiny models in models/diffusers, and a Hub stand-in on 127.0.0.1 (set as HF_ENDPOINT) serving the tiny
+tiny models (one in models/diffusers, one in an extra_model_paths.yaml folder), and a Hub stand-in on 127.0.0.1 (set as HF_ENDPOINT) serving the tiny
 model as ``local/qwen-image-tiny`` for the Downloader. Then: the pack imports, the six nodes are in
 /object_info, the workflows are served as templates, every workflow (tiny model selected) runs through
 POST /prompt to ``status_str == "success"`` with its images saved, Cancel (/interrupt) stops a generation,
@@ -90,10 +90,13 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
-    diffusers = base / "models" / "diffusers"
+    diffusers, extra = base / "models" / "diffusers", base / "extra" / "diffusers"
     diffusers.mkdir(parents=True)
+    extra.mkdir(parents=True)
     (diffusers / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
-    (diffusers / "qwen-image-tiny-b").symlink_to(tiny_model_dir_b, target_is_directory=True)
+    # The second model sits in an extra_model_paths.yaml folder: the Loader must list it too.
+    (extra / "qwen-image-tiny-b").symlink_to(tiny_model_dir_b, target_is_directory=True)
+    (base / "extra_model_paths.yaml").write_text(f"qwen_live_test:\n    base_path: {base / 'extra'}\n    diffusers: diffusers\n")
     reports, log = base / "reports", base / "comfyui.log"
     files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
     with HubServer() as hub:
@@ -104,7 +107,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
                     "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"})
         python = os.environ.get("COMFYUI_PYTHON") or sys.executable
         cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-               "--disable-auto-launch"]
+               "--disable-auto-launch", "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
         server = Comfy(f"http://127.0.0.1:{port}", base, reports, log)
