@@ -147,7 +147,12 @@ class Progress:
 
     def __init__(self, total: int, node_id: str | None = None) -> None:
         self.total, self.value, self.node_id = max(int(total), 1), 0, node_id
-        self._bar = comfy_utils.ProgressBar(self.total, node_id=node_id) if comfy_utils else None
+        self._bar = None
+        if comfy_utils is not None:
+            try:
+                self._bar = comfy_utils.ProgressBar(self.total, node_id=node_id)
+            except TypeError:  # ComfyUI before July 2025: no node_id (the bar follows the running node)
+                self._bar = comfy_utils.ProgressBar(self.total)
 
     def update(self, value: int, total: int | None = None) -> None:
         """Set the absolute value. Inside ComfyUI its hook raises on Cancel (between steps)."""

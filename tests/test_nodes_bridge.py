@@ -128,6 +128,22 @@ def comfy(tmp_path: Path, tiny_model_dir: Path, tiny_model_dir_b: Path,
     paths.register_models_dirs([])
 
 
+def test_progress_bar_of_older_comfyui_without_node_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    class OldProgressBar:  # ComfyUI before July 2025
+        def __init__(self, total: int) -> None:
+            self.total = total
+
+        def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+            seen.append((value, total))
+
+    monkeypatch.setattr(bridge, "comfy_utils", types.SimpleNamespace(ProgressBar=OldProgressBar))
+    bar = bridge.Progress(3, node_id="9")
+    bar.update(2)
+    assert seen == [(2, 3)]
+
+
 def test_headless_fallbacks_are_inert() -> None:
     assert bridge.IN_COMFYUI is False and bridge.interrupted() is False
     bar = bridge.Progress(4)
