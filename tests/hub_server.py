@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 LFS_THRESHOLD = 1024  # files this big or bigger are listed as LFS (sha256), like the Hub's *.safetensors
 
@@ -51,6 +51,7 @@ class Faults:
     api_status_count: int = 0  # ... this many times
     xet: bool = False  # advertise X-Xet-Hash on HEAD (we never serve the Xet protocol itself)
     range_416: int = 0  # answer the next N ranged GETs with 416 (a CDN that lost the object's size)
+    redirect_lfs: bool = False  # LFS files: 302 to /cdn/... on the same host with X-Linked-Size/-Etag, as the Hub
 
 
 @dataclass
@@ -146,6 +147,9 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             path = unquote(urlsplit(self.path).path)
             with hub._lock:
                 hub.requests.append((self.command, path, self.headers.get("Range")))
+            cdn = re.fullmatch(r"/cdn/(.+?/.+?)/([0-9a-f]{40})/(.+)", path)
+            if cdn:  # like a presigned CDN URL: no token needed
+                return self._file(*cdn.groups(), head=head, via_cdn=True)
             if hub.faults.require_token and self.headers.get("Authorization") != f"Bearer {hub.faults.require_token}":
                 return self._error(401, "GatedRepo", "Access to this repo is restricted; pass a token.")
             if path in ("/_stats", "/_reset"):  # for a server in another process (the benchmark)
@@ -202,7 +206,7 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 self._json(entries + repo.extra_tree)
 
         # -- files ------------------------------------------------------------------------------------
-        def _file(self, repo_id: str, rev: str, path: str, *, head: bool) -> None:
+        def _file(self, repo_id: str, rev: str, path: str, *, head: bool, via_cdn: bool = False) -> None:
             found = self._repo(repo_id, rev)
             if not found:
                 return None
@@ -215,6 +219,16 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 extra = {"Retry-After": f.retry_after} if f.retry_after else {}
                 return self._error(f.burst_status, None, "injected failure", extra)
             size, etag, sha256 = hub.meta(repo_id, path)
+            if f.redirect_lfs and sha256 and not via_cdn:
+                self.send_response(302)
+                self.send_header("Location", f"/cdn/{repo_id}/{commit}/{quote(path)}")
+                self.send_header("X-Repo-Commit", commit)
+                self.send_header("X-Linked-Size", str(size))
+                self.send_header("X-Linked-Etag", f'"{sha256}"')
+                self.send_header("ETag", f'"{etag}"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             start, end, status = 0, size - 1, 200
             rng = self.headers.get("Range")
             if rng and not head and f.range_416 > 0:

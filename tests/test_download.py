@@ -147,6 +147,16 @@ class TestResume:
         assert_tree(tmp_path, files)
         assert any("ignores Range" in m for m in messages)
 
+    def test_resume_through_a_cdn_redirect_keeps_the_range(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        data = files["transformer/w.safetensors"]
+        seed_partial(hub, tmp_path, "transformer/w.safetensors", data, MB)
+        hub.faults.redirect_lfs = True
+        get(hub, tmp_path)
+        assert_tree(tmp_path, files)
+        assert ("GET", f"/cdn/{REPO}/{hub.repos[REPO].commit}/transformer/w.safetensors", f"bytes={MB}-") in hub.requests
+        assert hub.bytes_served["transformer/w.safetensors"] == len(data) - MB
+
     def test_416_on_resume_restarts_the_file(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub)
         seed_partial(hub, tmp_path, "transformer/w.safetensors", files["transformer/w.safetensors"], MB)
