@@ -18,8 +18,14 @@ from pathlib import Path
 from qwen_core.download_http import EXIT_CANCELLED, EXIT_USAGE, HttpConfig
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
 
+EXIT_CODES_HELP = ("exit codes: 0 ok, 1 error, 2 bad arguments, 3 access denied (set HF_TOKEN), 4 not found, "
+                   "5 network kept failing (rerun to resume), 6 verification failed, 7 disk full / not writable, "
+                   "8 unsafe filename from server, 9 file locked by another download, 10 offline and files missing, "
+                   "130 interrupted (partials kept). The token is read from HF_TOKEN or `hf auth login` only.")
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXIT_CODES_HELP
     parser.add_argument("repo_id", help="Hub repo id, e.g. Qwen/Qwen-Image")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="target folder (default: <model store>/<org>/<name>, see QWEN_HOME)")
