@@ -134,7 +134,8 @@ function panel(node, name, doc) {
   if (node.__qwenPanels[name]) return node.__qwenPanels[name];
   const element = doc.createElement("div");
   element.className = `qwen-image-${name}`;
-  element.style.cssText = "font:11px sans-serif;color:var(--input-text,#ddd);overflow:auto;max-height:260px";
+  element.style.cssText =
+    "font:11px sans-serif;color:var(--input-text,#ddd);overflow:auto;max-height:260px;white-space:pre-wrap";
   if (typeof node.addDOMWidget === "function") {
     node.addDOMWidget(`qwen_${name}`, "qwen_panel", element, { serialize: false, hideOnZoom: false });
   }
@@ -180,8 +181,10 @@ export function createExtension(app, api, doc = globalThis.document) {
         });
       } else if (nodeData?.name === NODES.downloader) {
         chain(proto, "onExecuted", function (message) {
+          // Final state plus the report (files fetched/resumed, and which endpoint was used).
           const status = first(message?.qwen_download);
-          if (status) panel(this, "download", doc).textContent = formatDownload(status);
+          const lines = [status ? formatDownload(status) : null, first(message?.text)].filter(Boolean);
+          if (lines.length) panel(this, "download", doc).textContent = lines.join("\n");
         });
       } else if (nodeData?.name === NODES.governor) {
         chain(proto, "onExecuted", function (message) {

@@ -199,6 +199,16 @@ describe("extension", () => {
     assert.equal(downloader.widgets.length, 1);
   });
 
+  it("shows the Downloader's final report, including the endpoint, when it executes", async () => {
+    const ext = createExtension(fakeApp([]), new EventTarget(), fakeDocument);
+    const node = await registerNode(ext, "QwenImageDownloader", new FakeNode(4));
+    node.onExecuted({ text: ["org/m@abc -> /models/org/m\nEndpoint: https://hf-mirror.example (from the workflow)"],
+                      qwen_download: [{ state: "complete", total_bytes: 2e9 }] });
+    const text = node.widgets[0].element.textContent;
+    assert.match(text, /^Complete: 2.0 GB\n/);
+    assert.match(text, /Endpoint: https:\/\/hf-mirror.example/);
+  });
+
   it("finds nodes inside subgraphs by the last id segment", async () => {
     const node = new FakeNode(12);
     const api = new EventTarget();
