@@ -36,7 +36,7 @@ from urllib.parse import quote
 import requests
 
 from qwen_core.errors import DownloadCancelled, DownloadError
-from qwen_core.file_lock import FileLock
+from qwen_core.file_lock import FileLock, read_holder
 from qwen_core.paths import safe_join
 
 STAGING_DIR = ".qwen_download"
@@ -220,11 +220,15 @@ def fetch_file(remote: RemoteFile, job: Job) -> FileOutcome:
         job.add(remote.size)
         return FileOutcome(remote.path, "present", 0)
     lock = FileLock(stage.lock, timeout=job.config.lock_timeout, progress_path=stage.part, should_stop=job.cancel.is_set)
-    try:
-        lock.acquire()
-    except InterruptedError:
-        job.check_cancel()
-        raise
+    if not lock.try_acquire():
+        holder = read_holder(stage.lock)
+        job.log(f"{remote.path}: another download (pid {holder.get('pid', '?')}) is fetching it; waiting for it")
+        try:
+            lock.acquire()
+        except InterruptedError:
+            job.check_cancel()
+            raise
+        lock.waited = True
     try:
         if lock.waited and record_matches(remote, final, stage):  # another process just finished it
             job.add(remote.size)
