@@ -13,7 +13,7 @@ import diffusers
 import pytest
 import torch
 
-from qwen_core import governor, loading
+from qwen_core import governor, load_policy, loading
 from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
 from qwen_core.loading import (
     LoadPlan,
@@ -254,7 +254,7 @@ class TestMemoryModes:
         # Pretend the tiny model is full size: 20.4 B transformer, 8.3 B text encoder, 0.13 B VAE params.
         sizes = {"transformer": 20.43e9, "text_encoder": 8.29e9, "vae": 0.127e9}
         monkeypatch.setattr(type(folder), "num_params", lambda self, name: int(sizes.get(name, 0)))
-        monkeypatch.setattr(loading, "streaming_available", lambda: streaming)
+        monkeypatch.setattr(load_policy, "streaming_available", lambda: streaming)
         cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=free_gb, vram_total_gb=80.0)
         assert choose_memory_mode(folder, cfg, torch.bfloat16)[0] is mode
 
