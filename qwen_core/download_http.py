@@ -23,18 +23,25 @@ import hashlib
 import json
 import os
 import random
-import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
 
+from qwen_core.download_verify import (  # noqa: F401 - re-exported for download_plan / download_xet
+    _atomic_write_json,
+    _HashPipe,
+    expected_digest,
+    hash_file,
+    new_hasher,
+    record_matches,
+    verify_existing,
+    write_record,
+)
 from qwen_core.errors import DownloadCancelled, DownloadError
 from qwen_core.file_lock import FileLock, read_holder
 from qwen_core.paths import safe_join
@@ -54,9 +61,6 @@ EXIT_UNSAFE = 8
 EXIT_LOCKED = 9
 EXIT_OFFLINE_MISSING = 10
 EXIT_CANCELLED = 130
-
-_SHA1_RE = re.compile(r"[0-9a-f]{40}")
-
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -146,69 +150,6 @@ class FileOutcome:
     path: str
     status: str  # "present" (verified earlier/now, nothing fetched) | "downloaded" | "resumed"
     fetched: int
-
-
-# -- verification --------------------------------------------------------------------------------------
-def new_hasher(remote: RemoteFile) -> hashlib._Hash | None:
-    if remote.sha256:
-        return hashlib.sha256()
-    if remote.etag and _SHA1_RE.fullmatch(remote.etag):
-        h = hashlib.sha1()
-        h.update(b"blob %d\0" % remote.size)
-        return h
-    return None  # the server gave no checkable hash: size only (logged once per file)
-
-
-def expected_digest(remote: RemoteFile) -> str | None:
-    return remote.sha256 or (remote.etag if remote.etag and _SHA1_RE.fullmatch(remote.etag) else None)
-
-
-def hash_file(path: Path, remote: RemoteFile, hasher: hashlib._Hash | None = None, limit: int | None = None) -> hashlib._Hash | None:
-    hasher = hasher if hasher is not None else new_hasher(remote)
-    if hasher is None:
-        return None
-    remaining = limit if limit is not None else path.stat().st_size
-    with path.open("rb") as f:
-        while remaining > 0:
-            block = f.read(min(8 * 1024 * 1024, remaining))
-            if not block:
-                break
-            hasher.update(block)
-            remaining -= len(block)
-    return hasher
-
-
-def record_matches(remote: RemoteFile, final: Path, stage: Staging) -> bool:
-    """True when `final` was verified earlier and is unchanged since (size + mtime), without re-hashing."""
-    try:
-        rec = json.loads(stage.record.read_text())
-        st = final.stat()
-    except (OSError, ValueError):
-        return False
-    return (
-        rec.get("identity") == remote.identity()
-        and st.st_size == remote.size
-        and rec.get("mtime_ns") == st.st_mtime_ns
-    )
-
-
-def write_record(remote: RemoteFile, final: Path, stage: Staging, commit: str) -> None:
-    st = final.stat()
-    _atomic_write_json(stage.record, {"identity": remote.identity(), "mtime_ns": st.st_mtime_ns, "commit": commit})
-
-
-def verify_existing(remote: RemoteFile, final: Path) -> bool:
-    if final.is_symlink() or not final.is_file() or final.stat().st_size != remote.size:
-        return False
-    hasher = hash_file(final, remote)
-    return hasher is None or hasher.hexdigest() == expected_digest(remote)
-
-
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # -- one file ------------------------------------------------------------------------------------------
@@ -462,43 +403,3 @@ def _write_all(f, data: bytes) -> None:  # noqa: ANN001 - raw file
     view = memoryview(data)
     while view:
         view = view[f.write(view):]
-
-
-class _HashPipe:
-    """Hash chunks on a helper thread while the worker reads the next ones from the socket.
-
-    sha256 costs about as much CPU as receiving the bytes; overlapping the two keeps a lone stream (the last big
-    file of a repo) from waiting on its own hashing (hashlib releases the GIL). Chunks go over in batches of
-    ``batch`` bytes to keep the hand-off cost small, and at most ``depth`` batches wait, so memory stays bounded.
-    """
-
-    def __init__(self, hasher: hashlib._Hash, batch: int = 4 << 20, depth: int = 2) -> None:
-        self.hasher = hasher
-        self.batch, self.depth = batch, depth
-        self.buffer: list[bytes] = []
-        self.buffered = 0
-        self.pending: deque[Future] = deque()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwen-hash")
-
-    def _hash(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.hasher.update(chunk)
-
-    def _flush(self) -> None:
-        if self.buffer:
-            self.pending.append(self.pool.submit(self._hash, self.buffer))
-            self.buffer, self.buffered = [], 0
-        while len(self.pending) > self.depth:
-            self.pending.popleft().result()
-
-    def update(self, chunk: bytes) -> None:
-        self.buffer.append(chunk)
-        self.buffered += len(chunk)
-        if self.buffered >= self.batch:
-            self._flush()
-
-    def close(self) -> None:
-        self._flush()
-        while self.pending:
-            self.pending.popleft().result()
-        self.pool.shutdown(wait=True)
