@@ -297,3 +297,18 @@ class TestSwitchModel:
         monkeypatch.undo()
         assert gen.loader.path == tiny_model_dir  # still usable with the old model, reloaded on demand
         assert gen.generate("a tower", **FAST).images.shape == (1, 64, 64, 3)
+
+
+def test_text_to_image_needs_a_text_to_image_pipeline(tiny_model_copy):
+    """An allowlisted edit/img2img folder loads, but generate() refuses it before loading any weights."""
+    import json
+
+    index_path = tiny_model_copy / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["_class_name"] = "QwenImageImg2ImgPipeline"
+    index_path.write_text(json.dumps(index))
+    get_residency_manager().release_all()
+    gen = QwenImageGenerator(tiny_model_copy, device="cpu")
+    with pytest.raises(QwenError, match="QwenImageImg2ImgPipeline.*needs a QwenImagePipeline"):
+        gen.generate("a cat", **FAST)
+    assert not gen.loader.is_loaded
