@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -141,6 +140,8 @@ class TestProcesses:
 
     def test_file_size_limit_is_a_clean_disk_full_stop_then_resume(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub, size=5 * MB)
+
+        import resource  # POSIX only, like this whole module
 
         def small_disk() -> None:
             # SIGXFSZ would kill the process; ignored, write() fails with EFBIG like a full disk.
