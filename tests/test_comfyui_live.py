@@ -219,3 +219,16 @@ def test_free_releases_our_resident_model(comfy: Comfy) -> None:
     while time.monotonic() < end and log.read_text(errors="replace").count("released (") <= before:
         time.sleep(0.5)
     assert log.read_text(errors="replace").count("released (") > before, "ComfyUI's /free did not release our model"
+
+
+def test_nan_is_refused_by_validation_naming_the_input(comfy: Comfy) -> None:
+    """NaN passes ComfyUI's own min/max check; Generate's VALIDATE_INPUTS must stop it before any compute."""
+    path = REPO / "workflows" / "qwen_image_tiny_cpu.json"
+    api = with_tiny_models(ui_to_api(json.loads(path.read_text(encoding="utf-8")), comfy.get("/object_info")))
+    generate = next(k for k, n in api.items() if n["class_type"] == "QwenImageGenerate")
+    api[generate]["inputs"]["true_cfg_scale"] = float("nan")  # json.dumps writes NaN, as a hand-edited file could
+    answer = comfy.post("/prompt", {"prompt": api, "client_id": str(uuid.uuid4())})
+    errors = answer["node_errors"][generate]["errors"]
+    assert errors[0]["extra_info"]["input_name"] == "true_cfg_scale" and "finite" in errors[0]["details"]
+    saver = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
+    assert saver in answer["node_errors"][generate]["dependent_outputs"]  # that branch does not run
