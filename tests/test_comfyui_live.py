@@ -1,12 +1,13 @@
 """The pack inside a real ComfyUI: skipped unless COMFYUI_DIR points at a ComfyUI checkout.
 
 Starts ``main.py --cpu --listen 127.0.0.1`` (COMFYUI_PYTHON, default this Python, must have ComfyUI's
-requirements and ours) with a private ``--base-directory`` holding only this pack in custom_nodes and the two
-tiny models (one in models/diffusers, one in an extra_model_paths.yaml folder), and a Hub stand-in on 127.0.0.1 (set as HF_ENDPOINT) serving the tiny
-model as ``local/qwen-image-tiny`` for the Downloader. Then: the pack imports, the six nodes are in
-/object_info, the workflows are served as templates, every workflow (tiny model selected) runs through
-POST /prompt to ``status_str == "success"`` with its images saved, Cancel (/interrupt) stops a generation,
-and /free releases our model. Example:
+requirements and ours) with a private ``--base-directory`` holding only this pack in custom_nodes and two
+tiny models (one in models/diffusers, one in an extra_model_paths.yaml folder), and a Hub stand-in on
+127.0.0.1 (set as HF_ENDPOINT) serving the tiny model as ``local/qwen-image-tiny`` for the Downloader.
+Then: the pack imports, the six nodes are in /object_info, the workflows are served as templates, every
+workflow (tiny model selected) runs through POST /prompt to ``status_str == "success"`` with its images
+saved, Cancel (/interrupt) stops a generation, /free releases our model, and NaN is refused at validation
+naming the input. Example:
     COMFYUI_DIR=~/ComfyUI COMFYUI_PYTHON=~/comfy-venv/bin/python pytest tests/test_comfyui_live.py
 """
 
