@@ -332,6 +332,8 @@ class QwenImageGenerator:
                 # maybe_free_model_hooks(): offload hooks would keep a model on the GPU.
                 pipe.maybe_free_model_hooks()
                 free_memory()
+        if not bool(torch.isfinite(images).all()) and watch.latents is not None:
+            images = self._decode_nonfinite(pipe, watch.latents, request)  # would be a black image
         done = time.perf_counter()
         last_step = watch.step_ends[-1] if watch.step_ends else done
         timings = {
@@ -341,14 +343,20 @@ class QwenImageGenerator:
         }  # fmt: skip
         return images, timings
 
-    def _decode_in_tiles(self, pipe: Any, latents: torch.Tensor, request: GenerationRequest, err: BaseException) -> torch.Tensor:
-        """The pipeline's own decode steps (unpack, de-normalise, vae.decode, postprocess) with VAE tiling on."""
+    def _decode_again(
+        self, pipe: Any, latents: torch.Tensor, request: GenerationRequest, *, tiles: bool = False, fp32: bool = False
+    ) -> torch.Tensor:
+        """The pipeline's own decode steps (unpack, de-normalise, vae.decode, postprocess) once more, in tiles
+        and/or with the VAE in float32. The VAE's settings are restored afterwards, so the next run takes the
+        fast path first and stays reproducible."""
         d, vae = request.decision, pipe.vae
-        was_tiling = bool(getattr(vae, "use_tiling", False))
-        get_session_log().warning(f"generate: VAE decode out of memory at {d.width}x{d.height} ({err}); decoding in tiles")
+        was_tiling, dtype = bool(getattr(vae, "use_tiling", False)), vae.dtype
         free_memory()
         try:
-            vae.enable_tiling()
+            if tiles:
+                vae.enable_tiling()
+            if fp32:
+                vae.to(dtype=torch.float32)
             with torch.no_grad():
                 z = pipe._unpack_latents(latents, d.height, d.width, pipe.vae_scale_factor).to(vae.dtype)
                 shape = (1, vae.config.z_dim, 1, 1, 1)
@@ -362,11 +370,30 @@ class QwenImageGenerator:
                 raise self._oom_error(request, again) from again
             raise
         finally:
-            if not was_tiling:
-                vae.disable_tiling()  # next run tries the faster untiled decode first (and stays reproducible)
+            if tiles and not was_tiling:
+                vae.disable_tiling()
+            if fp32:
+                vae.to(dtype=dtype)
             pipe.maybe_free_model_hooks()
-        request.warnings.append("The VAE decode ran out of memory; the image was decoded in tiles instead (slower).")
         return _to_comfy(image)
+
+    def _decode_in_tiles(self, pipe: Any, latents: torch.Tensor, request: GenerationRequest, err: BaseException) -> torch.Tensor:
+        d = request.decision
+        get_session_log().warning(f"generate: VAE decode out of memory at {d.width}x{d.height} ({err}); decoding in tiles")
+        images = self._decode_again(pipe, latents, request, tiles=True)
+        request.warnings.append("The VAE decode ran out of memory; the image was decoded in tiles instead (slower).")
+        return images
+
+    def _decode_nonfinite(self, pipe: Any, latents: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        """Finite latents, NaN/Inf pixels: the VAE overflowed (fp16). Decode again with the VAE in float32."""
+        get_session_log().warning("generate: the VAE turned finite latents into NaN/Inf; decoding again in float32")
+        images = self._decode_again(pipe, latents, request, fp32=True)
+        if not bool(torch.isfinite(images).all()):
+            fix = "Use dtype bf16 or fp32; report the model and card if it persists."
+            get_session_log().error("generate: the VAE produced NaN/Inf even in float32", fix=fix)
+            raise QwenError("the VAE produced NaN/Inf (a black image) even in float32.", fix=fix)
+        request.warnings.append("The VAE produced NaN/Inf in its dtype; the image was decoded again in float32.")
+        return images
 
     def _oom_error(self, request: GenerationRequest, err: BaseException) -> OutOfMemoryError:
         free_memory()

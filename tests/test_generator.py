@@ -179,6 +179,24 @@ class TestNonFinite:
             fresh.generate("a castle", **FAST)
         assert err.value.fix
 
+    def test_nan_from_the_vae_is_decoded_again_in_fp32(self, tiny_model_dir, monkeypatch):
+        get_residency_manager().release_all()
+        fresh = QwenImageGenerator(tiny_model_dir, device="cpu", dtype="bf16")
+        vae = fresh.load().vae
+        original, dtypes = vae.decode, []
+
+        def decode(z, *args, **kwargs):
+            dtypes.append(z.dtype)
+            out = original(z, *args, **kwargs)
+            return (torch.full_like(out[0], math.nan),) if len(dtypes) == 1 else out
+
+        monkeypatch.setattr(vae, "decode", decode)
+        result = fresh.generate("a castle", seed=4, **FAST)
+        assert dtypes == [torch.bfloat16, torch.float32] and not result.retried_with_sdpa
+        assert torch.isfinite(result.images).all() and vae.dtype == torch.bfloat16  # VAE dtype restored
+        assert any("decoded again in float32" in w for w in result.warnings)
+        get_residency_manager().release_all()
+
 
 class TestOutOfMemory:
     def test_oom_during_generation_frees_and_next_run_works(self, fresh):
