@@ -243,12 +243,7 @@ class QwenImageGenerator:
             prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
             seed=seed, batch_size=batch_size, governor_kwargs=self.loader.governor_inputs(),
         )  # fmt: skip
-        if self.loader.folder.class_name != "QwenImagePipeline":
-            raise QwenError(
-                f"{self.loader.path} is a {self.loader.folder.class_name}; text-to-image generation needs a "
-                "QwenImagePipeline model (edit/inpaint pipelines need an input image).",
-                fix="Load Qwen/Qwen-Image (or another text-to-image Qwen-Image folder).",
-            )
+        self._check_callables_and_kind(on_step, should_cancel)
         log = get_session_log()
         for warning in request.warnings:
             log.warning(f"generate: {warning}")
@@ -283,6 +278,17 @@ class QwenImageGenerator:
             true_cfg_scale=request.true_cfg_scale, timings=timings, attention_backend=self.loader.attention_backend,
             retried_with_sdpa=retried, warnings=request.warnings,
         )  # fmt: skip
+
+    def _check_callables_and_kind(self, on_step: object, should_cancel: object) -> None:
+        for name, fn in (("on_step", on_step), ("should_cancel", should_cancel)):
+            if fn is not None and not callable(fn):
+                raise InvalidInputError(name, f"must be a function or None, got {type(fn).__name__}.")
+        if self.loader.folder.class_name != "QwenImagePipeline":
+            raise QwenError(
+                f"{self.loader.path} is a {self.loader.folder.class_name}; text-to-image generation needs a "
+                "QwenImagePipeline model (edit/inpaint pipelines need an input image).",
+                fix="Load Qwen/Qwen-Image (or another text-to-image Qwen-Image folder).",
+            )
 
     def _run(
         self, pipe: Any, request: GenerationRequest, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None

@@ -252,6 +252,8 @@ class TestValidation:
         ("width", {"width": math.nan}),
         ("width", {"width": 0}),
         ("height", {"height": 100000}),
+        ("on_step", {"on_step": "print"}),
+        ("should_cancel", {"should_cancel": True}),
     ])  # fmt: skip
     def test_bad_input_names_the_field_before_any_compute(self, tiny_model_dir, field, overrides):
         get_residency_manager().release_all()
