@@ -105,11 +105,18 @@ def save_png(image: Any, out: Path, metadata: dict[str, str] | None = None) -> P
     try:
         with os.fdopen(fd, "wb") as fh:
             Image.fromarray(array, mode="RGB").save(fh, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image should get the usual permissions
         os.replace(tmp, out)  # a reader never sees half a PNG
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set, then put back at once
+    os.umask(mask)
+    return mask
 
 
 def _outputs(out: Path, count: int) -> list[Path]:

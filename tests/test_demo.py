@@ -44,6 +44,9 @@ def test_demo_in_process_aligns_the_size(tiny_model_dir, tmp_path, capsys):
         assert image.size == (64, 64)  # 72 is not a multiple of 16: the governor aligns it
     assert "Aligned to multiples of 16" in capsys.readouterr().out
     assert [p.name for p in out.parent.iterdir()] == ["demo.png"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 def test_generate_command_batch_writes_numbered_files(tiny_model_dir, tmp_path, capsys):
