@@ -181,7 +181,7 @@ def render(args: argparse.Namespace, total: int, times: dict[str, list[float]], 
         f"- Command: `{cmd}`",
         f"- Machine: {machine()}",
         f"- Versions: {versions()}",
-        f"- Load average before the run: {os.getloadavg()[0]:.1f} (other jobs share this machine); niceness "
+        f"- Load average (1 min) at the end of the run: {os.getloadavg()[0]:.1f} (other jobs share this machine); niceness "
         f"{os.nice(0)}.",
         "- Server: tests/hub_server.py (threaded, Python, its own process) on 127.0.0.1, the same instance for "
         "both clients; "
