@@ -424,6 +424,19 @@ class TestEngines:
         assert result.engine == "http" and any("does not offer Xet" in m for m in messages)
         assert_tree(tmp_path, files)
 
+    def test_xet_is_detected_from_the_x_xet_hash_header(self, hub: HubServer, tmp_path: Path) -> None:
+        from qwen_core.download_http import Job
+        from qwen_core.download_plan import resolve_plan
+        from qwen_core.download_xet import server_offers_xet
+
+        make_repo(hub)
+        plan = resolve_plan(REPO, "main", tmp_path, endpoint=hub.url, token=None, allow_patterns=None,
+                            ignore_patterns=None, config=FAST, log=print)
+        job = Job(root=tmp_path, endpoint=hub.url, repo_id=REPO, commit=plan.commit, token=None, config=FAST, log=print)
+        assert not server_offers_xet(plan, job)
+        hub.faults.xet = True
+        assert server_offers_xet(plan, job)
+
     def test_xet_engine_path_verifies_what_huggingface_hub_wrote(self, hub: HubServer, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
         import qwen_core.download_xet as xet
