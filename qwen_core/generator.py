@@ -249,9 +249,14 @@ class QwenImageGenerator:
             log.warning(f"generate: {warning}")
         if should_cancel is not None and should_cancel():
             raise GenerationCancelled("generation cancelled before it started.")
-        was_loaded = self.loader.is_loaded
+        was_loaded, plan = self.loader.is_loaded, self.loader.plan
         pipe = self.loader.load()
         timings = {"load_s": 0.0 if was_loaded else time.perf_counter() - started}
+        if self.loader.plan != plan:  # the load fell back (OOM): the governor gets the smaller window now
+            request.decision = governor.clamp_image_size(width, height, **self.loader.governor_inputs())
+            if request.decision.message:
+                request.warnings.append(request.decision.message)
+                log.warning(f"generate: {request.decision.message}")
         retried = False
         try:
             images, run_timings = self._run(pipe, request, on_step, should_cancel)

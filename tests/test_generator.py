@@ -9,7 +9,7 @@ import diffusers
 import pytest
 import torch
 
-from qwen_core import loading
+from qwen_core import governor, loading
 from qwen_core.errors import (
     GenerationCancelled,
     InvalidInputError,
@@ -228,6 +228,27 @@ class TestOutOfMemory:
         assert torch.allclose(result.images, reference.images, atol=1e-5)
         assert any("decoded in tiles" in w for w in result.warnings)
         assert "decoding in tiles" in get_session_log().read_text()
+
+
+def test_load_fallback_shrinks_the_window_of_the_same_run(tiny_model_dir, monkeypatch):
+    get_residency_manager().release_all()
+    gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+    full = gen.loader.governor_inputs()
+    original = diffusers.QwenImagePipeline.from_pretrained.__func__
+    calls = []
+
+    def oom_once(cls, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(diffusers.QwenImagePipeline, "from_pretrained", classmethod(oom_once))
+    monkeypatch.setattr(gen.loader, "retry", loading.RetryPolicy(sleep=lambda s: None))
+    result = gen.generate("a mill", **FAST)
+    assert full["max_pixels"] is None and gen.loader.plan.pixel_scale == 0.75
+    expected = int(governor.max_pixels(None, "fp32", "model_offload") * 0.75)
+    assert result.decision.max_pixels == expected
 
 
 class TestValidation:
