@@ -52,8 +52,17 @@ def model_choices() -> list[str]:
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
-    real = os.path.realpath(path)
-    return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots)
+    """Lexically inside a root ('..' resolved). Like qwen_core.paths, a symlink the user placed inside the
+    model folder (e.g. to another disk) is trusted; the pack itself never creates links."""
+    full = os.path.abspath(path)
+    for root in roots:
+        base = os.path.abspath(root)
+        try:
+            if os.path.commonpath([full, base]) == base:
+                return True
+        except ValueError:  # different drives on Windows
+            continue
+    return False
 
 
 def validate_float(name: str, value: float | None, low: float, high: float) -> bool | str:

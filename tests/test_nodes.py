@@ -146,6 +146,11 @@ class TestNodesOnTinyPipeline:
     def test_loader_refuses_paths_outside_the_model_folders(self, models_home: Path, tiny_model_dir: Path) -> None:
         with pytest.raises(InvalidInputError, match="model_path"):
             QwenImageLoader().load("qwen-image-tiny", "auto", "auto", "auto", model_path=str(tiny_model_dir))
+        with pytest.raises(InvalidInputError, match="model_path"):  # '..' cannot climb out of the store
+            QwenImageLoader().load("x", "auto", "auto", "auto", model_path=f"{models_home}/../../{tiny_model_dir.name}")
+        # A link the user placed inside the store (e.g. to another disk) is trusted, like in qwen_core.paths.
+        (handle,) = QwenImageLoader().load("x", "auto", "auto", "auto", model_path=str(models_home / "qwen-image-tiny"))
+        assert handle.path == str(models_home / "qwen-image-tiny")
         with pytest.raises(InvalidInputError, match="model"):
             QwenImageLoader().load("missing-model", "auto", "auto", "auto")
 
