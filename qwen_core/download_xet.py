@@ -13,6 +13,9 @@ import os
 import requests
 
 from qwen_core.download_http import (
+    EXIT_AUTH,
+    EXIT_NETWORK,
+    EXIT_NOT_FOUND,
     EXIT_VERIFY,
     FileOutcome,
     Job,
@@ -58,8 +61,11 @@ def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
             write_record(remote, final, stage, job.commit)
             job.add(remote.size)
             return FileOutcome(remote.path, "present", 0)
-        got = hf_hub_download(job.repo_id, remote.path, revision=job.commit, local_dir=job.root,
-                              endpoint=job.endpoint, token=job.token or False)
+        try:
+            got = hf_hub_download(job.repo_id, remote.path, revision=job.commit, local_dir=job.root,
+                                  endpoint=job.endpoint, token=job.token or False)
+        except Exception as err:  # huggingface_hub/hf_xet errors -> our exit codes, with the http way out
+            raise _as_download_error(remote, err) from err
         if os.path.realpath(got) != os.path.realpath(final) or not verify_existing(remote, final):
             final.unlink(missing_ok=True)
             raise DownloadError(f"{remote.path}: the file hf_xet/huggingface_hub wrote does not match the repo's "
@@ -68,3 +74,10 @@ def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
         write_record(remote, final, stage, job.commit)
         job.add(remote.size, remote.size)
         return FileOutcome(remote.path, "downloaded", remote.size)
+
+
+def _as_download_error(remote: RemoteFile, err: Exception) -> DownloadError:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    code = EXIT_AUTH if status in (401, 403) else EXIT_NOT_FOUND if status == 404 else EXIT_NETWORK
+    return DownloadError(f"{remote.path}: the xet engine failed ({type(err).__name__}: {err}).",
+                         fix="Run again with --engine http: it resumes partial files across runs.", exit_code=code)

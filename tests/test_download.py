@@ -448,6 +448,20 @@ class TestEngines:
         for path, data in files.items():
             assert (tmp_path / path).read_bytes() == data and not (tmp_path / path).is_symlink()
 
+    def test_xet_engine_failure_is_a_clear_download_error(self, hub: HubServer, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+        import huggingface_hub
+
+        def broken(*args: object, **kwargs: object) -> str:
+            raise RuntimeError("CAS reconstruction failed")  # what an hf_xet failure looks like to us
+
+        make_repo(hub)
+        hub.faults.xet = True
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", broken)
+        with pytest.raises(DownloadError) as info:
+            get(hub, tmp_path, engine="xet", allow_patterns="*.safetensors")
+        assert info.value.exit_code == EXIT_NETWORK and "--engine http" in str(info.value)
+
     def test_disk_full_is_a_clean_stop(self, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         import errno
 
