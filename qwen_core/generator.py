@@ -257,20 +257,7 @@ class QwenImageGenerator:
             if request.decision.message:
                 request.warnings.append(request.decision.message)
                 log.warning(f"generate: {request.decision.message}")
-        retried = False
-        try:
-            images, run_timings = self._run(pipe, request, on_step, should_cancel)
-        except _NonFiniteLatents as err:
-            retried = True
-            backend = self.loader.attention_backend
-            if backend == SDPA:
-                raise self._nan_error(err) from None
-            log.warning(f"generate: {err} with attention '{backend}'; retrying once with SDPA")
-            self.loader.switch_to_sdpa(f"'{backend}' produced NaN/Inf latents")
-            try:
-                images, run_timings = self._run(pipe, request, on_step, should_cancel)
-            except _NonFiniteLatents as again:
-                raise self._nan_error(again) from None
+        images, run_timings, retried = self._run_with_sdpa_retry(pipe, request, on_step, should_cancel)
         timings.update(run_timings)
         timings["total_s"] = time.perf_counter() - started
         d = request.decision
@@ -283,6 +270,23 @@ class QwenImageGenerator:
             true_cfg_scale=request.true_cfg_scale, timings=timings, attention_backend=self.loader.attention_backend,
             retried_with_sdpa=retried, warnings=request.warnings,
         )  # fmt: skip
+
+    def _run_with_sdpa_retry(
+        self, pipe: Any, request: GenerationRequest, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None
+    ) -> tuple[torch.Tensor, dict[str, float], bool]:
+        """``_run``; on NaN/Inf latents switch to SDPA (for the process) and run once more."""
+        try:
+            return (*self._run(pipe, request, on_step, should_cancel), False)
+        except _NonFiniteLatents as err:
+            backend = self.loader.attention_backend
+            if backend == SDPA:
+                raise self._nan_error(err) from None
+            get_session_log().warning(f"generate: {err} with attention '{backend}'; retrying once with SDPA")
+            self.loader.switch_to_sdpa(f"'{backend}' produced NaN/Inf latents")
+        try:
+            return (*self._run(pipe, request, on_step, should_cancel), True)
+        except _NonFiniteLatents as again:
+            raise self._nan_error(again) from None
 
     def _check_callables_and_kind(self, on_step: object, should_cancel: object) -> None:
         for name, fn in (("on_step", on_step), ("should_cancel", should_cancel)):
