@@ -20,6 +20,7 @@ Every attempt is in ``loader.attempts`` and in the session log. Safety: ``use_sa
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import random
@@ -250,6 +251,18 @@ class PipelineLoader:
         """A pipeline whose placement failed (e.g. OOM half way to the GPU): nothing of it may survive."""
         _release(pipe)
 
+    def rechoose_auto_mode(self, plan: LoadPlan) -> LoadPlan:
+        """``plan`` with the auto memory mode decided again from a fresh free-VRAM reading (CUDA only)."""
+        if not self.device_config.device.startswith("cuda"):
+            return plan
+        free = devices.probe_hardware(self.device_config.device).vram_free_gb
+        config = dataclasses.replace(self.device_config, vram_free_gb=free)
+        mode, reason = choose_memory_mode(self.folder, config, plan.dtype)
+        if mode is not plan.memory_mode:
+            get_session_log().info(f"loader: auto memory mode now {mode.value} (was {plan.memory_mode.value}): {reason}")
+            self.memory_mode_reason = reason
+        return dataclasses.replace(plan, memory_mode=mode)
+
     def wanted_attention(self) -> str:
         return SDPA if sdpa_forced() else self.device_config.attention_backend
 
@@ -295,6 +308,11 @@ def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None =
     (with every attempt listed) when the ladder or the attempt budget is exhausted."""
     log, policy, rng = get_session_log(), loader.retry, rng or random.Random()
     plan = loader.plan
+    if loader.memory_mode_choice is MemoryMode.AUTO and not loader.attempts and loader.device_config.device.startswith("cuda"):
+        # The first load of an "auto" loader: let ComfyUI free what it holds for the heaviest mode, then
+        # decide the mode from the free VRAM of now, not of when the handle was made.
+        _run_before_load_hooks(_estimate_device_bytes(loader.folder, dataclasses.replace(plan, memory_mode=MemoryMode.GPU)))
+        plan = loader.rechoose_auto_mode(plan)
     for number in range(1, policy.max_attempts + 1):
         start = time.perf_counter()
         _run_before_load_hooks(_estimate_device_bytes(loader.folder, plan))

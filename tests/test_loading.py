@@ -13,7 +13,7 @@ import diffusers
 import pytest
 import torch
 
-from qwen_core import governor, load_policy, loading
+from qwen_core import devices, governor, load_policy, loading
 from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
 from qwen_core.loading import (
     LoadPlan,
@@ -257,6 +257,17 @@ class TestMemoryModes:
         monkeypatch.setattr(load_policy, "streaming_available", lambda: streaming)
         cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=free_gb, vram_total_gb=80.0)
         assert choose_memory_mode(folder, cfg, torch.bfloat16)[0] is mode
+
+    @pytest.mark.parametrize(("free_now", "mode"), [(80.0, MemoryMode.GPU), (45.0, MemoryMode.MODEL_OFFLOAD)])
+    def test_auto_is_decided_again_at_first_load_from_fresh_free_vram(self, tiny_model_dir, monkeypatch, free_now, mode):
+        loader, _ = _loader(tiny_model_dir)
+        sizes = {"transformer": 20.43e9, "text_encoder": 8.29e9, "vae": 0.127e9}
+        monkeypatch.setattr(type(loader.folder), "num_params", lambda self, name: int(sizes.get(name, 0)))
+        loader.device_config = dataclasses.replace(loader.device_config, device="cuda", vram_free_gb=10.0, vram_total_gb=80.0)
+        probe = devices.HardwareProbe(cuda_available=True, vram_total_gb=80.0, vram_free_gb=free_now)
+        monkeypatch.setattr(devices, "probe_hardware", lambda device="cuda": probe)
+        plan = loader.rechoose_auto_mode(LoadPlan(MemoryMode.GROUP_OFFLOAD, torch.bfloat16, pixel_scale=0.5))
+        assert plan.memory_mode is mode and plan.pixel_scale == 0.5
 
     def test_offload_modes_on_cpu_stay_resident(self, tiny_model_dir):
         loader, _ = _loader(tiny_model_dir, memory_mode="sequential")
