@@ -186,11 +186,11 @@ def on_unload_models(callback: Callable[[], None]) -> bool:
     ComfyUI has no public event for this; main.py calls ``model_management.unload_all_models()`` for
     /free, so we wrap that function once. Returns False headless (nothing to hook).
     """
-    if model_management is None:
+    original = getattr(model_management, "unload_all_models", None)
+    if original is None:  # headless, or a ComfyUI without this function: nothing to hook
         return False
     if callback not in _free_hooks:
         _free_hooks.append(callback)
-    original = model_management.unload_all_models
     if getattr(original, "_qwen_image_hook", False):
         return True
 
