@@ -64,14 +64,13 @@ class DownloadProgress:
     """What the progress callback receives (about 4 times a second and once at the end)."""
 
     repo_id: str
-    phase: str  # "resolving" | "verifying" | "downloading" | "done"
+    phase: str  # "resolving" (listing the repo) | "downloading" | "done"
     bytes_done: int  # includes bytes already present or resumed, so the bar never jumps backwards on resume
     bytes_total: int
     files_done: int
     files_total: int
     bytes_per_s: float  # network speed over the last ~5 s
     eta_s: float | None
-    current: str | None = None  # one file being worked on (for a status line)
 
     @property
     def fraction(self) -> float:
