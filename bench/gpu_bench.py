@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--neg-tokens", type=int, default=12, help="negative prompt length of the masked case")
     p.add_argument("--caps", default="16,24,12", help="memory caps (GiB) for the streamed engine")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--backends", default="", help="comma list limiting the attention backends tried")
+    p.add_argument("--profile", action="store_true", help="kernel-time breakdown of the compiled forward")
+    p.add_argument("--fp8-compile-mode", default=None, help="torch.compile mode for the fp8 path")
+    p.add_argument("--stream-margin-gib", type=float, default=2.0,
+                   help="streamed+compiled: plan for cap minus this (compiled graphs keep workspaces)")
     args = p.parse_args(argv)
     if args.tiny:
         args.size = min(args.size, 128)

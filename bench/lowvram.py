@@ -242,8 +242,10 @@ def section_streamed_compiled(ctx: Context) -> None:
     a, R = ctx.args, ctx.R
     cap = float(a.caps.split(",")[0])
     hs, (ec, eu), shapes = make_inputs(ctx, a.size, [a.text_tokens, a.text_tokens])
-    h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=_budget(ctx, cap), max_pixels=a.size**2,
+    plan_budget = max(_budget(ctx, cap) - a.stream_margin_gib, 1e-4)
+    h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=plan_budget, max_pixels=a.size**2,
                                 act_gib_per_mpix=ctx.act.get("gib_per_mpix"))
+    R.set("streamed_compiled", "planned_budget_gib", plan_budget)
     compile_blocks(ctx.t)
     try:
         with C.memory_cap(_cap(ctx, cap)):

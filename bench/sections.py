@@ -171,7 +171,8 @@ def section_full(ctx: Context) -> None:
     hs, (ec, eu), shapes = make_inputs(ctx, a.size, [a.text_tokens, a.text_tokens])
     _, (_, en), _ = make_inputs(ctx, a.size, [a.text_tokens, a.neg_tokens], seed=1)
     results: dict[str, Any] = {}
-    for b in BACKENDS:
+    wanted = [b for b in a.backends.split(",") if b] or list(BACKENDS)
+    for b in wanted:
         try:
             _set_backend(ctx, b)
             one = C.time_fn(lambda: fwd_single(ctx, hs, ec, shapes), reps=a.reps)
@@ -338,6 +339,8 @@ def section_compile(ctx: Context) -> None:
                  rel_err_vs_eager=rel_err(out.float().cpu(), ctx.ref_out) if ctx.ref_out is not None else None)
         R.set("compile", "batched", r)
         ctx.numbers["compiled_step_ms"] = r["median_ms"]
+        if a.profile and C.cuda():
+            R.set("compile", "profile_batched", profile_forward(lambda: fwd_batched(ctx, hs, [ec, eu], shapes)))
         if R.left() > 140:  # different prompt lengths: split attention under compile (one more graph)
             _, (_, en), _ = make_inputs(ctx, a.size, [a.text_tokens, a.neg_tokens], seed=1)
             t0 = time.perf_counter()
@@ -389,7 +392,8 @@ def section_fp8(ctx: Context) -> None:
         R.set("fp8", "eager_batched", r)
         ctx.numbers["fp8_step_ms"] = r["median_ms"]
         if R.left() > 80:
-            ctx.t.compile_repeated_blocks(fullgraph=True)
+            mode = a.fp8_compile_mode
+            ctx.t.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
             t0 = time.perf_counter()
             fwd_batched(ctx, hs, [ec, eu], shapes)
             C.sync()
@@ -399,10 +403,46 @@ def section_fp8(ctx: Context) -> None:
             rc.update(first_call_s=round(first, 1), per_image_s=round(rc["median_ms"] * STEPS / 1e3, 2),
                       rel_err_vs_bf16=rel_err(out.float().cpu(), ctx.ref_out) if ctx.ref_out is not None
                       else None)
+            rc["mode"] = mode or "default"
             R.set("fp8", "compiled_batched", rc)
+            if a.profile and C.cuda():
+                R.set("fp8", "profile_batched", profile_forward(lambda: fwd_batched(ctx, hs, [ec, eu], shapes)))
             ctx.numbers["fp8_compiled_step_ms"] = rc["median_ms"]
     finally:
         torch._dynamo.reset()
         for block in ctx.t.transformer_blocks:
             block._compiled_call_impl = None
         h.disable()
+
+
+_CATEGORIES = (("attention", ("flash", "fmha", "attention", "cudnn", "sdpa")),
+               ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "_mm_", "scaled_mm", "wgmma", "sm90")),
+               ("fused_elementwise_triton", ("triton",)))
+
+
+def profile_forward(fn: Any) -> dict[str, Any]:
+    """GPU kernel time of one call by category, the busy fraction (launch gaps) and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    C.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        C.sync()
+        wall = (time.perf_counter() - t0) * 1e3
+    cats: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type.name != "CUDA":
+            continue
+        ms = ev.device_time / 1e3 if hasattr(ev, "device_time") else ev.cuda_time / 1e3
+        name = ev.name.lower()
+        cat = next((c for c, keys in _CATEGORIES if any(k in name for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ms
+        kernels[ev.name[:90]] = kernels.get(ev.name[:90], 0.0) + ms
+    busy = sum(cats.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return {"wall_ms": round(wall, 1), "kernel_ms": round(busy, 1), "busy_fraction": round(busy / wall, 3),
+            "by_category_ms": {k: round(v, 1) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [(k, round(v, 1)) for k, v in top]}

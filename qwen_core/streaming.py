@@ -46,6 +46,8 @@ _FP8_MIN_NUMEL = 1 << 16  # only large matrices are worth quantising; norms and 
 DEFAULT_ACT_GIB_PER_MPIX = 1.2
 FIXED_OVERHEAD_GIB = 0.75  # CUDA context slack, allocator fragmentation, VAE, small tensors
 MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
+# The H100 measurement (bench/gpu_bench.py); used for the activation reserve until the governor's file exists.
+MEASURED_MODEL_PATH = MEMORY_MODEL_PATH.with_name("memory_model.measured.json")
 
 
 def _align(n: int) -> int:
@@ -369,12 +371,14 @@ class StreamingPlan:
 
 def _model_slope(key: str, default: float, path: Path | None = None) -> float:
     """``gib_per_mpix`` of one entry of presets/memory_model.json, else ``default``."""
-    try:
-        data = json.loads((path or MEMORY_MODEL_PATH).read_text())
-        data = data.get("entries", data)
-        return float(data[key]["gib_per_mpix"])
-    except (OSError, KeyError, ValueError, TypeError, AttributeError):
-        return default
+    for candidate in ([path] if path else [MEMORY_MODEL_PATH, MEASURED_MODEL_PATH]):
+        try:
+            data = json.loads(candidate.read_text())
+            data = data.get("entries", data)
+            return float(data[key]["gib_per_mpix"])
+        except (OSError, KeyError, ValueError, TypeError, AttributeError):
+            continue
+    return default
 
 
 def activation_gib_per_mpix(dtype: str = "bf16", path: Path | None = None) -> float:
