@@ -50,6 +50,7 @@ class Comfy:
     base: Path
     reports: Path
     log: Path
+    hub: HubServer
 
     def get(self, path: str) -> Any:
         with urllib.request.urlopen(self.url + path, timeout=30) as response:
@@ -111,7 +112,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
                "--disable-auto-launch", "--extra-model-paths-config", str(base / "extra_model_paths.yaml")]
         with log.open("w") as out:
             proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, env=env, stdout=out, stderr=subprocess.STDOUT)
-        server = Comfy(f"http://127.0.0.1:{port}", base, reports, log)
+        server = Comfy(f"http://127.0.0.1:{port}", base, reports, log, hub)
         try:
             _wait_until_up(server, proc)
             yield server
@@ -233,3 +234,35 @@ def test_nan_is_refused_by_validation_naming_the_input(comfy: Comfy) -> None:
     assert errors[0]["extra_info"]["input_name"] == "true_cfg_scale" and "finite" in errors[0]["details"]
     saver = next(k for k, n in api.items() if n["class_type"] == "SaveImage")
     assert saver in answer["node_errors"][generate]["dependent_outputs"]  # that branch does not run
+
+
+def test_download_cancel_keeps_partials_and_the_next_run_resumes(comfy: Comfy) -> None:
+    data = bytes(range(256)) * 23_437  # ~6 MB
+    size = len(data)
+    comfy.hub.add_repo("local/slow", {"weights.safetensors": data})
+    comfy.hub.faults.rate_bps = 1_000_000  # ~6 s: Cancel lands mid-file
+    api = {
+        "1": {"class_type": "QwenImageDownloader", "inputs": {"repo_id": "local/slow", "revision": "main",
+              "allow_patterns": "", "ignore_patterns": "", "workers": 1, "endpoint": ""}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
+    }
+    comfy.hub.reset_counters()
+    try:
+        prompt_id = comfy.queue(api)
+        end = time.monotonic() + 30
+        while time.monotonic() < end and comfy.hub.total_served() < size // 5:
+            time.sleep(0.1)
+        comfy.post("/interrupt", {})
+        entry = comfy.wait(prompt_id)
+    finally:
+        comfy.hub.faults.rate_bps = None
+    interrupted = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"]
+    assert interrupted and interrupted[0]["node_type"] == "QwenImageDownloader"
+    target = comfy.base / "models" / "diffusers" / "local" / "slow"
+    partial = sum(p.stat().st_size for p in target.rglob("*.part"))
+    assert 0 < partial < size, "the partial file is kept for resume"
+    again = comfy.wait(comfy.queue(api))
+    assert again["status"]["status_str"] == "success"
+    report = again["outputs"]["2"]["text"][0]
+    assert "1 resumed" in report and (target / "weights.safetensors").read_bytes() == data
+    assert f"{size - partial:,} fetched" in report, "only the missing bytes were fetched"
