@@ -178,6 +178,7 @@ def send_text(node_id: str | None, text: str) -> None:
 
 
 _free_hooks: list[Callable[[], None]] = []
+_pressure_hooks: list[Callable[[], object]] = []
 
 
 def on_unload_models(callback: Callable[[], None]) -> bool:
@@ -206,4 +207,36 @@ def on_unload_models(callback: Callable[[], None]) -> bool:
 
     unload_all_models._qwen_image_hook = True  # type: ignore[attr-defined]
     model_management.unload_all_models = unload_all_models
+    return True
+
+
+def on_memory_pressure(release: Callable[[], object]) -> bool:
+    """Let ComfyUI's own loads evict our model when unloading its models was not enough.
+
+    ComfyUI's model management does not know our pipeline, so before loading one of its models (an
+    upscaler after our Generate, say) it could only unload its own and then run out of memory. We wrap
+    ``model_management.free_memory`` once: after ComfyUI freed what it could, if the device still lacks
+    the memory asked for, ``release()`` drops our resident model too. Returns False headless.
+    """
+    original = getattr(model_management, "free_memory", None)
+    get_free = getattr(model_management, "get_free_memory", None)
+    if original is None or get_free is None:
+        return False
+    if release not in _pressure_hooks:
+        _pressure_hooks.append(release)
+    if getattr(original, "_qwen_image_hook", False):
+        return True
+
+    def free_memory(memory_required: float, device: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(memory_required, device, *args, **kwargs)
+        try:
+            if get_free(device) < memory_required:
+                for hook in list(_pressure_hooks):
+                    hook()
+        except Exception:  # never break ComfyUI's own memory management
+            log.exception("Qwen-Image: releasing the resident model under memory pressure failed")
+        return result
+
+    free_memory._qwen_image_hook = True  # type: ignore[attr-defined]
+    model_management.free_memory = free_memory
     return True

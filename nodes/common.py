@@ -160,7 +160,8 @@ _hooks_installed = False
 
 
 def install_comfy_hooks() -> None:
-    """Once per process: free ComfyUI's models before ours load; release ours on ComfyUI's /free."""
+    """Once per process: free ComfyUI's models before ours load; release ours on ComfyUI's /free and when
+    ComfyUI needs memory for its own models that unloading its models did not give it."""
     global _hooks_installed
     with _hooks_lock:
         if _hooks_installed:
@@ -169,4 +170,5 @@ def install_comfy_hooks() -> None:
 
         loading.add_before_load_hook(bridge.free_comfy_memory)
         bridge.on_unload_models(release_resident)
+        bridge.on_memory_pressure(release_resident)
         _hooks_installed = True

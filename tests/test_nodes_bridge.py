@@ -33,6 +33,7 @@ class FakeComfy:
     def __init__(self, dirs: list[Path], output: Path) -> None:
         self.dirs, self.output = dirs, output
         self.interrupt = False
+        self.free_bytes = 10**12  # what get_free_memory reports
         self.freed: list[int] = []
         self.soft_empty = 0
         self.unloaded = 0
@@ -63,7 +64,8 @@ class FakeComfy:
         mm.InterruptProcessingException = InterruptProcessingException
         mm.OOM_EXCEPTION = MemoryError
         mm.get_torch_device = lambda: "cpu"
-        mm.free_memory = lambda needed, device, keep_loaded=(): fake.freed.append(int(needed))
+        mm.free_memory = lambda needed, device, keep_loaded=(): fake.freed.append(int(min(needed, 2**62)))
+        mm.get_free_memory = lambda device=None, torch_free_too=False: fake.free_bytes
         mm.soft_empty_cache = lambda force=False: setattr(fake, "soft_empty", fake.soft_empty + 1)
         mm.processing_interrupted = lambda: fake.interrupt
         mm.interrupt_current_processing = lambda value=True: setattr(fake, "interrupt", value)
@@ -200,6 +202,17 @@ class TestInsideComfyUI:
         assert get_residency_manager().resident_keys()
         sys.modules["comfy.model_management"].unload_all_models()  # what /free {"unload_models": true} runs
         assert comfy.unloaded == 1 and get_residency_manager().resident_keys() == []
+
+    def test_comfy_loading_its_own_model_under_pressure_evicts_ours(self, comfy: FakeComfy) -> None:
+        (handle,) = QwenImageLoader().load("qwen-image-tiny", "auto", "auto", "auto")
+        QwenImageGenerate().generate(handle, "a cat", "", 32, 32, 1, 1.0, 0, 1)
+        mm = sys.modules["comfy.model_management"]
+        mm.free_memory(2 * 1024**3, "cpu")  # enough memory left after ComfyUI's own unloading: ours stays
+        assert get_residency_manager().resident_keys()
+        comfy.free_bytes = 1024**3  # still short after ComfyUI unloaded its models
+        mm.free_memory(2 * 1024**3, "cpu")
+        assert get_residency_manager().resident_keys() == []
+        assert comfy.freed[-1] == 2 * 1024**3, "ComfyUI's own free_memory still ran"
 
     def test_download_progress_in_bytes_and_cancel_keeps_partials(self, comfy: FakeComfy, hub: Any,
                                                                   tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
