@@ -11,6 +11,8 @@ venv; the test uses it when present and skips with that reason otherwise. Create
     python3 -m venv ~/.cache/qwen-image-tests/olah-venv
     ~/.cache/qwen-image-tests/olah-venv/bin/pip install olah
 
+(scripts/test.sh does this for you in <repo>/.venv-olah and sets QWEN_OLAH_PYTHON),
+
 or point QWEN_OLAH_PYTHON at a Python that has olah installed.
 """
 
