@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching
 from qwen_core.errors import InvalidInputError
 from qwen_core.streaming import (
     ModuleStreamer,
@@ -102,7 +101,8 @@ class TestPipeline:
     def test_streamed_pipeline_equals_resident(self, pipe: Any) -> None:
         ref = self._run(pipe)
         # One slot for the tiny model's two blocks, so they really take turns.
-        handle = enable_streamed_offload(pipe, "cpu", budget_gib=1e-4, max_pixels=64 * 64, num_slots=1)
+        handle = enable_streamed_offload(pipe, "cpu", budget_gib=1e-4, max_pixels=64 * 64, num_slots=1,
+                                         cfg_batching=False)
         try:
             assert handle.plan.resident == () and len(handle.plan.streamed) == 2
             out1, out2 = self._run(pipe), self._run(pipe)
@@ -117,17 +117,17 @@ class TestPipeline:
 
     def test_streamed_with_batched_cfg(self, pipe: Any) -> None:
         ref = self._run(pipe)
-        enable_cfg_batching(pipe)
         handle = enable_streamed_offload(pipe, "cpu", budget_gib=1e-4, max_pixels=64 * 64, num_slots=1)
         try:
+            assert handle.cfg_batcher is not None  # on by default: streaming pays per forward
             out = self._run(pipe)
             loads = handle.transformer.stats["loads"]
         finally:
             disable_streamed_offload(pipe)
-            disable_cfg_batching(pipe)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         # Priming loads 1 block, then each of the 2 steps moves both blocks once (not once per CFG branch).
         assert loads == 1 + 2 * 2
+        assert "forward" not in pipe.transformer.__dict__  # disable removed the batching wrapper too
 
     def test_large_budget_keeps_everything_resident(self, pipe: Any) -> None:
         handle = enable_streamed_offload(pipe, "cpu", budget_gib=64.0, max_pixels=64 * 64)
