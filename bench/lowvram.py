@@ -57,7 +57,8 @@ def _streamed_point(ctx: Context, cap: float, fp8: bool, hs: Any, ec: Any, eu: A
     R.set("streamed", f"{key}_plan", {
         "summary": h.plan.summary(), "resident": len(h.plan.resident), "streamed": len(h.plan.streamed),
         "enable_s": round(time.perf_counter() - t0, 1), "vae_tiling": h.vae_tiling,
-        "device_gib_after_enable": C.allocated_gib(), "notes": list(h.plan.notes)})
+        "device_gib_after_enable": C.allocated_gib(), "notes": list(h.plan.notes),
+        "pinning": dict(__import__("qwen_core.streaming", fromlist=["PIN_STATS"]).PIN_STATS)})
     try:
         with C.memory_cap(_cap(ctx, cap)):
             C.reset_peak()

@@ -96,9 +96,11 @@ def _pinned_host_buffer(nbytes: int) -> torch.Tensor:
         rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
         if int(getattr(rc, "value", rc)) == 0:
             _REGISTERED[buf.data_ptr()] = nbytes
+            PIN_STATS["registered"] += 1
             return buf
     except (AttributeError, RuntimeError, TypeError):
         pass
+    PIN_STATS["pin_memory"] += 1
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
@@ -108,6 +110,7 @@ def _unpin(buf: torch.Tensor | None) -> None:
 
 
 _REGISTERED: dict[int, int] = {}
+PIN_STATS = {"registered": 0, "pin_memory": 0}  # how host buffers were page-locked (bench reports it)
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -318,8 +321,10 @@ class ModuleStreamer:
         _unpin(getattr(self, "host", None))
 
     @torch.no_grad()
-    def remove(self) -> None:
-        """Remove the hooks and give every streamed module real parameters on ``device`` again."""
+    def remove(self, target: torch.device | None = None) -> None:
+        """Remove the hooks and give every streamed module real parameters on ``target`` (default: the
+        device); restoring to the CPU never needs the streamed part to fit on the GPU."""
+        target = self.device if target is None else torch.device(target)
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -329,9 +334,9 @@ class ModuleStreamer:
             lay = self._layouts[i]
             for e in lay.entries:
                 base = lay.host_base
-                raw = self.host[base + e.host_off: base + e.host_off + e.nbytes].to(self.device)
+                raw = self.host[base + e.host_off: base + e.host_off + e.nbytes].to(target)
                 if e.fp8:
-                    scale = self.host[base + e.scale_off: base + e.scale_off + e.shape[0] * 4].to(self.device)
+                    scale = self.host[base + e.scale_off: base + e.scale_off + e.shape[0] * 4].to(target)
                     w = raw.view(_FP8).view(e.shape).to(e.dtype) * scale.view(torch.float32).to(e.dtype)[:, None]
                 else:
                     w = raw.view(e.dtype).view(e.shape).clone()
@@ -424,9 +429,15 @@ class StreamingHandle:
     text_encoder: ModuleStreamer | None
     vae_tiling: bool
     cfg_batcher: Any = None
+    max_pixels: int = 1328 * 1328
+    options: dict[str, Any] = field(default_factory=dict)
+    hook: Any = None
 
     def disable(self, restore_device: str | torch.device | None = None) -> None:
         target = torch.device(restore_device) if restore_device is not None else self.device
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
         if self.cfg_batcher is not None:
             from qwen_core.cfg_batch import disable_cfg_batching
 
@@ -434,7 +445,7 @@ class StreamingHandle:
             self.cfg_batcher = None
         for streamer in (self.transformer, self.text_encoder):
             if streamer is not None:
-                streamer.remove()
+                streamer.remove(target if target.type == "cpu" else None)
         if target != self.device:
             for name in ("transformer", "text_encoder", "vae"):
                 comp = getattr(self.pipe, name, None)
@@ -442,6 +453,33 @@ class StreamingHandle:
                     comp.to(target)
         if getattr(self.pipe, "_qwen_streaming", None) is self:
             self.pipe._qwen_streaming = None
+
+    def replan(self, max_pixels: int) -> StreamingHandle:
+        """Re-plan for a larger image: fewer resident blocks, a bigger activation reserve (seconds, once).
+
+        Everything goes back to the host first, so the re-plan never needs more device memory than the plan.
+        The batched-CFG wrapper stays installed (a pipeline call in flight keeps batching).
+        """
+        batcher, self.cfg_batcher = self.cfg_batcher, None
+        self.disable(restore_device="cpu")
+        new = enable_streamed_offload(self.pipe, self.device, max_pixels=max_pixels,
+                                      **{**self.options, "cfg_batching": False})
+        new.cfg_batcher = batcher
+        new.replans = getattr(self, "replans", 0) + 1
+        return new
+
+    def _check_capacity(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook: an image larger than planned would not fit beside the resident blocks."""
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        if not isinstance(hs, torch.Tensor) or hs.ndim != 3 or not self.plan.resident:
+            return
+        # The reserve was planned for one batched cond+uncond forward at max_pixels. A batcher that will double
+        # this call counts twice; 16x16 image pixels per token (VAE /8, patch 2).
+        batcher = getattr(self.pipe, "_qwen_cfg_batcher", None)
+        rows = hs.shape[0] * (2 if batcher is not None and batcher.active else 1)
+        pixels = rows * hs.shape[1] * 256 // 2
+        if pixels > self.max_pixels:
+            self.replan(pixels)
 
 
 def _move_except(root: nn.Module, exclude: Sequence[nn.Module], device: torch.device) -> None:
@@ -494,7 +532,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
                             act_gib_per_mpix: float | None = None, cfg_batching: bool = True) -> StreamingHandle:
     """Run ``pipe`` (a diffusers Qwen-Image pipeline) within ``budget_gib`` of device memory.
 
-    ``max_pixels`` sizes the activation reserve (the largest image you will ask for). ``fp8`` stores the
+    ``max_pixels`` sizes the activation reserve (the largest image you will ask for; a larger one triggers a
+    one-time re-plan with fewer resident blocks, see ``StreamingHandle.replan``). ``fp8`` stores the
     streamed blocks in float8 (lossy, half the PCIe bytes). ``vae_tiling=None`` decides from the budget.
     ``act_gib_per_mpix`` overrides the measured activation slope (the bench passes its fresh measurement).
     ``cfg_batching`` (default on) installs ``qwen_core.cfg_batch`` so both CFG branches share one pass of
@@ -530,7 +569,11 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling)
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # hand back the segments the streamed weights occupied
-    handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling)
+    handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling, max_pixels=max_pixels,
+                             options=dict(budget_gib=budget, fp8=fp8, num_slots=num_slots, vae_tiling=vae_tiling,
+                                          stream_text_encoder=stream_text_encoder,
+                                          act_gib_per_mpix=act_gib_per_mpix))
+    handle.hook = transformer.register_forward_pre_hook(handle._check_capacity, with_kwargs=True)
     if cfg_batching:
         from qwen_core.cfg_batch import enable_cfg_batching
 
