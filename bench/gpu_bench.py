@@ -31,7 +31,7 @@ import sections as S  # noqa: E402
 from qwen_core import fullsize  # noqa: E402
 
 ALL = ("env", "te_vae", "full", "memory", "e2e", "streamed", "compile", "governor", "streamed_compiled", "fp8",
-       "group_offload")
+       "group_offload", "replan")
 SECTIONS = {name: getattr(S, f"section_{name}", None) or getattr(lowvram, f"section_{name}") for name in ALL}
 
 

@@ -275,3 +275,32 @@ def section_streamed_compiled(ctx: Context) -> None:
         torch._dynamo.reset()
         h.disable(restore_device=ctx.dev)
         C.reset_peak()
+
+
+def section_replan(ctx: Context) -> None:
+    """The real pipeline in the first cap at a size above the engine's plan: it must re-plan, not OOM."""
+    a, R = ctx.args, ctx.R
+    cap = float(a.caps.split(",")[0])
+    size = 1664 if C.cuda() else 96
+    h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=_budget(ctx, cap), max_pixels=a.size**2)
+    R.set("replan", "plan_before", h.plan.summary())
+    prompt, neg = make_prompt(ctx.pipe, a.text_tokens), make_prompt(ctx.pipe, a.neg_tokens)
+    try:
+        with C.memory_cap(_cap(ctx, cap)):
+            saved, a.size = a.size, size
+            try:
+                r = run_pipeline(ctx, prompt, neg, steps=2)
+            finally:
+                a.size = saved
+        now = ctx.pipe._qwen_streaming
+        r.update(size=size, replans=getattr(now, "replans", 0), plan_after=now.plan.summary())
+        R.set("replan", f"cap{cap:g}_{size}", r)
+    except Exception as err:  # noqa: BLE001
+        if not C.is_oom(err):
+            raise
+        R.set("replan", f"cap{cap:g}_{size}", {"oom": True, "error": str(err)[:400]})
+    finally:
+        handle = ctx.pipe._qwen_streaming
+        if handle is not None:
+            handle.disable(restore_device=ctx.dev)
+        C.reset_peak()

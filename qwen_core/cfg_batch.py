@@ -84,6 +84,10 @@ class CfgBatcher:
         self.stats["batched"] += 1
         return _as_output(cond, kwargs.get("return_dict", True))
 
+    def would_batch(self, kwargs: dict[str, Any]) -> bool:
+        """True when a call with these kwargs will run as a doubled (cond+uncond) batch."""
+        return self.active and self._negative_for(kwargs.get("encoder_hidden_states")) is not None
+
     # -- helpers -----------------------------------------------------------------------------------
     def _lengths(self, items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[int, ...] | None:
         key = tuple(id(m) if m is not None else (id(e), e.shape[1]) for e, m in items)

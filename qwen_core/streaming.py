@@ -476,7 +476,7 @@ class StreamingHandle:
         # The reserve was planned for one batched cond+uncond forward at max_pixels. A batcher that will double
         # this call counts twice; 16x16 image pixels per token (VAE /8, patch 2).
         batcher = getattr(self.pipe, "_qwen_cfg_batcher", None)
-        rows = hs.shape[0] * (2 if batcher is not None and batcher.active else 1)
+        rows = hs.shape[0] * (2 if batcher is not None and batcher.would_batch(kwargs) else 1)
         pixels = rows * hs.shape[1] * 256 // 2
         if pixels > self.max_pixels:
             self.replan(pixels)
