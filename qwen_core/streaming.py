@@ -44,7 +44,10 @@ _FP8_MIN_NUMEL = 1 << 16  # only large matrices are worth quantising; norms and 
 # Activation memory per megapixel for a batched (cond+uncond) bf16 forward, used when presets/memory_model.json
 # has no measurement yet; deliberately on the high side.
 DEFAULT_ACT_GIB_PER_MPIX = 1.2
-FIXED_OVERHEAD_GIB = 0.75  # CUDA context slack, allocator fragmentation, VAE, small tensors
+# Allocator slack (reserved but unallocated: 0.75 GiB measured in a 16 GiB cap on H100), VAE weights, small
+# tensors. The CUDA context itself (~0.5 GiB) is outside a torch memory cap but inside a real card: callers
+# pass a budget below the card's size (the loader uses free memory x a fraction).
+FIXED_OVERHEAD_GIB = 1.5
 MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
 # The H100 measurement (bench/gpu_bench.py); used for the activation reserve until the governor's file exists.
 MEASURED_MODEL_PATH = MEMORY_MODEL_PATH.with_name("memory_model.measured.json")
@@ -550,7 +553,11 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     te_streamed, te_left = ([], [])
     if stream_text_encoder and getattr(pipe, "text_encoder", None) is not None:
         te_streamed, te_left = _text_encoder_modules(pipe.text_encoder)
-    te_ws_gib = num_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
+    # One slot for the text encoder: its biggest modules are the 1 GiB embedding and LM head, it runs once per
+    # prompt, and its compute (~40 ms) could not hide a second slot's copy anyway. A second 1 GiB slot made
+    # the text-encoder phase the peak in a 16 GiB cap (H100 run 4: OOM at 1664x1664).
+    te_slots = 1
+    te_ws_gib = te_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
     per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix()
     plan = plan_resident(len(blocks), max(module_bytes(b) for b in blocks),
                          module_bytes(transformer) - sum(module_bytes(b) for b in blocks), budget,
@@ -562,7 +569,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
         _move_except(pipe.text_encoder, te_streamed + te_left, dev)
         for m in te_left:  # the unused vision tower must not sit in the budget
             m.to("cpu")
-        te_streamer = ModuleStreamer(te_streamed, dev, [], num_slots=num_slots, release_slots=True)
+        te_streamer = ModuleStreamer(te_streamed, dev, [], num_slots=te_slots, release_slots=True)
         te_streamer.release()  # nothing of it stays on the device between prompts
     elif getattr(pipe, "text_encoder", None) is not None:
         pipe.text_encoder.to(dev)
