@@ -169,7 +169,8 @@ def section_governor(ctx: Context) -> None:
         if R.left() < 40:
             R.set("skipped", f"governor_cap{cap:g}", "time budget")
             continue
-        pixels = governor.max_pixels(cap, "bf16", "streamed", memory_model_path=path)
+        # The memory bound alone: the tier's time/quality window would hide how close it gets to OOM.
+        pixels = governor.memory_limit_pixels(cap, "bf16", "streamed", memory_model_path=path)[0]
         R.set("governor", f"cap{cap:g}", _check_cap(ctx, cap, pixels))
 
 

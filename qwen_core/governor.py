@@ -1,8 +1,10 @@
 """The pixel window governor: pick the largest safe image size before any compute.
 
-``max_pixels(vram_gb, dtype, memory_mode)`` is the single source of the limit. It uses the measured memory
-model in ``presets/memory_model.json`` when that file has an entry for "<memory_mode>/<dtype>", else the VRAM
-tier table from the presets. The memory model file is a JSON object::
+``max_pixels(vram_gb, dtype, memory_mode)`` is the single source of the limit: the smaller of two bounds.
+The hard bound is memory: the model measured on the GPU (bench/gpu_bench.py) in ``presets/memory_model.json``
+for "<memory_mode>/<dtype>" (``memory_limit_pixels``). The soft bound is the VRAM tier's pixel window from the
+presets: what a card of that class renders in a sensible time and at a size Qwen-Image was trained for. Without
+a measured entry only the tier window applies. The memory model file is a JSON object::
 
     {"gpu/bf16": {"base_gib": 40.1, "gib_per_mpix": 2.3, "headroom_gib": 1.5}, ...}
 
@@ -30,6 +32,8 @@ MIN_SIDE = 16
 ALIGN = 16
 DEFAULT_MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
 _MODEL_KEYS = ("base_gib", "gib_per_mpix", "headroom_gib")
+MIN_USEFUL_PIXELS = 256 * 256
+_LIGHTEST_MODES = ("streamed", "sequential")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,25 @@ def load_memory_model(path: str | os.PathLike | None = None) -> dict[str, dict[s
     return entries
 
 
+def memory_limit_pixels(
+    vram_gb: float,
+    dtype: object = "bf16",
+    memory_mode: object = "gpu",
+    *,
+    memory_model_path: str | os.PathLike | None = None,
+) -> tuple[int, str] | None:
+    """The hard memory bound from the measured model for this mode/dtype, or None when it has no entry."""
+    dtype_key, mode_key = _dtype_key(dtype), _mode_key(memory_mode)
+    entry = load_memory_model(memory_model_path).get(f"{mode_key}/{dtype_key}")
+    if entry is None:
+        return None
+    # Card sizes ("8 GB") are GiB in practice, and DeviceConfig reports GiB: no unit conversion.
+    usable = vram_gb - entry["headroom_gib"] - entry["base_gib"]
+    mpix = max(usable / entry["gib_per_mpix"], 0.0)
+    limit = min(int(mpix * 1e6), MAX_SIDE * MAX_SIDE)
+    return limit, f"measured memory model {mode_key}/{dtype_key}: {mpix:.2f} MP fit in {vram_gb:g} GB"
+
+
 def max_pixels_with_reason(
     vram_gb: float | None,
     dtype: object = "bf16",
@@ -123,20 +146,28 @@ def max_pixels_with_reason(
 ) -> tuple[int, str]:
     """The pixel limit and where it came from (see ``max_pixels``)."""
     dtype_key, mode_key = _dtype_key(dtype), _mode_key(memory_mode)
-    if vram_gb is not None:
-        entry = load_memory_model(memory_model_path).get(f"{mode_key}/{dtype_key}")
-        if entry is not None:
-            # Card sizes ("8 GB") are GiB in practice, and DeviceConfig reports GiB: no unit conversion.
-            usable = vram_gb - entry["headroom_gib"] - entry["base_gib"]
-            mpix = max(usable / entry["gib_per_mpix"], 0.0)
-            limit = min(int(mpix * 1e6), MAX_SIDE * MAX_SIDE)
-            return limit, f"measured memory model {mode_key}/{dtype_key}: {mpix:.2f} MP fit in {vram_gb:g} GB"
     presets = load_presets()
     tier = presets.tier_for_vram(vram_gb)
-    factor = presets.dtype_factor.get(dtype_key, 1.0)
-    limit = int(tier.max_pixels * factor)
+    window = int(tier.max_pixels * presets.dtype_factor.get(dtype_key, 1.0))
     where = "no GPU VRAM limit" if vram_gb is None else f"{vram_gb:g} GB VRAM"
-    return limit, f"VRAM tier '{tier.name}' ({where}, {dtype_key}): {limit / 1e6:.2f} MP"
+    window_reason = f"VRAM tier '{tier.name}' ({where}, {dtype_key}): {window / 1e6:.2f} MP"
+    if vram_gb is None:
+        return window, window_reason
+    memory = memory_limit_pixels(vram_gb, dtype_key, mode_key, memory_model_path=memory_model_path)
+    if memory is not None and memory[0] < MIN_USEFUL_PIXELS and mode_key not in _LIGHTEST_MODES:
+        # The mode's resident weights alone do not fit: the loader falls back to the streamed engine, so the
+        # window is the one that engine can hold (refusing here would block a graph the loader can still run).
+        fallback = memory_limit_pixels(vram_gb, dtype_key, "streamed", memory_model_path=memory_model_path)
+        if fallback is not None:
+            memory = (fallback[0], f"'{mode_key}' does not fit {vram_gb:g} GB, the loader falls back to "
+                                   f"'streamed'; {fallback[1]}")
+    if memory is None:
+        return window, window_reason
+    # The measured model is the hard memory bound; the tier window bounds time and quality (a 16 GB card
+    # could hold a 19 MP image in the streamed engine, but a step would take ~10x a native-size one).
+    if memory[0] < window:
+        return memory[0], f"{memory[1]} (below the {window_reason})"
+    return window, f"{window_reason}; memory allows {memory[0] / 1e6:.2f} MP ({memory[1]})"
 
 
 def max_pixels(

@@ -49,8 +49,6 @@ DEFAULT_ACT_GIB_PER_MPIX = 1.2
 # pass a budget below the card's size (the loader uses free memory x a fraction).
 FIXED_OVERHEAD_GIB = 1.5
 MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
-# The H100 measurement (bench/gpu_bench.py); used for the activation reserve until the governor's file exists.
-MEASURED_MODEL_PATH = MEMORY_MODEL_PATH.with_name("memory_model.measured.json")
 
 
 def _align(n: int) -> int:
@@ -379,7 +377,7 @@ class StreamingPlan:
 
 def _model_slope(key: str, default: float, path: Path | None = None) -> float:
     """``gib_per_mpix`` of one entry of presets/memory_model.json, else ``default``."""
-    for candidate in ([path] if path else [MEMORY_MODEL_PATH, MEASURED_MODEL_PATH]):
+    for candidate in [path or MEMORY_MODEL_PATH]:
         try:
             data = json.loads(candidate.read_text())
             data = data.get("entries", data)

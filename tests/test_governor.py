@@ -6,7 +6,14 @@ import math
 import pytest
 
 from qwen_core.errors import InvalidInputError, PresetError
-from qwen_core.governor import clamp_image_size, load_memory_model, max_pixels, validate_size
+from qwen_core.governor import (
+    clamp_image_size,
+    load_memory_model,
+    max_pixels,
+    max_pixels_with_reason,
+    memory_limit_pixels,
+    validate_size,
+)
 
 
 class TestMustShow:
@@ -129,3 +136,36 @@ class TestMemoryModel:
         with pytest.raises(PresetError) as err:
             load_memory_model(path)
         assert str(path) in str(err.value)
+
+
+class TestCommittedMeasuredModel:
+    """The H100-measured presets/memory_model.json is what the governor uses by default."""
+
+    def test_entries_are_measured_data(self):
+        model = load_memory_model()
+        assert {"gpu/bf16", "streamed/bf16"} <= set(model)
+        assert model["gpu/bf16"]["base_gib"] > 50  # transformer + text encoder + VAE weights resident
+
+    def test_streamed_memory_bound_follows_the_fit(self):
+        entry = load_memory_model()["streamed/bf16"]
+        limit, reason = memory_limit_pixels(16, "bf16", "streamed")
+        expected = (16 - entry["headroom_gib"] - entry["base_gib"]) / entry["gib_per_mpix"] * 1e6
+        assert limit == int(expected)
+        assert "measured memory model streamed/bf16" in reason
+
+    def test_big_card_is_bounded_by_the_tier_window_not_memory(self):
+        limit, reason = max_pixels_with_reason(80, "bf16", "gpu")
+        memory, _ = memory_limit_pixels(80, "bf16", "gpu")
+        assert limit < memory
+        assert "tier 'ultra'" in reason and "memory allows" in reason
+
+    def test_memory_bound_wins_when_it_is_tighter(self):
+        limit, reason = max_pixels_with_reason(56, "bf16", "gpu")  # 54 GiB of weights leave ~0.3 MP
+        assert 0 < limit == memory_limit_pixels(56, "bf16", "gpu")[0]
+        assert reason.startswith("measured memory model gpu/bf16")
+
+    def test_mode_that_cannot_fit_uses_the_streamed_fallback_window(self):
+        limit, reason = max_pixels_with_reason(16, "bf16", "gpu")
+        assert limit > 0
+        assert "falls back to 'streamed'" in reason
+        assert memory_limit_pixels(16, "bf16", "gpu")[0] == 0
