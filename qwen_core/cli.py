@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from qwen_core.errors import QwenError
@@ -35,6 +36,9 @@ def build_parser(selected: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Must be set before CUDA starts: without it the 12/24 GiB caps ran out of memory from allocator
+    # fragmentation on the H100 (bench/RESULTS.md). A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     argv = list(sys.argv[1:] if argv is None else argv)
     selected = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(selected).parse_args(argv)

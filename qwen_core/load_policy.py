@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -179,6 +180,7 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -
         return f"resident on cpu{note}"
     if mode is MemoryMode.GPU:
         pipe.to(device)
+        return f"gpu on {device}{enable_fast_path(pipe)}"
     elif mode is MemoryMode.MODEL_OFFLOAD:
         pipe.enable_model_cpu_offload(device=device)
     elif mode is MemoryMode.GROUP_OFFLOAD:
@@ -199,6 +201,22 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -
     else:
         raise ValueError(f"memory mode {mode} must be resolved before loading")
     return f"{mode.value} on {device}"
+
+
+def enable_fast_path(pipe: Any) -> str:
+    """Full-VRAM speed-ups measured in bench/RESULTS.md; returns a note for the placement text.
+
+    Batched true CFG (cond + uncond in one forward) is always on: bit-identical for equal prompt lengths, within
+    bf16 noise otherwise. Regional compilation (``compile_repeated_blocks``) saves ~22% per step but costs
+    ~15 s of compile on the first image, so it is opt-in: QWEN_COMPILE=1.
+    """
+    from qwen_core.cfg_batch import enable_cfg_batching
+
+    enable_cfg_batching(pipe)
+    if os.environ.get("QWEN_COMPILE", "").strip() == "1":
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        return " (batched CFG, regional compile)"
+    return " (batched CFG)"
 
 
 def _streaming_module() -> Any:

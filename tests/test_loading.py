@@ -294,6 +294,45 @@ def test_streamed_mode_hands_budget_and_window_to_the_engine(tiny_model_dir, mon
     assert "streamed on cuda within 10.5 GiB" in placement
 
 
+class TestFullVramFastPath:
+    """GPU mode turns on batched CFG (bench/RESULTS.md) and, on request, regional compilation."""
+
+    def _gpu_place(self, tiny_model_dir, monkeypatch):
+        loader, _ = _loader(tiny_model_dir)
+        loader.load()
+        pipe = loader.pipeline
+        monkeypatch.setattr(pipe, "to", lambda *a, **k: pipe)  # no CUDA here: keep it on the CPU
+        cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=80.0, vram_total_gb=80.0)
+        return pipe, cfg
+
+    def test_gpu_mode_batches_cfg(self, tiny_model_dir, monkeypatch):
+        from qwen_core.cfg_batch import cfg_batching_stats, disable_cfg_batching
+
+        monkeypatch.delenv("QWEN_COMPILE", raising=False)
+        pipe, cfg = self._gpu_place(tiny_model_dir, monkeypatch)
+        try:
+            placement = apply_memory_mode(pipe, LoadPlan(MemoryMode.GPU, torch.float32), cfg)
+            assert placement == "gpu on cuda (batched CFG)"
+            pipe(prompt="a cat", negative_prompt="blurry", true_cfg_scale=4.0, num_inference_steps=2,
+                 width=64, height=64, output_type="pt")
+            assert cfg_batching_stats(pipe)["batched"] == 2  # one batched forward per step
+        finally:
+            disable_cfg_batching(pipe)
+
+    def test_compile_is_opt_in(self, tiny_model_dir, monkeypatch):
+        from qwen_core.cfg_batch import disable_cfg_batching
+
+        monkeypatch.setenv("QWEN_COMPILE", "1")
+        pipe, cfg = self._gpu_place(tiny_model_dir, monkeypatch)
+        compiled = []
+        monkeypatch.setattr(pipe.transformer, "compile_repeated_blocks", lambda **kw: compiled.append(kw))
+        try:
+            placement = apply_memory_mode(pipe, LoadPlan(MemoryMode.GPU, torch.float32), cfg)
+        finally:
+            disable_cfg_batching(pipe)
+        assert compiled == [{"fullgraph": True}] and "regional compile" in placement
+
+
 class _FakeTransformer:
     def __init__(self, fail: set[str] = frozenset()):
         self.fail, self.calls = fail, []
