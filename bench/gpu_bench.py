@@ -25,14 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common as C  # noqa: E402
 import lowvram  # noqa: E402
+import product  # noqa: E402
 import report  # noqa: E402
 import sections as S  # noqa: E402
 
 from qwen_core import fullsize  # noqa: E402
 
 ALL = ("env", "te_vae", "full", "memory", "e2e", "streamed", "compile", "governor", "streamed_compiled", "fp8",
-       "group_offload", "replan")
-SECTIONS = {name: getattr(S, f"section_{name}", None) or getattr(lowvram, f"section_{name}") for name in ALL}
+       "group_offload", "replan", "product")
+SECTIONS = {name: next(getattr(m, f"section_{name}") for m in (S, lowvram, product) if hasattr(m, f"section_{name}"))
+            for name in ALL}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     R.set("build", "allocated_gib", C.allocated_gib())
     ctx = S.Context(args=args, pipe=pipe, dev=dev, dtype=dtype, R=R)
     minimum = {"compile": 120, "fp8": 60, "group_offload": 70, "governor": 60, "streamed": 60,
-               "streamed_compiled": 70}
+               "streamed_compiled": 70, "product": 90}
     for name in wanted:
         if R.left() < minimum.get(name, 20):
             R.set("skipped", name, f"only {R.left():.0f} s left of the time budget")

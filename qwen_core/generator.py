@@ -119,6 +119,12 @@ def _text_field(name: str, value: object, *, required: bool, warnings: list[str]
     return value
 
 
+def min_steps_for(scheduler: Any) -> int:
+    """Fewest steps the scheduler can run. Qwen-Image's FlowMatch config sets ``shift_terminal``; with one step
+    diffusers stretches the sigmas by 0/0, so every latent is NaN and the image is black."""
+    return 2 if getattr(getattr(scheduler, "config", None), "shift_terminal", None) else 1
+
+
 def validate_request(
     prompt: object,
     negative_prompt: object,
@@ -130,12 +136,14 @@ def validate_request(
     seed: object,
     batch_size: object,
     governor_kwargs: dict[str, Any] | None = None,
+    min_steps: int = 1,
 ) -> GenerationRequest:
     """Check every input (raising InvalidInputError naming the field) and decide the size; no compute."""
     warnings: list[str] = []
     prompt = _text_field("prompt", prompt, required=True, warnings=warnings)
     negative = _text_field("negative_prompt", negative_prompt, required=False, warnings=warnings)
-    steps = _int_field("steps", steps, 1, MAX_STEPS)
+    steps = _int_field("steps", steps, min_steps, MAX_STEPS,
+                       " (this model's scheduler needs at least 2)" if min_steps > 1 else "")
     seed = _int_field("seed", seed, 0, SEED_MAX)
     batch_size = _int_field("batch_size", batch_size, 1, MAX_BATCH, " (images per run; more costs VRAM)")
     low, high = CFG_RANGE
@@ -242,6 +250,7 @@ class QwenImageGenerator:
         request = validate_request(
             prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
             seed=seed, batch_size=batch_size, governor_kwargs=self.loader.governor_inputs(),
+            min_steps=min_steps_for(self.loader.scheduler),
         )  # fmt: skip
         self._check_callables_and_kind(on_step, should_cancel)
         log = get_session_log()

@@ -353,3 +353,28 @@ def test_text_to_image_needs_a_text_to_image_pipeline(tiny_model_copy):
     with pytest.raises(QwenError, match="QwenImageImg2ImgPipeline.*needs a QwenImagePipeline"):
         gen.generate("a cat", **FAST)
     assert not gen.loader.is_loaded
+
+
+class TestOneStepShiftTerminal:
+    """Regression: Qwen-Image's scheduler (shift_terminal=0.02) with 1 step gives NaN sigmas -> a black image."""
+
+    def test_diffusers_one_step_sigmas_are_nan(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(shift_terminal=0.02)
+        scheduler.set_timesteps(1)
+        assert torch.isnan(scheduler.sigmas).any()  # the bug the check below guards against
+        scheduler.set_timesteps(2)
+        assert torch.isfinite(scheduler.sigmas).all()
+
+    def test_one_step_is_refused_before_compute_for_such_a_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from qwen_core.generator import min_steps_for, validate_request
+
+        assert min_steps_for(FlowMatchEulerDiscreteScheduler(shift_terminal=0.02)) == 2
+        assert min_steps_for(FlowMatchEulerDiscreteScheduler()) == 1
+        kwargs = dict(width=64, height=64, true_cfg_scale=1.0, seed=0, batch_size=1)
+        with pytest.raises(InvalidInputError, match="`steps`.*at least 2"):
+            validate_request("a cat", "", steps=1, min_steps=2, **kwargs)
+        assert validate_request("a cat", "", steps=2, min_steps=2, **kwargs).steps == 2
