@@ -31,6 +31,7 @@ from qwen_core import governor
 from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
 from qwen_core.loading import LIGHTER_MODE, SDPA, PipelineLoader, free_memory, is_oom
 from qwen_core.session_log import get_session_log
+from qwen_core.validation import whole_number
 
 MAX_STEPS = 200  # 50 is the model card's default; beyond ~150 flow-matching output no longer changes
 MAX_BATCH = 16
@@ -88,19 +89,6 @@ class _NonFiniteLatents(Exception):
         self.step = step
 
 
-def _int_field(name: str, value: object, low: int, high: int, why: str = "") -> int:
-    allowed = f"allowed: whole numbers {low}..{high}{why}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidInputError(name, f"{value!r} is not a number; {allowed}.")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InvalidInputError(name, f"{value!r} is not finite; {allowed}.")
-    if int(value) != value:
-        raise InvalidInputError(name, f"{value!r} is not a whole number; {allowed}.")
-    if not low <= int(value) <= high:
-        raise InvalidInputError(name, f"{int(value)} is out of range; {allowed}.")
-    return int(value)
-
-
 def _text_field(name: str, value: object, *, required: bool, warnings: list[str]) -> str:
     if value is None and not required:
         return ""
@@ -142,10 +130,10 @@ def validate_request(
     warnings: list[str] = []
     prompt = _text_field("prompt", prompt, required=True, warnings=warnings)
     negative = _text_field("negative_prompt", negative_prompt, required=False, warnings=warnings)
-    steps = _int_field("steps", steps, min_steps, MAX_STEPS,
+    steps = whole_number("steps", steps, min_steps, MAX_STEPS,
                        " (this model's scheduler needs at least 2)" if min_steps > 1 else "")
-    seed = _int_field("seed", seed, 0, SEED_MAX)
-    batch_size = _int_field("batch_size", batch_size, 1, MAX_BATCH, " (images per run; more costs VRAM)")
+    seed = whole_number("seed", seed, 0, SEED_MAX)
+    batch_size = whole_number("batch_size", batch_size, 1, MAX_BATCH, " (images per run; more costs VRAM)")
     low, high = CFG_RANGE
     cfg = true_cfg_scale
     if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or not low <= cfg <= high:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from qwen_core.errors import InvalidInputError, PresetError
 from qwen_core.presets import MAX_SIDE, load_presets
+from qwen_core.validation import whole_number
 
 MIN_SIDE = 16
 ALIGN = 16
@@ -66,23 +67,9 @@ def _mode_key(memory_mode: object) -> str:
 
 def validate_size(width: object, height: object) -> tuple[int, int]:
     """Both sides must be whole numbers in [16, 8192]; returns them as ints or raises naming the side."""
-    sides = []
-    for name, value in (("width", width), ("height", height)):
-        allowed = f"allowed: whole numbers from {MIN_SIDE} to {MAX_SIDE} (multiples of 16 are used)"
-        # bool is an int subclass and float('nan') compares false with everything: refuse both explicitly.
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise InvalidInputError(name, f"{value!r} is not a number; {allowed}.")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidInputError(name, f"{value!r} is not a finite number; {allowed}.")
-        if int(value) != value:
-            raise InvalidInputError(name, f"{value!r} is not a whole number; {allowed}.")
-        value = int(value)
-        if value <= 0:
-            raise InvalidInputError(name, f"{value} must be positive; {allowed}.")
-        if not MIN_SIDE <= value <= MAX_SIDE:
-            raise InvalidInputError(name, f"{value} is out of range; {allowed}.")
-        sides.append(value)
-    return sides[0], sides[1]
+    why = " (multiples of 16 are used)"
+    return (whole_number("width", width, MIN_SIDE, MAX_SIDE, why),
+            whole_number("height", height, MIN_SIDE, MAX_SIDE, why))
 
 
 def load_memory_model(path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
