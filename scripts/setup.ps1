@@ -73,7 +73,7 @@ if ($Force -or -not $hasTorch) {
             elseif ($env:QWEN_TORCH_VERSION) { "torch==$($env:QWEN_TORCH_VERSION)" } else { "torch" }
     Write-Host "setup: installing $spec ($build build)"
     # On Windows, PyPI has only the CPU build; the CUDA builds live on PyTorch's index.
-    & $VPy -m pip install --disable-pip-version-check -q $spec --extra-index-url "https://download.pytorch.org/whl/$build"
+    & $VPy -m pip install --disable-pip-version-check -q --retries 1 $spec --extra-index-url "https://download.pytorch.org/whl/$build"
     if ($LASTEXITCODE -ne 0) { throw "setup: torch install failed" }
 } else {
     Write-Host "setup: torch already installed"

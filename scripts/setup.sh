@@ -75,7 +75,9 @@ if [ "$FORCE" = 1 ] || ! "$VPY" -c 'import torch' 2>/dev/null; then
   esac
   echo "setup: installing $spec ($build build)"
   # PyPI has the CUDA builds only; the CPU build (200 MB instead of several GB) lives on PyTorch's index.
-  "$VPY" -m pip install --disable-pip-version-check -q "$spec" \
+  # Few retries: where that index is unreachable (offline mirrors, locked-down CI) pip would otherwise retry
+  # it five times with backoff for each of torch's dependencies before using the other indexes.
+  "$VPY" -m pip install --disable-pip-version-check -q --retries 1 "$spec" \
     --extra-index-url "https://download.pytorch.org/whl/$build"
 else
   echo "setup: torch $("$VPY" -c 'import torch; print(torch.__version__)') already installed"
