@@ -15,7 +15,6 @@ the verdict is ok or warn, 1 when any check fails. Every reading can be injected
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -319,10 +318,6 @@ def check_comfyui(version: str | None) -> Check:
 
 # ------------------------------------------------------------------------------------------ profile + main
 
-def _streaming_available() -> bool:
-    return importlib.util.find_spec("qwen_core.streaming") is not None
-
-
 def recommend_memory_mode(dev: dict, size_gb: float | None) -> tuple[str, str]:
     """Lightest-sufficient memory mode for this card and model size, with the reason."""
     total = dev.get("vram_total_gb")
@@ -336,7 +331,9 @@ def recommend_memory_mode(dev: dict, size_gb: float | None) -> tuple[str, str]:
     if total >= size_gib * TRANSFORMER_SHARE + 6:
         return "model_offload", f"{total:.0f} GB VRAM holds the transformer; text encoder/VAE are offloaded"
     if total >= 6:
-        if _streaming_available():  # our low-VRAM engine; the loader's "auto" prefers it the same way
+        from qwen_core.load_policy import streaming_available  # the loader's own check: "auto" agrees with us
+
+        if streaming_available():  # our low-VRAM engine
             return "streamed", f"{total:.0f} GB VRAM is less than the transformer: stream its blocks (low-VRAM engine)"
         return "group_offload", f"{total:.0f} GB VRAM is less than the transformer: offload groups of blocks"
     return "sequential", f"only {total:.1f} GB VRAM: sequential offload (slow)"

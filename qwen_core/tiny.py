@@ -328,7 +328,9 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def _check_saved(folder: Path) -> None:
-    pickles = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    from qwen_core.integrity import find_pickle_files
+
+    pickles = [p.name for p in find_pickle_files(folder)]
     if pickles or not is_complete_pipeline_dir(folder):
         raise QwenError(f"tiny build in {folder} is incomplete or holds pickled files {pickles}.")
 
@@ -377,10 +379,6 @@ def _sweep_stale_partials(target: Path, max_age_s: float = 600.0) -> None:
                 shutil.rmtree(partial)
 
 
-def folder_size_bytes(path: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-
-
 def configure_make_tiny(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed; same seed -> identical files")
@@ -389,6 +387,8 @@ def configure_make_tiny(parser: argparse.ArgumentParser) -> None:
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
+    from qwen_core.preflight import folder_size_bytes
+
     start = time.perf_counter()
     out = build_tiny_pipeline(args.dir, args.seed, variant=args.variant)
     size_mb = folder_size_bytes(out) / 1e6

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from qwen_core import preflight, session_log
+from qwen_core import load_policy, session_log
 from qwen_core.devices import DeviceConfig
 from qwen_core.preflight import MODEL_SIZES_GB, PACKAGE_RANGES, perform_preflight_checks
 
@@ -63,7 +63,7 @@ class TestVerdictAndProfile:
         assert w * h <= r.profile.max_pixels and w % 16 == 0
 
     def test_without_the_streaming_engine_group_offload(self, monkeypatch):
-        monkeypatch.setattr(preflight, "_streaming_available", lambda: False)
+        monkeypatch.setattr(load_policy, "streaming_available", lambda: False)
         assert run(gpu(16.0)).profile.memory_mode == "group_offload"
 
     def test_48gb_card_uses_model_offload(self):
