@@ -30,8 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qwen_core import devices
 from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
 from qwen_core.integrity import ALLOWED_PIPELINE_CLASSES, ModelFolder, check_model_folder
@@ -52,6 +50,7 @@ from qwen_core.load_policy import (
     next_plan,
     sdpa_forced,
     streaming_available,
+    weight_bytes,
 )
 from qwen_core.memory import get_residency_manager, release_pipeline
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
@@ -107,8 +106,7 @@ def _pipeline_class(class_name: str) -> type:
 
 
 def _estimate_device_bytes(folder: ModelFolder, plan: LoadPlan) -> int:
-    width = torch.empty((), dtype=plan.dtype).element_size()
-    sizes = [folder.num_params(name) * width for name in folder.weight_files]
+    sizes = list(weight_bytes(folder, plan.dtype).values())
     if plan.memory_mode is MemoryMode.GPU:
         return sum(sizes)
     if plan.memory_mode is MemoryMode.MODEL_OFFLOAD:
@@ -248,8 +246,9 @@ class PipelineLoader:
         return pipe
 
     def _discard_failed(self, pipe: Any) -> None:
-        """A pipeline whose placement failed (e.g. OOM half way to the GPU): nothing of it may survive."""
-        _release(pipe)
+        """A pipeline whose placement failed (e.g. OOM half way to the GPU): hooks off, modules dropped, memory
+        collected; nothing of it may survive."""
+        release_pipeline(pipe, settle_s=0.0)
 
     def rechoose_auto_mode(self, plan: LoadPlan) -> LoadPlan:
         """``plan`` with the auto memory mode decided again from a fresh free-VRAM reading (CUDA only)."""
@@ -285,22 +284,20 @@ class PipelineLoader:
         from qwen_core import governor
 
         cfg, plan = self.device_config, self.plan
-        limit = governor.max_pixels(cfg.vram_total_gb, self.dtype_name, plan.memory_mode.value)
+        max_pixels = None  # the governor derives the window from vram_gb/dtype/memory_mode itself
+        if plan.pixel_scale < 1:  # an OOM fallback shrank the window
+            limit = governor.max_pixels(cfg.vram_total_gb, self.dtype_name, plan.memory_mode.value)
+            max_pixels = max(int(limit * plan.pixel_scale), 16 * 16)
         return {
             "vram_gb": cfg.vram_total_gb,
             "dtype": self.dtype_name,
             "memory_mode": plan.memory_mode.value,
-            "max_pixels": max(int(limit * plan.pixel_scale), 16 * 16) if plan.pixel_scale < 1 else None,
+            "max_pixels": max_pixels,
         }
 
     def describe(self) -> str:
         state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
         return f"{self.folder.class_name} at {self.path}: {state}; plan {self.plan.describe()}"
-
-
-def _release(pipe: Any) -> None:
-    """A half-placed pipeline from a failed attempt: hooks off, modules dropped, memory collected."""
-    release_pipeline(pipe, settle_s=0.0)
 
 
 def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None = None) -> Any:
