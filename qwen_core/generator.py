@@ -165,12 +165,18 @@ class _StepWatch:
         self.step_ends.append(now)
         done = step + 1
         if self.on_step is not None:
-            # The first step also carries the text encoding, so the ETA uses the later steps when it can.
-            per_step = (now - self.step_ends[0]) / (done - 1) if done >= 2 else now - self.start
-            self.on_step(done, self.total, per_step * (self.total - done))
+            self.on_step(done, self.total, self.per_step_s(now) * (self.total - done))
         if self.should_cancel is not None and self.should_cancel():
             raise GenerationCancelled(f"generation cancelled after step {done} of {self.total}; nothing was decoded.")
         return {}
+
+    def per_step_s(self, now: float) -> float:
+        """Seconds per step. The first step also carries the text encoding, so the mean is taken over the later
+        steps when there are any; else the time since the start (``now`` when no step has finished)."""
+        ends = self.step_ends
+        if len(ends) > 1:
+            return (ends[-1] - ends[0]) / (len(ends) - 1)
+        return (ends[-1] if ends else now) - self.start
 
 
 def _to_comfy(images: torch.Tensor) -> torch.Tensor:
@@ -351,8 +357,8 @@ class QwenImageGenerator:
         timings = {
             "denoise_s": last_step - watch.start,  # text encoding + all steps
             "decode_s": done - last_step,
-            "per_step_s": (last_step - watch.step_ends[0]) / (len(watch.step_ends) - 1) if len(watch.step_ends) > 1 else last_step - watch.start,
-        }  # fmt: skip
+            "per_step_s": watch.per_step_s(done),
+        }
         return images, timings
 
     def _decode_again(
