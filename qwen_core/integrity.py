@@ -13,6 +13,7 @@ folder that mixes them in is not one we trust to load.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +60,7 @@ class SafetensorsInfo:
 
     @property
     def num_params(self) -> int:
-        total = 0
-        for meta in self.tensors.values():
-            count = 1
-            for dim in meta.get("shape", []):
-                count *= int(dim)
-            total += count
-        return total
+        return sum(_element_count(meta) for meta in self.tensors.values())
 
     @property
     def dtypes(self) -> set[str]:
@@ -87,6 +82,11 @@ class ModelFolder:
     def stored_bytes(self, component: str | None = None) -> int:
         names = [component] if component else list(self.weight_files)
         return sum(info.data_bytes for name in names for info in self.weight_files.get(name, []))
+
+
+def _element_count(meta: dict) -> int:
+    """Number of elements of one header entry (a scalar's empty shape counts 1)."""
+    return math.prod(int(dim) for dim in meta.get("shape", []))
 
 
 def _bad_file(path: Path, what: str, fix: str = REDOWNLOAD_FIX) -> ModelFolderError:
@@ -148,12 +148,8 @@ def _check_offsets(path: Path, header: dict) -> int:
             raise _bad_file(path, f"has a malformed header entry for tensor {name!r}.")
         begin, end = (int(v) for v in meta["data_offsets"])
         width = _DTYPE_BYTES.get(str(meta.get("dtype")))
-        if width is not None:
-            count = 1
-            for dim in meta.get("shape", []):
-                count *= int(dim)
-            if end - begin != count * width:
-                raise _bad_file(path, f"tensor {name!r}: byte range does not match its shape and dtype.")
+        if width is not None and end - begin != _element_count(meta) * width:
+            raise _bad_file(path, f"tensor {name!r}: byte range does not match its shape and dtype.")
         spans.append((begin, end))
     position = 0
     for begin, end in sorted(spans):

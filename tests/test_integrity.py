@@ -128,6 +128,27 @@ class TestSafetensorsHeader:
         assert path.read_bytes()[0] == ord("{")
         assert read_safetensors_header(path).tensors["t"]["shape"] == [1]
 
+    @staticmethod
+    def _raw(path: Path, tensors: dict, data_bytes: int) -> Path:
+        header = json.dumps(tensors).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * data_bytes)
+        return path
+
+    def test_byte_range_must_match_shape_and_dtype(self, tmp_path):
+        path = self._raw(tmp_path / "w.safetensors", {"t": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, 12)
+        with pytest.raises(ModelFolderError, match="'t': byte range does not match"):
+            read_safetensors_header(path)
+
+    def test_overlapping_offsets_are_corrupt(self, tmp_path):
+        tensors = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                   "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}  # fmt: skip
+        with pytest.raises(ModelFolderError, match="overlapping or gapped"):
+            read_safetensors_header(self._raw(tmp_path / "w.safetensors", tensors, 12))
+
+    def test_scalar_counts_one_element(self, tmp_path):
+        path = self._raw(tmp_path / "w.safetensors", {"s": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, 4)
+        assert read_safetensors_header(path).num_params == 1
+
 
 class TestIndex:
     def test_sharded_index_ok(self, tmp_path):
