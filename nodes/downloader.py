@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from qwen_core.download import DownloadProgress, download_repo
@@ -12,11 +11,6 @@ from qwen_core.paths import repo_folder
 
 from . import comfy_bridge as bridge
 from .common import HIDDEN, QWEN_SYSTEM
-
-
-def _patterns(text: str) -> list[str] | None:
-    items = [p.strip() for p in re.split(r"[,\n]", text or "") if p.strip()]
-    return items or None
 
 
 class QwenImageDownloader:
@@ -59,8 +53,9 @@ class QwenImageDownloader:
 
         try:
             result = download_repo(repo_id, revision=revision, local_dir=target, workers=workers,
-                                   allow_patterns=_patterns(allow_patterns), ignore_patterns=_patterns(ignore_patterns),
+                                   allow_patterns=allow_patterns or None, ignore_patterns=ignore_patterns or None,
                                    endpoint=decision.url if decision.source == "workflow" else None,
+                                   token=None if decision.send_token else False,
                                    progress=progress, should_cancel=bridge.interrupted)
         except DownloadCancelled as err:
             bridge.send_status(unique_id, "download", {"state": "cancelled", "done_bytes": bar.value})

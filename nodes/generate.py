@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from qwen_core.errors import GenerationCancelled, InvalidInputError
-from qwen_core.generator import CFG_RANGE, MAX_BATCH, MAX_STEPS, SEED_MAX
 from qwen_core.presets import MAX_SIDE
 
 from . import comfy_bridge as bridge
@@ -24,6 +23,9 @@ class QwenImageGenerate:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
+        # qwen_core.generator imports torch: here, not at module top, so the pack's root import stays light.
+        from qwen_core.generator import CFG_RANGE, MAX_BATCH, MAX_STEPS, SEED_MAX
+
         size = {"min": 16, "max": MAX_SIDE, "step": 16}
         return {
             "required": {
@@ -42,6 +44,8 @@ class QwenImageGenerate:
 
     @classmethod
     def VALIDATE_INPUTS(cls, true_cfg_scale: float | None = None) -> bool | str:
+        from qwen_core.generator import CFG_RANGE
+
         return validate_float("true_cfg_scale", true_cfg_scale, *CFG_RANGE)
 
     def generate(self, pipe: Any, prompt: str, negative_prompt: str, width: int, height: int, steps: int,

@@ -9,7 +9,7 @@ the folder without a network.
 from __future__ import annotations
 
 import json
-import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from qwen_core.download_http import (
     RemoteFile,
     Staging,
     _atomic_write_json,
+    _backoff,
     record_matches,
     verify_existing,
     write_record,
@@ -118,7 +119,7 @@ def _call_api(fn: Callable, what: str, repo_id: str, revision: str, cfg: HttpCon
             raise DownloadError(f"{what} of {repo_id} failed after {failures} attempts ({reason}).",
                                 fix="Check the network or --endpoint / HF_ENDPOINT and try again.",
                                 exit_code=EXIT_NETWORK)
-        delay = min(cfg.backoff_max, cfg.backoff_base * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+        delay = _backoff(failures, cfg)
         log(f"{what}: {reason}; retrying in {delay:.1f} s")
         time.sleep(delay)
 
@@ -173,10 +174,11 @@ def resolve_plan(
 
 
 def _patterns(value: Sequence[str] | str | None) -> list[str] | None:
+    """Globs from a string or list, each item comma- or newline-separated (CLI flags, the node's text box)."""
     if value is None:
         return None
     items = [value] if isinstance(value, str) else list(value)
-    return [p.strip() for item in items for p in item.split(",") if p.strip()] or None
+    return [p.strip() for item in items for p in re.split(r"[,\n]", item) if p.strip()] or None
 
 
 def _check_name(root: Path, path: str) -> None:

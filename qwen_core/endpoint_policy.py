@@ -5,6 +5,8 @@ your own network (router admin pages, cloud metadata at 169.254.169.254, service
 endpoint typed into a workflow must be http(s), carries no credentials, and may not resolve to a
 loopback, private, link-local or otherwise non-public address, unless the user configured that very
 host themselves in the environment (HF_ENDPOINT), which is how a local mirror is meant to be set up.
+The user's Hub token goes only to HF_ENDPOINT's host or huggingface.co: a host named by the workflow alone
+gets anonymous requests, or a shared workflow could collect tokens.
 The CLI's ``--endpoint`` is typed by the user and does not need this check.
 """
 
@@ -35,6 +37,7 @@ class EndpointDecision:
     url: str
     source: str  # "workflow", "env" or "default"
     message: str
+    send_token: bool = True  # False for a host only the workflow names: the download runs anonymously
 
 
 def _resolve(host: str, port: int) -> list[str]:
@@ -88,6 +91,7 @@ def check_endpoint(
     host, port = _host_port(value, field)
     if configured and _host_port(configured, "HF_ENDPOINT") == (host, port):
         return EndpointDecision(value, "workflow", f"Endpoint: {value} (workflow; same host as HF_ENDPOINT)")
+    token_home = _host_port(DEFAULT_ENDPOINT, "endpoint") == (host, port)
     try:
         addresses = (resolver or _resolve)(host, port)
     except OSError as err:
@@ -101,4 +105,5 @@ def check_endpoint(
             "may only name such a host when the same host is configured in HF_ENDPOINT.",
             fix=FIX,
         )
-    return EndpointDecision(value, "workflow", f"Endpoint: {value} (from the workflow)")
+    note = "" if token_home else "; no token sent"
+    return EndpointDecision(value, "workflow", f"Endpoint: {value} (from the workflow{note})", send_token=token_home)

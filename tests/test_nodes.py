@@ -98,19 +98,21 @@ class TestInputTypes:
         assert changed != changed  # NaN: ComfyUI never treats it as unchanged
 
     def test_pack_root_imports_without_comfyui(self, tmp_path: Path) -> None:
-        """Loaded the way ComfyUI loads a pack (by file, under its folder name), from an unrelated cwd."""
+        """Loaded the way ComfyUI loads a pack (by file, under its folder name), from an unrelated cwd; no torch yet."""
         root = Path(nodes.__file__).resolve().parent.parent
         code = (
             "import importlib.util, json, sys\n"
             f"spec = importlib.util.spec_from_file_location('qwen_pack', {str(root / '__init__.py')!r}, "
             f"submodule_search_locations=[{str(root)!r}])\n"
             "m = importlib.util.module_from_spec(spec); sys.modules['qwen_pack'] = m; spec.loader.exec_module(m)\n"
-            "print(json.dumps([sorted(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY, 'comfy' in sys.modules]))\n"
+            "print(json.dumps([sorted(m.NODE_CLASS_MAPPINGS), m.WEB_DIRECTORY, 'comfy' in sys.modules, "
+            "'torch' in sys.modules]))\n"
         )
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
         out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
-        names, web, comfy_loaded = json.loads(out.stdout.strip().splitlines()[-1])
+        names, web, comfy_loaded, torch_loaded = json.loads(out.stdout.strip().splitlines()[-1])
         assert names == sorted(nodes.NODE_CLASS_MAPPINGS) and web == "./web" and comfy_loaded is False
+        assert torch_loaded is False, "the root import must stay light: torch loads when a node first needs it"
 
 
 class TestValidateInputs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qwen_core.endpoint_policy import DEFAULT_ENDPOINT, check_endpoint
@@ -69,6 +71,40 @@ class TestAllowed:
         decision = check_endpoint("https://mirror.example/", env={}, resolver=public)
         assert (decision.url, decision.source) == ("https://mirror.example", "workflow")
         assert "https://mirror.example" in decision.message
+
+
+class TestToken:
+    """The user's token must not go to a host that only a (stranger's) workflow names."""
+
+    def test_a_host_only_the_workflow_names_gets_no_token(self) -> None:
+        decision = check_endpoint("https://mirror.example", env={}, resolver=public)
+        assert decision.send_token is False and "no token sent" in decision.message
+
+    @pytest.mark.parametrize(("url", "env"), [("", {}), ("", {"HF_ENDPOINT": "http://localhost:9000"}),
+                                              ("https://huggingface.co/", {}),
+                                              ("http://localhost:9000", {"HF_ENDPOINT": "http://localhost:9000"})])
+    def test_the_hub_and_the_configured_host_get_the_token(self, url: str, env: dict[str, str]) -> None:
+        assert check_endpoint(url, env=env, resolver=public).send_token is True
+
+    def test_the_downloader_node_downloads_anonymously_from_a_workflow_host(
+            self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        import nodes.downloader as node
+
+        seen: dict[str, object] = {}
+
+        def fake_download(repo_id: str, **kwargs: object) -> object:
+            seen.update(kwargs)
+            raise RuntimeError("stop here")
+
+        monkeypatch.setenv("QWEN_HOME", str(tmp_path))
+        monkeypatch.setattr(node, "check_endpoint", lambda e: check_endpoint(e, env={}, resolver=public))
+        monkeypatch.setattr(node, "download_repo", fake_download)
+        with pytest.raises(RuntimeError, match="stop here"):
+            node.QwenImageDownloader().download("org/m", "main", "", "", 1, "https://mirror.example")
+        assert seen["endpoint"] == "https://mirror.example" and seen["token"] is False
+        with pytest.raises(RuntimeError, match="stop here"):
+            node.QwenImageDownloader().download("org/m", "main", "", "", 1, "")
+        assert seen["endpoint"] is None and seen["token"] is None  # HF_TOKEN / `hf auth login` as usual
 
     def test_private_host_allowed_when_the_user_configured_it(self) -> None:
         decision = check_endpoint("http://LOCALHOST:9000/", env={"HF_ENDPOINT": "http://localhost:9000"},
