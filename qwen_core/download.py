@@ -39,9 +39,11 @@ from qwen_core.download_http import (
     fetch_file,
 )
 from qwen_core.download_plan import DownloadPlan, load_plan, resolve_plan, save_plan, verify_offline
+from qwen_core.endpoint_policy import DEFAULT_ENDPOINT
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
 from qwen_core.paths import repo_folder, validate_repo_id, validate_revision
 from qwen_core.session_log import get_session_log, redact
+from qwen_core.validation import whole_number
 
 logger = logging.getLogger("qwen_core.download")
 
@@ -55,6 +57,7 @@ __all__ = [
     "RemoteFile",
     "configure_download",
     "download_repo",
+    "load_plan",
     "run_download",
 ]
 
@@ -112,7 +115,7 @@ def resolve_token(token: str | bool | None) -> str | None:
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
-    url = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").strip().rstrip("/")
+    url = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise InvalidInputError("endpoint", f"{url!r} must start with http:// or https://.")
     return url
@@ -155,8 +158,7 @@ def download_repo(
     revision = validate_revision(revision)
     if engine not in ENGINES:
         raise InvalidInputError("engine", f"{engine!r} is not one of {', '.join(ENGINES)}.")
-    if not 1 <= int(workers) <= 64:
-        raise InvalidInputError("workers", f"{workers!r} is outside 1..64.")
+    workers = whole_number("workers", workers, 1, 64)
     cfg = replace(config or HttpConfig(), retries=max(int(retries), 0))
     root = Path(local_dir) if local_dir is not None else repo_folder(repo_id)
     say = _messenger(on_message)
@@ -396,6 +398,3 @@ def run_download(args) -> int:  # noqa: ANN001 - argparse namespace
     from qwen_core.download_cli import run
 
     return run(args)
-
-
-__all__ += ["load_plan"]

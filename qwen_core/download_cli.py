@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwen_core.download import ENGINES
 from qwen_core.download_http import EXIT_CANCELLED, EXIT_USAGE, HttpConfig
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
 
@@ -40,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list files, total size and the disk check; fetch nothing")
     parser.add_argument("--cleanup", action="store_true",
                         help="delete abandoned partial downloads (ours in the target, huggingface_hub's *.incomplete)")
-    parser.add_argument("--engine", choices=("auto", "http", "xet"), default="auto",
+    parser.add_argument("--engine", choices=ENGINES, default="auto",
                         help="auto/http: resumable ranged HTTP; xet: huggingface_hub + hf_xet where offered")
     parser.add_argument("--offline", action="store_true", help="verify the local copy only (same as HF_HUB_OFFLINE=1)")
     parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds without a byte = stalled (default 30)")

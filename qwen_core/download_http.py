@@ -43,7 +43,7 @@ from qwen_core.download_verify import (  # noqa: F401 - re-exported for download
     write_record,
 )
 from qwen_core.errors import DownloadCancelled, DownloadError
-from qwen_core.file_lock import FileLock, read_holder
+from qwen_core.file_lock import EXIT_LOCKED, FileLock, read_holder  # noqa: F401 - EXIT_LOCKED listed with the others
 from qwen_core.paths import safe_join
 
 STAGING_DIR = ".qwen_download"
@@ -58,7 +58,7 @@ EXIT_NETWORK = 5
 EXIT_VERIFY = 6
 EXIT_DISK = 7
 EXIT_UNSAFE = 8
-EXIT_LOCKED = 9
+# EXIT_LOCKED = 9 comes from file_lock.py, which raises it
 EXIT_OFFLINE_MISSING = 10
 EXIT_CANCELLED = 130
 

@@ -56,7 +56,13 @@ def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
     if record_matches(remote, final, stage):
         job.add(remote.size)
         return FileOutcome(remote.path, "present", 0)
-    with FileLock(stage.lock, timeout=job.config.lock_timeout, should_stop=job.cancel.is_set):
+    lock = FileLock(stage.lock, timeout=job.config.lock_timeout, should_stop=job.cancel.is_set)
+    try:
+        lock.acquire()
+    except InterruptedError:  # cancelled while another download held the file: say so like the http engine
+        job.check_cancel()
+        raise
+    try:
         if final.exists() and verify_existing(remote, final):
             write_record(remote, final, stage, job.commit)
             job.add(remote.size)
@@ -74,6 +80,8 @@ def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
         write_record(remote, final, stage, job.commit)
         job.add(remote.size, remote.size)
         return FileOutcome(remote.path, "downloaded", remote.size)
+    finally:
+        lock.release()
 
 
 def _as_download_error(remote: RemoteFile, err: Exception) -> DownloadError:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qwen_core.errors import DownloadError
 
-EXIT_LOCKED = 9
+EXIT_LOCKED = 9  # exit code of the download CLI (download_http.py lists them all)
 
 if os.name == "nt":  # pragma: no cover - exercised on Windows only
     import msvcrt

@@ -28,10 +28,6 @@ def blob(n: int, seed: int = 0) -> bytes:
     return bytes(out[:n])
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_ENABLE_HF_TRANSFER")}
     env.update({"HF_HUB_OFFLINE": "0", "HF_HOME": os.environ.get("QWEN_REPORTS_DIR", "/tmp") + "/hf-home",

@@ -119,10 +119,6 @@ class HubServer:
         content = self.repos[repo_id].files[path]
         return content.read_bytes() if isinstance(content, Path) else content
 
-    def size(self, repo_id: str, path: str) -> int:
-        content = self.repos[repo_id].files[path]
-        return content.stat().st_size if isinstance(content, Path) else len(content)
-
 
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: object, client_address: object) -> None:

@@ -26,7 +26,7 @@ from qwen_core.download_http import (
     STAGING_DIR,
     Staging,
 )
-from qwen_core.errors import DownloadCancelled, DownloadError
+from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
 from qwen_core.file_lock import FileLock
 
 pytest_plugins = ["download_fixtures"]  # the `hub` and `online` fixtures
@@ -83,6 +83,11 @@ class TestBasics:
         result, _ = get(hub, tmp_path, allow_patterns=["*.json", "transformer/*"], ignore_patterns="*.safetensors")
         assert result.files == ("model_index.json",)
         assert not (tmp_path / "transformer").exists()
+
+    def test_patterns_from_the_node_text_box_split_on_newlines_and_commas(self, hub: HubServer, tmp_path: Path) -> None:
+        make_repo(hub)
+        result, _ = get(hub, tmp_path, allow_patterns="model_index.json\n vae/*, ", dry_run=True)
+        assert result.files == ("model_index.json", "vae/w.safetensors")
 
     def test_dry_run_writes_nothing(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub)
@@ -288,6 +293,11 @@ class TestClearErrors:
         assert not (tmp_path / "out").exists() and sorted(tmp_path.parent.rglob("*evil*")) == before
         assert not any(r[1].endswith("evil.txt") for r in hub.requests)
 
+    @pytest.mark.parametrize("workers", [0, 65, 2.5, True, "8"])
+    def test_bad_worker_count_is_named(self, tmp_path: Path, workers: object) -> None:
+        with pytest.raises(InvalidInputError, match="workers"):
+            download_repo(REPO, local_dir=tmp_path, workers=workers, offline=True)
+
     def test_unwritable_target(self, hub: HubServer, tmp_path: Path) -> None:
         make_repo(hub)
         (tmp_path / "file").write_text("x")  # a file where a folder should be: mkdir fails even for root
@@ -307,7 +317,8 @@ class TestCancelAndLocks:
         assert part.exists() and 0 < part.stat().st_size < 4 * MB
         hub.faults.rate_bps = None
         _, messages = get(hub, tmp_path)
-        assert_tree(tmp_path, files) or any("resuming" in m for m in messages)
+        assert_tree(tmp_path, files)
+        assert any("resuming" in m for m in messages), "the next run continues the kept partial"
 
     def test_progress_hook_raising_cancels_like_comfyui_interrupt(self, hub: HubServer, tmp_path: Path) -> None:
         make_repo(hub, size=4 * MB)
@@ -461,6 +472,22 @@ class TestEngines:
         with pytest.raises(DownloadError) as info:
             get(hub, tmp_path, engine="xet", allow_patterns="*.safetensors")
         assert info.value.exit_code == EXIT_NETWORK and "--engine http" in str(info.value)
+
+    def test_xet_cancel_while_waiting_for_a_lock_is_a_cancel(self, hub: HubServer, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+        """Regression: the xet engine let the lock wait's InterruptedError out instead of DownloadCancelled."""
+        import qwen_core.download_xet as xet
+
+        make_repo(hub)
+        monkeypatch.setattr(xet, "server_offers_xet", lambda plan, job: True)
+        holder = FileLock(Staging.for_file(tmp_path, "vae/w.safetensors").lock)
+        assert holder.try_acquire()
+        start = time.monotonic()
+        try:
+            with pytest.raises(DownloadCancelled):
+                get(hub, tmp_path, engine="xet", workers=1, should_cancel=lambda: time.monotonic() - start > 0.5)
+        finally:
+            holder.release()
 
     def test_disk_full_is_a_clean_stop(self, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         import errno

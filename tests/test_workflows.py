@@ -64,6 +64,19 @@ def check_value(node_type: str, name: str, spec: Any, value: Any) -> None:
         assert isinstance(value, bool), where
 
 
+def check_widgets(node: dict[str, Any]) -> None:
+    """One value per widget slot (a control value after a seed), each valid for its widget."""
+    assert node["type"] in DEFS, f"unknown node class {node['type']}"
+    slots = widget_slots(DEFS[node["type"]])
+    values = node.get("widgets_values", [])
+    assert len(values) == len(slots), f"{node['type']}: {len(values)} values for {[s[0] for s in slots]}"
+    for (name, spec, control), value in zip(slots, values, strict=True):
+        if control:
+            assert value in CONTROL_VALUES, f"{node['type']}.{name}={value!r}"
+        else:
+            check_value(node["type"], name, spec, value)
+
+
 def test_workflows_exist_in_a_folder_comfyui_serves_as_templates() -> None:
     names = {p.stem for p in WORKFLOWS}
     assert {"qwen_image_text_to_image", "qwen_image_low_vram", "qwen_image_model_switch", "qwen_image_tiny_cpu"} <= names
@@ -83,17 +96,8 @@ class TestWorkflow:
 
     def test_every_class_known_and_widgets_valid(self, path: Path) -> None:
         for node in load(path)["nodes"]:
-            if node["type"] in VIRTUAL_NODES:
-                continue
-            assert node["type"] in DEFS, f"unknown node class {node['type']}"
-            slots = widget_slots(DEFS[node["type"]])
-            values = node.get("widgets_values", [])
-            assert len(values) == len(slots), f"{node['type']}: {len(values)} values for {[s[0] for s in slots]}"
-            for (name, spec, control), value in zip(slots, values, strict=True):
-                if control:
-                    assert value in CONTROL_VALUES, f"{node['type']}.{name}={value!r}"
-                else:
-                    check_value(node["type"], name, spec, value)
+            if node["type"] not in VIRTUAL_NODES:
+                check_widgets(node)
 
     def test_links_type_consistent(self, path: Path) -> None:
         wf = load(path)
@@ -153,6 +157,10 @@ def test_validator_catches_a_shifted_widget_list() -> None:
     """Regression guard for the check itself: dropping the control value must fail validation."""
     wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_tiny_cpu"))
     generate = next(n for n in wf["nodes"] if n["type"] == "QwenImageGenerate")
+    check_widgets(generate)
     del generate["widgets_values"][7]  # the "fixed" after the seed
-    slots = widget_slots(DEFS["QwenImageGenerate"])
-    assert len(generate["widgets_values"]) != len(slots)
+    with pytest.raises(AssertionError, match="values for"):
+        check_widgets(generate)
+    generate["widgets_values"].insert(7, "sometimes")  # right length, but not a control value
+    with pytest.raises(AssertionError, match="seed:control_after_generate"):
+        check_widgets(generate)

@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen_core.download_cli import configure, run  # noqa: E402
+from qwen_core.download_http import EXIT_CANCELLED  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(parser.parse_args(argv))
     except KeyboardInterrupt:
         print("interrupted: partial files are kept; run the same command again to resume", file=sys.stderr)
-        return 130
+        return EXIT_CANCELLED
 
 
 if __name__ == "__main__":
