@@ -31,8 +31,11 @@ import sections as S  # noqa: E402
 
 from qwen_core import fullsize  # noqa: E402
 
-ALL = ("env", "te_vae", "full", "memory", "e2e", "streamed", "compile", "governor", "streamed_compiled", "fp8",
-       "group_offload", "replan", "product")
+# fp8 (on a GPU) and group_offload drop the text encoder to make room: they come after every section that
+# runs it (replan and product run the whole pipeline), and group_offload, which leaves the transformer
+# offloaded, comes last.
+ALL = ("env", "te_vae", "full", "memory", "e2e", "streamed", "compile", "governor", "streamed_compiled", "replan",
+       "product", "fp8", "group_offload")
 SECTIONS = {name: next(getattr(m, f"section_{name}") for m in (S, lowvram, product) if hasattr(m, f"section_{name}"))
             for name in ALL}
 

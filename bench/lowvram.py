@@ -3,17 +3,26 @@ diffusers' group offload for comparison."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
 
 import common as C
 import torch
-from sections import Context, fwd_batched, fwd_single, make_inputs, make_prompt, rel_err, run_pipeline
+from sections import (
+    STEPS,
+    Context,
+    _linfit,
+    fwd_batched,
+    fwd_single,
+    make_inputs,
+    make_prompt,
+    rel_err,
+    run_pipeline,
+)
 
 from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching
-from qwen_core.streaming import enable_streamed_offload
+from qwen_core.streaming import PIN_STATS, enable_streamed_offload
 
 # Added to every memory-model entry: the CUDA context and cuBLAS/cuDNN workspaces outside the caching
 # allocator's count on a real card (~0.5 GiB measured on H100 with torch 2.11), plus allocator slack.
@@ -58,7 +67,7 @@ def _streamed_point(ctx: Context, cap: float, fp8: bool, hs: Any, ec: Any, eu: A
         "summary": h.plan.summary(), "resident": len(h.plan.resident), "streamed": len(h.plan.streamed),
         "enable_s": round(time.perf_counter() - t0, 1), "vae_tiling": h.vae_tiling,
         "device_gib_after_enable": C.allocated_gib(), "notes": list(h.plan.notes),
-        "pinning": dict(__import__("qwen_core.streaming", fromlist=["PIN_STATS"]).PIN_STATS)})
+        "pinning": dict(PIN_STATS)})
     try:
         with C.memory_cap(_cap(ctx, cap)):
             C.reset_peak()
@@ -66,7 +75,7 @@ def _streamed_point(ctx: Context, cap: float, fp8: bool, hs: Any, ec: Any, eu: A
             out = fwd_batched(ctx, hs, [ec, eu], shapes)
             full = ctx.numbers.get("ours_step_ms")
             r.update(peak_gib=C.peak_gib(), reserved_gib=C.reserved_gib(),
-                     per_image_s=round(r["median_ms"] * 50 / 1e3, 2),
+                     per_image_s=round(r["median_ms"] * STEPS / 1e3, 2),
                      ratio_vs_ours_full_vram=round(r["median_ms"] / full, 3) if full else None,
                      rel_err_vs_full_vram=rel_err(out.float().cpu(), ctx.ref_out) if ctx.ref_out is not None
                      else None, loads=h.transformer.stats["loads"], sync_loads=h.transformer.stats["sync_loads"])
@@ -157,8 +166,6 @@ def section_governor(ctx: Context) -> None:
         C.reset_peak()
     if not C.cuda():
         return
-    from sections import _linfit
-
     fit = _linfit(pts)
     ctx.mm["streamed/bf16"] = {"base_gib": round(fit["intercept_gib"], 3), "gib_per_mpix": fit["gib_per_mpix"],
                                "headroom_gib": HEADROOM_GIB, "measured": "truncated batched forward, 0 resident"}
@@ -223,7 +230,7 @@ def section_group_offload(ctx: Context) -> None:
             C.reset_peak()
             one = C.time_fn(lambda: fwd_single(ctx, hs, ec, shapes), warmup=1, reps=2)
             R.set("group_offload", f"cap{cap:g}_b1", {**one, "peak_gib": C.peak_gib(),
-                                                      "per_image_s": round(2 * one["median_ms"] * 50 / 1e3, 2)})
+                                                      "per_image_s": round(2 * one["median_ms"] * STEPS / 1e3, 2)})
             two = C.time_fn(lambda: fwd_batched(ctx, hs, [ec, eu], shapes), warmup=1, reps=2)
             R.set("group_offload", f"cap{cap:g}_b2", {**two, "peak_gib": C.peak_gib()})
             ctx.numbers["group_offload_step_ms"] = 2 * one["median_ms"]
@@ -231,10 +238,6 @@ def section_group_offload(ctx: Context) -> None:
         if not C.is_oom(err):
             raise
         R.set("group_offload", f"cap{cap:g}", {"oom": True, "error": str(err)[:400]})
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, default=str)
 
 
 def section_streamed_compiled(ctx: Context) -> None:
@@ -260,7 +263,7 @@ def section_streamed_compiled(ctx: Context) -> None:
             out = fwd_batched(ctx, hs, [ec, eu], shapes)
             comp, eager = ctx.numbers.get("compiled_step_ms"), ctx.numbers.get("ours_step_ms")
             r.update(first_call_s=round(first, 1), peak_gib=C.peak_gib(), plan=h.plan.summary(),
-                     per_image_s=round(r["median_ms"] * 50 / 1e3, 2),
+                     per_image_s=round(r["median_ms"] * STEPS / 1e3, 2),
                      ratio_vs_ours_compiled_full_vram=round(r["median_ms"] / comp, 3) if comp else None,
                      ratio_vs_ours_eager_full_vram=round(r["median_ms"] / eager, 3) if eager else None,
                      rel_err_vs_full_vram=rel_err(out.float().cpu(), ctx.ref_out) if ctx.ref_out is not None

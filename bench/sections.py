@@ -16,6 +16,7 @@ from qwen_core.cfg_batch import (
     pad_and_stack,
     text_lengths,
 )
+from qwen_core.fp8_compute import relative_error as rel_err
 from qwen_core.streaming import disable_streamed_offload
 
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3")
@@ -74,11 +75,6 @@ def fwd_batched(ctx: Context, hs: Any, embeds: list[Any], shapes: Any, *, split:
         return ctx.t(hidden_states=torch.cat([hs] * len(embeds)), encoder_hidden_states=e,
                      encoder_hidden_states_mask=m, timestep=ts, img_shapes=shapes * len(embeds),
                      return_dict=False)[0]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 def make_prompt(pipe: Any, n_tokens: int) -> str:
