@@ -106,8 +106,8 @@ class CfgBatcher:
 
     def _batched(self, kwargs: dict[str, Any], neg: tuple[torch.Tensor, torch.Tensor | None]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, mask = pad_and_stack(
-            [(kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")), neg])
+        items = [(kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")), neg]
+        embeds, mask = pad_and_stack(items)
         call = dict(kwargs)
         call.update(
             hidden_states=torch.cat([kwargs["hidden_states"]] * 2),
@@ -121,7 +121,7 @@ class CfgBatcher:
         if isinstance(kwargs.get("img_shapes"), list):
             call["img_shapes"] = kwargs["img_shapes"] * 2
         self.stats["masked"] += mask is not None
-        lengths = self._lengths([(kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")), neg])
+        lengths = self._lengths(items)
         state = getattr(self.pipe.transformer, "_qwen_split_state", None)
         if state is not None and mask is not None and lengths is not None:
             self.stats["split"] += 1
@@ -138,7 +138,6 @@ class _SplitState:
 
     def __init__(self) -> None:
         self.lengths: tuple[int, ...] | None = None
-        self.processors: list[SplitTextAttnProcessor] = []
 
     @contextmanager
     def active(self, lengths: tuple[int, ...] | None) -> Iterator[None]:
@@ -208,9 +207,7 @@ def install_split_attention(transformer: nn.Module) -> _SplitState:
         return state
     state = _SplitState()
     for block in getattr(transformer, "transformer_blocks", []):
-        proc = SplitTextAttnProcessor(block.attn.processor, state)
-        block.attn.set_processor(proc)
-        state.processors.append(proc)
+        block.attn.set_processor(SplitTextAttnProcessor(block.attn.processor, state))
     transformer._qwen_split_state = state
     return state
 

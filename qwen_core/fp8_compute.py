@@ -34,14 +34,24 @@ def fp8_supported(device: torch.device | str) -> bool:
     return dev.type == "cpu"  # torch's CPU _scaled_mm: for tests, not speed
 
 
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D ``w`` as e4m3 values ``q`` and one fp32 scale per row: ``w ~= q.float() * scale[:, None]``.
+
+    Also the storage format of the streamed engine's fp8 option (``qwen_core.streaming``).
+    """
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / _MAX
+    return (w / scale[:, None]).to(_E4M3), scale
+
+
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W in e4m3 (row scales) and x quantised per row at run time."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         w = linear.weight.detach()
-        scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / _MAX
-        self.register_buffer("weight_fp8", (w.float() / scale).to(_E4M3))
+        q, scale = quantize_rows(w)
+        self.register_buffer("weight_fp8", q)
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features

@@ -1,7 +1,7 @@
 """Low-VRAM engine: keep what fits resident, stream the rest from pinned host memory, overlapped with compute.
 
 Why not diffusers' group offload: it moves every block every forward and leaves most of the budget unused
-(peak ~2 GiB in a 16 GiB cap, 2.7x the full-VRAM time on an H100). Here a plan keeps as many transformer
+(peak 2.6 GiB in a 16 GiB cap, 2.4x diffusers' full-VRAM step time on an H100; bench/RESULTS.md). Here a plan keeps as many transformer
 blocks resident as the budget allows and streams only the rest. Streamed blocks live in one pinned host
 buffer; a side CUDA stream copies block *j+K* into a free slot while block *j* computes, and CUDA events
 order the two streams (slot loaded -> compute may start; compute done -> slot may be overwritten). Streamed
@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from qwen_core.errors import InvalidInputError
+from qwen_core.fp8_compute import quantize_rows
 
 GIB = 1024**3
 _ALIGN = 256  # bytes; keeps every view aligned for any dtype and for fast copies
 _FP8 = getattr(torch, "float8_e4m3fn", None)
-_FP8_MAX = 448.0
 _FP8_MIN_NUMEL = 1 << 16  # only large matrices are worth quantising; norms and biases stay exact
 # Activation memory per megapixel for a batched (cond+uncond) bf16 forward, used when presets/memory_model.json
 # has no measurement yet; deliberately on the high side.
@@ -204,9 +204,7 @@ class ModuleStreamer:
             dst = self.host[base + e.host_off: base + e.host_off + e.nbytes]
             src = e.param.data
             if e.fp8:
-                w = src.to(self.device, torch.float32)
-                scale = (w.abs().amax(dim=1).clamp(min=1e-12) / _FP8_MAX)
-                q = (w / scale[:, None]).to(_FP8)
+                q, scale = quantize_rows(src.to(self.device))
                 dst.copy_(q.view(torch.uint8).reshape(-1))
                 sdst = self.host[base + e.scale_off: base + e.scale_off + e.shape[0] * 4]
                 sdst.copy_(scale.view(torch.uint8))
@@ -377,14 +375,12 @@ class StreamingPlan:
 
 def _model_slope(key: str, default: float, path: Path | None = None) -> float:
     """``gib_per_mpix`` of one entry of presets/memory_model.json, else ``default``."""
-    for candidate in [path or MEMORY_MODEL_PATH]:
-        try:
-            data = json.loads(candidate.read_text())
-            data = data.get("entries", data)
-            return float(data[key]["gib_per_mpix"])
-        except (OSError, KeyError, ValueError, TypeError, AttributeError):
-            continue
-    return default
+    try:
+        data = json.loads((path or MEMORY_MODEL_PATH).read_text())
+        data = data.get("entries", data)
+        return float(data[key]["gib_per_mpix"])
+    except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        return default
 
 
 def activation_gib_per_mpix(dtype: str = "bf16", path: Path | None = None) -> float:
@@ -433,6 +429,7 @@ class StreamingHandle:
     max_pixels: int = 1328 * 1328
     options: dict[str, Any] = field(default_factory=dict)
     hook: Any = None
+    replans: int = 0  # how many times this pipeline's engine was re-planned for a larger image
 
     def disable(self, restore_device: str | torch.device | None = None) -> None:
         target = torch.device(restore_device) if restore_device is not None else self.device
@@ -466,7 +463,7 @@ class StreamingHandle:
         new = enable_streamed_offload(self.pipe, self.device, max_pixels=max_pixels,
                                       **{**self.options, "cfg_batching": False})
         new.cfg_batcher = batcher
-        new.replans = getattr(self, "replans", 0) + 1
+        new.replans = self.replans + 1
         return new
 
     def _check_capacity(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
