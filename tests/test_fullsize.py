@@ -10,7 +10,7 @@ from qwen_core import fullsize as F
 
 class TestFullConfigs:
     def test_transformer_is_the_20b_model(self) -> None:
-        # 20.43 B parameters = 38 GiB in bf16 (ARCHITECTURE.md, "The GPU").
+        # 20.43 B parameters = 38 GiB in bf16 (bench/RESULTS.md, "GPU results").
         assert F.count_params("transformer") == 20_430_401_088
 
     def test_text_encoder_is_qwen25_vl_7b(self) -> None:
@@ -26,7 +26,8 @@ class TestFullConfigs:
 
 class TestRandomBuild:
     @pytest.fixture(scope="class")
-    def transformer(self) -> torch.nn.Module:
+    @classmethod
+    def transformer(cls) -> torch.nn.Module:
         return F.build_transformer("cpu", torch.float32, overrides=F.TINY_OVERRIDES["transformer"])
 
     def test_weights_are_real_random_and_never_zero(self, transformer: torch.nn.Module) -> None:
