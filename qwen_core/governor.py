@@ -113,8 +113,14 @@ def memory_limit_pixels(
     memory_model_path: str | os.PathLike | None = None,
 ) -> tuple[int, str] | None:
     """The hard memory bound from the measured model for this mode/dtype, or None when it has no entry."""
-    dtype_key, mode_key = _dtype_key(dtype), _mode_key(memory_mode)
-    entry = load_memory_model(memory_model_path).get(f"{mode_key}/{dtype_key}")
+    entries = load_memory_model(memory_model_path)
+    return _memory_limit(entries, vram_gb, _dtype_key(dtype), _mode_key(memory_mode))
+
+
+def _memory_limit(
+    entries: dict[str, dict[str, float]], vram_gb: float, dtype_key: str, mode_key: str
+) -> tuple[int, str] | None:
+    entry = entries.get(f"{mode_key}/{dtype_key}")
     if entry is None:
         return None
     # Card sizes ("8 GB") are GiB in practice, and DeviceConfig reports GiB: no unit conversion.
@@ -140,11 +146,12 @@ def max_pixels_with_reason(
     window_reason = f"VRAM tier '{tier.name}' ({where}, {dtype_key}): {window / 1e6:.2f} MP"
     if vram_gb is None:
         return window, window_reason
-    memory = memory_limit_pixels(vram_gb, dtype_key, mode_key, memory_model_path=memory_model_path)
+    entries = load_memory_model(memory_model_path)  # read once for the mode and its fallback
+    memory = _memory_limit(entries, vram_gb, dtype_key, mode_key)
     if memory is not None and memory[0] < MIN_USEFUL_PIXELS and mode_key not in _LIGHTEST_MODES:
         # The mode's resident weights alone do not fit: the loader falls back to the streamed engine, so the
         # window is the one that engine can hold (refusing here would block a graph the loader can still run).
-        fallback = memory_limit_pixels(vram_gb, dtype_key, "streamed", memory_model_path=memory_model_path)
+        fallback = _memory_limit(entries, vram_gb, dtype_key, "streamed")
         if fallback is not None:
             memory = (fallback[0], f"'{mode_key}' does not fit {vram_gb:g} GB, the loader falls back to "
                                    f"'streamed'; {fallback[1]}")
