@@ -55,6 +55,7 @@ PACKAGE_RANGES: dict[str, tuple[str, str | None]] = {
 OK, WARN, FAIL = "ok", "warn", "fail"
 _RANK = {OK: 0, WARN: 1, FAIL: 2}
 _GIB = 1024**3
+GPU_MODE_HEADROOM_GIB = 8.0  # activations + CUDA context beside the whole model in memory mode gpu
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,11 @@ def _listing_bytes(file_sizes: Mapping[str, int] | Iterable[int]) -> int:
 
 # -------------------------------------------------------------------------------------------------- checks
 
+def _gib(size_gb: float) -> float:
+    """A Hub size (GB = 1e9 bytes) in GiB, the unit VRAM and RAM are measured in."""
+    return size_gb * 1e9 / _GIB
+
+
 def _gb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} GB"
 
@@ -205,7 +211,7 @@ def check_gpu(dev: dict) -> Check:
 
 def check_vram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
     total, free = dev.get("vram_total_gb"), dev.get("vram_free_gb")
-    resident = f"{size_gb * 1e9 / _GIB + 8:.0f} GB for memory mode gpu" if size_gb else "depends on the model"
+    resident = f"{_gib(size_gb) + GPU_MODE_HEADROOM_GIB:.0f} GB for memory mode gpu" if size_gb else "depends on the model"
     needed = f">= 6 GB (offloaded); {resident}"
     if total is None:
         return Check("vram", WARN, "no GPU", needed, "No VRAM to measure; generation runs on the CPU.", "")
@@ -223,7 +229,7 @@ def check_vram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
 def check_ram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
     total, avail = dev["ram_total_gb"], dev["ram_available_gb"]
     offloaded = memory_mode in ("model_offload", "group_offload", "sequential", "streamed")
-    need = max(16.0, size_gb * 1e9 / _GIB + 4) if (size_gb and offloaded) else 16.0
+    need = max(16.0, _gib(size_gb) + 4) if (size_gb and offloaded) else 16.0
     measured = f"{avail:.1f} GB available of {total:.1f} GB"
     needed = f">= {need:.0f} GB" + (" (offloaded weights live in RAM)" if offloaded and size_gb else "")
     if total < need:
@@ -325,8 +331,8 @@ def recommend_memory_mode(dev: dict, size_gb: float | None) -> tuple[str, str]:
         return "auto", "no CUDA GPU: the device holds everything in RAM"
     if not size_gb:
         return "gpu", "model size unknown or small: keep everything on the GPU"
-    size_gib = size_gb * 1e9 / _GIB
-    if total >= size_gib + 8:
+    size_gib = _gib(size_gb)
+    if total >= size_gib + GPU_MODE_HEADROOM_GIB:
         return "gpu", f"{total:.0f} GB VRAM holds the whole model ({size_gib:.0f} GB) plus activations"
     if total >= size_gib * TRANSFORMER_SHARE + 6:
         return "model_offload", f"{total:.0f} GB VRAM holds the transformer; text encoder/VAE are offloaded"
