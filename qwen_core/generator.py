@@ -11,7 +11,9 @@ Failure behaviour:
 - NaN/Inf latents (the "black image" bug of some attention kernels): the run stops at that step, SDPA is
   set for this pipeline and for the rest of the process, and the generation is retried once.
 - out of memory: our own memory is released, then ``OutOfMemoryError`` with a concrete tip is raised; the
-  generator stays usable.
+  generator stays usable. An OOM in the VAE decode after the last step decodes the final latents again in
+  tiles instead.
+- finite latents but NaN/Inf pixels (an fp16 VAE overflow): decoded again with the VAE in float32.
 """
 
 from __future__ import annotations

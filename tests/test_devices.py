@@ -90,8 +90,9 @@ class TestDeviceConfig:
 
     @pytest.mark.parametrize("bad", ["gpu0", "cuda:x", "/dev/nvidia0", "cuda:3"])
     def test_invalid_or_missing_device(self, bad):
-        with pytest.raises(InvalidInputError):
+        with pytest.raises(InvalidInputError) as err:
             get_device_config(device=bad, probe=AMPERE)
+        assert err.value.field == "device" and repr(bad) in str(err.value)
 
 
 class TestResolveDtype:
