@@ -15,6 +15,7 @@ constants of download_http.py, listed in the README "Downloads" section.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -219,8 +220,9 @@ def _local_ids(root: Path, repo_id: str) -> tuple[str, str] | None:
     return (plan.revision, plan.commit) if plan is not None and plan.repo_id == repo_id else None
 
 
-def _try_local(repo_id: str, revision: str, root: Path, allow_patterns, ignore_patterns,  # noqa: ANN001
-               say: Callable[[str], None], started: float) -> DownloadResult | None:
+def _try_local(repo_id: str, revision: str, root: Path, allow_patterns: Sequence[str] | str | None,
+               ignore_patterns: Sequence[str] | str | None, say: Callable[[str], None],
+               started: float) -> DownloadResult | None:
     try:
         result = verify_offline(repo_id, revision, root, allow_patterns, ignore_patterns, say)
     except DownloadError:
@@ -388,13 +390,13 @@ def _fmt_duration(seconds: float) -> str:
 
 
 # -- CLI (python -m qwen_core download / tools/robust_download.py) -------------------------------------------
-def configure_download(parser) -> None:  # noqa: ANN001 - argparse parser
+def configure_download(parser: argparse.ArgumentParser) -> None:
     from qwen_core.download_cli import configure
 
     configure(parser)
 
 
-def run_download(args) -> int:  # noqa: ANN001 - argparse namespace
+def run_download(args: argparse.Namespace) -> int:
     from qwen_core.download_cli import run
 
     return run(args)

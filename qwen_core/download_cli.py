@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen_core.download import ENGINES
+from qwen_core.download import ENGINES, DownloadProgress, DownloadResult
 from qwen_core.download_http import EXIT_CANCELLED, EXIT_USAGE, HttpConfig
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
 
@@ -97,7 +97,7 @@ def _cleanup(target: Path) -> int:
     return 0
 
 
-def _print_dry_run(result, target: Path) -> None:  # noqa: ANN001 - DownloadResult
+def _print_dry_run(result: DownloadResult, target: Path) -> None:
     from qwen_core.download import _fmt_bytes
 
     print(f"{result.repo_id} @ {result.revision} = commit {result.commit}")
@@ -153,7 +153,7 @@ class _Printer:
         else:
             print(text, file=sys.stderr, flush=True)
 
-    def progress(self, p) -> None:  # noqa: ANN001 - DownloadProgress
+    def progress(self, p: DownloadProgress) -> None:
         if p.phase == "resolving":
             return
         if self.tty:

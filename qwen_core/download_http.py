@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import requests
 
-from qwen_core.download_verify import (  # noqa: F401 - re-exported for download_plan / download_xet
+from qwen_core.download_verify import (
     _atomic_write_json,
     _HashPipe,
     expected_digest,

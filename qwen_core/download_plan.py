@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_core.download_http import (
     EXIT_AUTH,
@@ -33,6 +34,9 @@ from qwen_core.download_http import (
 )
 from qwen_core.errors import DownloadError, InvalidInputError
 from qwen_core.paths import safe_join, validate_revision
+
+if TYPE_CHECKING:
+    from qwen_core.download import DownloadResult
 
 PLAN_FILE = "plan.json"
 
@@ -210,8 +214,8 @@ def load_plan(root: Path) -> DownloadPlan | None:
     return DownloadPlan(data["repo_id"], data["revision"], data["commit"], files, listing=files)
 
 
-def verify_offline(repo_id: str, revision: str, root: Path, allow_patterns, ignore_patterns,  # noqa: ANN001
-                   log: Callable[[str], None]):
+def verify_offline(repo_id: str, revision: str, root: Path, allow_patterns: Sequence[str] | str | None,
+                   ignore_patterns: Sequence[str] | str | None, log: Callable[[str], None]) -> DownloadResult:
     """HF_HUB_OFFLINE: check what is on disk against the last saved plan; fetch nothing."""
     from huggingface_hub.utils import filter_repo_objects
 

@@ -9,6 +9,7 @@ counts as done, because hf_xet once reported a short file as success.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -29,8 +30,11 @@ from qwen_core.errors import DownloadError
 from qwen_core.file_lock import FileLock
 from qwen_core.paths import safe_join
 
+if TYPE_CHECKING:
+    from qwen_core.download_plan import DownloadPlan
 
-def server_offers_xet(plan, job: Job) -> bool:  # noqa: ANN001 - DownloadPlan (import cycle)
+
+def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
     """A HEAD on the largest LFS file answers ``X-Xet-Hash`` when the repo is served through Xet."""
     lfs = [f for f in plan.files if f.sha256]
     if not lfs:
