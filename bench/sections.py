@@ -357,9 +357,14 @@ def section_compile(ctx: Context) -> None:
             R.set("compile", "b1_diffusers_regional", r1)
             ctx.numbers["compiled_b1_ms"] = r1["median_ms"]
     finally:
-        torch._dynamo.reset()
-        for block in ctx.t.transformer_blocks:
-            block._compiled_call_impl = None
+        _undo_regional_compile(ctx)
+
+
+def _undo_regional_compile(ctx: Context) -> None:
+    """Back to eager blocks after ``compile_repeated_blocks`` (which compiles each block's ``__call__``)."""
+    torch._dynamo.reset()
+    for block in ctx.t.transformer_blocks:
+        block._compiled_call_impl = None
 
 
 def section_fp8(ctx: Context) -> None:
@@ -405,9 +410,7 @@ def section_fp8(ctx: Context) -> None:
                 R.set("fp8", "profile_batched", profile_forward(lambda: fwd_batched(ctx, hs, [ec, eu], shapes)))
             ctx.numbers["fp8_compiled_step_ms"] = rc["median_ms"]
     finally:
-        torch._dynamo.reset()
-        for block in ctx.t.transformer_blocks:
-            block._compiled_call_impl = None
+        _undo_regional_compile(ctx)
         h.disable()
 
 

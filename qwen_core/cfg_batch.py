@@ -16,11 +16,11 @@ This is exact: QwenImageTransformer2DModel builds the joint [text, image] key ma
 ``encoder_hidden_states_mask`` (padding never attends as a key), and text RoPE positions are
 ``max_vid_index + token index`` for every token (``compute_text_seq_len_from_mask`` only sizes the table to
 the padded length), so a real token gets the same position padded or not. Padded queries produce junk rows
-that are never read. But a mask takes the flash kernel away (measured on H100: masked batch 790 ms vs two
-unmasked forwards 639 ms), so ``SplitTextAttnProcessor`` wraps each block's own attention processor and, for
-a padded batch, runs the attention once per distinct text length on the unpadded tokens (no mask); the
-projections inside it run per group, everything else in the block stays batched. With equal lengths no mask
-is passed at all.
+that are never read. But a mask takes the flash kernel away (H100, bench/results/h100_run1_exploratory: masked
+batch 790 ms vs two unmasked forwards 639 ms per step), so ``SplitTextAttnProcessor`` wraps each block's own
+attention processor and, for a padded batch, runs the attention once per distinct text length on the unpadded
+tokens (no mask); the projections inside it run per group, everything else in the block stays batched. With
+equal lengths no mask is passed at all.
 
 Anything unexpected (a callback replacing ``prompt_embeds``, positional args, ControlNet residuals) falls
 back to the plain unbatched call, so correctness never depends on the fast path.

@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE=1 ;;
     --cuda) CUDA="${2:?--cuda needs a value: auto|cpu|cu126|cu128|cu130}"; shift ;;
     --cuda=*) CUDA="${1#--cuda=}" ;;
-    -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "setup: unknown option '$1' (allowed: --dev --force --cuda X)" >&2; exit 2 ;;
   esac
   shift
