@@ -33,7 +33,7 @@ class QwenImageDownloader:
                 "allow_patterns": ("STRING", {"default": "", "tooltip": "Only files matching these globs (comma or newline separated); empty = all."}),
                 "ignore_patterns": ("STRING", {"default": "", "tooltip": "Skip files matching these globs (comma or newline separated)."}),
                 "workers": ("INT", {"default": 8, "min": 1, "max": 32, "step": 1, "tooltip": "Files downloaded in parallel."}),
-                "endpoint": ("STRING", {"default": "", "tooltip": "Mirror URL (http/https). Empty = HF_ENDPOINT or huggingface.co. Private/loopback hosts only if the same host is set in HF_ENDPOINT."}),
+                "endpoint": ("STRING", {"default": "", "tooltip": "Mirror URL (http/https). Empty = HF_ENDPOINT or huggingface.co. Private/loopback hosts only if the same host is set in HF_ENDPOINT; the token goes only to that host or huggingface.co."}),
             },
             "optional": {"system": (QWEN_SYSTEM, {"tooltip": "Optional Preflight report: runs the download after the checks."})},
             "hidden": HIDDEN,
