@@ -381,7 +381,6 @@ def _stream_into(resp: requests.Response, stage: Staging, state: _PartState, job
         f.seek(state.offset)
         f.truncate()
         for chunk in resp.iter_content(chunk_size=job.config.chunk_size):
-            job.check_cancel()
             try:
                 _write_all(f, chunk)
             except OSError as err:
@@ -396,6 +395,7 @@ def _stream_into(resp: requests.Response, stage: Staging, state: _PartState, job
                 state.hasher.update(chunk)
             state.offset += len(chunk)
             job.add(len(chunk), len(chunk))
+            job.check_cancel()  # after the write: a chunk that already arrived is kept for the resume
 
 
 def _write_all(f, data: bytes) -> None:  # noqa: ANN001 - raw file
