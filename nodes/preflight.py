@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from qwen_core.errors import InvalidInputError
+from qwen_core.paths import validate_repo_id
 from qwen_core.preflight import perform_preflight_checks
 
 from . import comfy_bridge as bridge
@@ -44,8 +46,22 @@ class QwenImagePreflight:
             local = None
         if local is not None and not (local / "model_index.json").is_file():
             local = None
+        if local is None and name is not None:
+            _refuse_outside_paths(name, roots)
         report = perform_preflight_checks(str(local) if local else name, roots[0],
                                           comfyui_version=bridge.comfyui_version())
         text = report.to_text()
         as_json = json.loads(report.to_json())  # plain JSON types for the websocket
         return {"ui": {"text": [text], "qwen_report": [as_json]}, "result": (report, text)}
+
+
+def _refuse_outside_paths(name: str, roots: list[Path]) -> None:
+    """The core treats any existing folder as the model (and walks it): from a workflow, only repo ids pass."""
+    if not Path(name).expanduser().is_dir():
+        return  # a repo id, or a name the report marks as invalid
+    try:
+        validate_repo_id(name)
+    except InvalidInputError as err:
+        shown = ", ".join(str(r) for r in roots)
+        raise InvalidInputError("model", f"{name!r} is a folder outside the model folders ({shown}).",
+                                fix="Name a folder inside the model folders, or a repo id like Qwen/Qwen-Image.") from err

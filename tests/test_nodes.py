@@ -183,6 +183,13 @@ class TestNodesOnTinyPipeline:
         ui = out["ui"]["qwen_report"][0]
         assert ui["status"] == report.status and len(ui["checks"]) == len(report.checks)
 
+    def test_preflight_node_refuses_folders_outside_the_model_folders(self, models_home: Path, tmp_path: Path) -> None:
+        """A workflow must not make the preflight walk and report on any folder of the disk."""
+        with pytest.raises(InvalidInputError, match="outside the model folders"):
+            QwenImagePreflight().check(str(tmp_path))
+        report, _ = QwenImagePreflight().check("not a repo id!")["result"]  # still a report, with a failed row
+        assert any(c.name == "model" and c.status == "fail" for c in report.checks)
+
     def test_switch_model_releases_the_old_model_and_loads_the_new(self, models_home: Path) -> None:
         (a,) = QwenImageLoader().load("qwen-image-tiny", "auto", "auto", "auto")
         QwenImageGenerate().generate(a, "cat", "", 32, 32, 1, 1.0, 0, 1)
