@@ -56,7 +56,7 @@ class QwenImageDownloader:
                                    allow_patterns=allow_patterns or None, ignore_patterns=ignore_patterns or None,
                                    endpoint=decision.url if decision.source == "workflow" else None,
                                    token=None if decision.send_token else False,
-                                   progress=progress, should_cancel=bridge.interrupted)
+                                   redirect_guard=decision.redirect_guard(), progress=progress, should_cancel=bridge.interrupted)
         except DownloadCancelled as err:
             bridge.send_status(unique_id, "download", {"state": "cancelled", "done_bytes": bar.value})
             bridge.raise_as_interrupt(err)

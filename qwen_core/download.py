@@ -146,6 +146,7 @@ def download_repo(
     should_cancel: Callable[[], bool] | None = None,
     on_message: Callable[[str], None] | None = None,
     config: HttpConfig | None = None,
+    redirect_guard: Callable[[str], None] | None = None,
 ) -> DownloadResult:
     """Download (or resume, or just verify) ``repo_id@revision`` into ``local_dir`` as real files.
 
@@ -153,6 +154,8 @@ def download_repo(
     and verified. Raises DownloadError (``.exit_code``) for auth/not-found/network/disk/verify problems,
     DownloadCancelled when ``should_cancel()`` turned true or ``progress`` raised (partials are kept), and
     InvalidInputError for bad arguments. Complete verified files are never fetched again.
+    ``redirect_guard(url)`` is called with every redirect target of a file download and raises to refuse it
+    (the ComfyUI node passes the endpoint policy's check for an endpoint typed into a workflow).
     """
     started = time.monotonic()
     repo_id = validate_repo_id(repo_id)
@@ -194,7 +197,8 @@ def download_repo(
         return _result(plan, root, [], 0, time.monotonic() - started, engine, dry_run=True)
     _prepare_target(root, plan)
     save_plan(root, plan)
-    job = Job(root=root, endpoint=url, repo_id=repo_id, commit=plan.commit, token=tok, config=cfg, log=say)
+    job = Job(root=root, endpoint=url, repo_id=repo_id, commit=plan.commit, token=tok, config=cfg, log=say,
+              redirect_guard=redirect_guard)
     return _fetch_all(plan, job, engine, workers, progress, should_cancel, started)
 
 

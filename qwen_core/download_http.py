@@ -28,7 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, urljoin
 
 import requests
 
@@ -42,7 +43,7 @@ from qwen_core.download_verify import (
     verify_existing,
     write_record,
 )
-from qwen_core.errors import DownloadCancelled, DownloadError
+from qwen_core.errors import DownloadCancelled, DownloadError, QwenError
 from qwen_core.file_lock import EXIT_LOCKED, FileLock, read_holder  # noqa: F401 - EXIT_LOCKED listed with the others
 from qwen_core.paths import safe_join
 
@@ -105,6 +106,7 @@ class Job:
     token: str | None = field(repr=False)  # never in a repr: tracebacks with locals would print it
     config: HttpConfig
     log: Callable[[str], None]
+    redirect_guard: Callable[[str], None] | None = None  # raises to refuse a redirect target
     cancel: threading.Event = field(default_factory=threading.Event)
     done_bytes: int = 0  # bytes that count toward the progress bar (resumed + fetched + present)
     fetched_bytes: int = 0  # bytes received over the network in this run
@@ -122,7 +124,21 @@ class Job:
         if s is None:
             s = self._local.session = requests.Session()
             s.headers["User-Agent"] = "qwen-image-robust-download/0.1"
+            if self.redirect_guard is not None:
+                s.hooks["response"].append(self._check_redirect)
         return s
+
+    def _check_redirect(self, resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+        # requests runs response hooks on every hop, before following it: refuse the hop, not its answer.
+        if resp.is_redirect and self.redirect_guard is not None:
+            target = urljoin(resp.url, resp.headers.get("Location", ""))
+            try:
+                self.redirect_guard(target)
+            except QwenError as err:
+                resp.close()
+                raise DownloadError(f"{resp.url.split('?')[0]} redirected to a refused address: {err}",
+                                    fix="Use a mirror that serves files itself, or set it in HF_ENDPOINT.",
+                                    exit_code=EXIT_UNSAFE) from err
 
     def url(self, path: str) -> str:
         return f"{self.endpoint.rstrip('/')}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"

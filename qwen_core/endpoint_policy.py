@@ -38,6 +38,13 @@ class EndpointDecision:
     source: str  # "workflow", "env" or "default"
     message: str
     send_token: bool = True  # False for a host only the workflow names: the download runs anonymously
+    # True when only the public-address check let this endpoint in: its redirects must pass the same check
+    # (a public host could otherwise 302 the download to 169.254.169.254 or the LAN).
+    public_only: bool = False
+
+    def redirect_guard(self) -> Callable[[str], None] | None:
+        """What the downloader must call on each redirect target, or None when the user configured the host."""
+        return ensure_public_host if self.public_only else None
 
 
 def _resolve(host: str, port: int) -> list[str]:
@@ -92,6 +99,16 @@ def check_endpoint(
     if configured and _host_port(configured, "HF_ENDPOINT") == (host, port):
         return EndpointDecision(value, "workflow", f"Endpoint: {value} (workflow; same host as HF_ENDPOINT)")
     token_home = _host_port(DEFAULT_ENDPOINT, "endpoint") == (host, port)
+    ensure_public_host(value, resolver=resolver, field=field)
+    note = "" if token_home else "; no token sent"
+    return EndpointDecision(value, "workflow", f"Endpoint: {value} (from the workflow{note})", send_token=token_home,
+                            public_only=True)
+
+
+def ensure_public_host(url: str, *, resolver: Resolver | None = None, field: str = "endpoint") -> None:
+    """Raise InvalidInputError unless every address of ``url``'s host is public (not loopback, private,
+    link-local or reserved). Used for a workflow's endpoint and for every redirect it answers with."""
+    host, port = _host_port(url, field)
     try:
         addresses = (resolver or _resolve)(host, port)
     except OSError as err:
@@ -101,9 +118,7 @@ def check_endpoint(
         shown = ", ".join(blocked) or "no address"
         raise InvalidInputError(
             field,
-            f"{value!r} resolves to a non-public (loopback, private, link-local or reserved) address ({shown}); a workflow "
+            f"{url!r} resolves to a non-public (loopback, private, link-local or reserved) address ({shown}); a workflow "
             "may only name such a host when the same host is configured in HF_ENDPOINT.",
             fix=FIX,
         )
-    note = "" if token_home else "; no token sent"
-    return EndpointDecision(value, "workflow", f"Endpoint: {value} (from the workflow{note})", send_token=token_home)

@@ -306,6 +306,32 @@ class TestClearErrors:
         assert info.value.exit_code == EXIT_DISK and "cannot be written" in str(info.value)
 
 
+class TestRedirectGuard:
+    """A workflow endpoint passed the public-address check; its redirects must pass it too (SSRF)."""
+
+    def test_every_redirect_target_goes_through_the_guard(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub)
+        hub.faults.redirect_lfs = True
+        seen: list[str] = []
+        get(hub, tmp_path, redirect_guard=seen.append)
+        assert_tree(tmp_path, files)
+        assert any(f"/cdn/{REPO}/" in url for url in seen), seen
+
+    def test_a_refused_redirect_stops_without_following_it(self, hub: HubServer, tmp_path: Path) -> None:
+        make_repo(hub)
+        hub.faults.redirect_lfs = True
+
+        def refuse_cdn(url: str) -> None:
+            if "/cdn/" in url:
+                raise InvalidInputError("endpoint", f"{url!r} resolves to a non-public address")
+
+        with pytest.raises(DownloadError, match="redirected to a refused address") as info:
+            get(hub, tmp_path, redirect_guard=refuse_cdn)
+        assert info.value.exit_code == EXIT_UNSAFE
+        assert not any(path.startswith("/cdn/") for _, path, _ in hub.requests)  # the hop was never taken
+        assert not (tmp_path / "transformer" / "w.safetensors").exists()
+
+
 class TestCancelAndLocks:
     def test_should_cancel_stops_and_keeps_partials(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub, size=4 * MB)

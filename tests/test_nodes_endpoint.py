@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen_core.endpoint_policy import DEFAULT_ENDPOINT, check_endpoint
+from qwen_core.endpoint_policy import DEFAULT_ENDPOINT, check_endpoint, ensure_public_host
 from qwen_core.errors import InvalidInputError
 
 
@@ -102,9 +102,21 @@ class TestToken:
         with pytest.raises(RuntimeError, match="stop here"):
             node.QwenImageDownloader().download("org/m", "main", "", "", 1, "https://mirror.example")
         assert seen["endpoint"] == "https://mirror.example" and seen["token"] is False
+        assert seen["redirect_guard"] is ensure_public_host  # its redirects face the same check
         with pytest.raises(RuntimeError, match="stop here"):
             node.QwenImageDownloader().download("org/m", "main", "", "", 1, "")
         assert seen["endpoint"] is None and seen["token"] is None  # HF_TOKEN / `hf auth login` as usual
+        assert seen["redirect_guard"] is None  # the user's own HF_ENDPOINT / the hub may redirect freely
+
+    def test_redirect_guard_refuses_a_hop_to_the_metadata_address(self) -> None:
+        decision = check_endpoint("https://mirror.example", env={}, resolver=public)
+        guard = decision.redirect_guard()
+        assert guard is not None
+        with pytest.raises(InvalidInputError, match="non-public"):
+            guard("http://169.254.169.254/latest/meta-data/")  # a literal address: no DNS needed
+        with pytest.raises(InvalidInputError, match="non-public"):
+            guard("http://127.0.0.1:8188/api")
+        assert check_endpoint("", env={}).redirect_guard() is None
 
     def test_private_host_allowed_when_the_user_configured_it(self) -> None:
         decision = check_endpoint("http://LOCALHOST:9000/", env={"HF_ENDPOINT": "http://localhost:9000"},
