@@ -19,6 +19,7 @@ from sections import (
     make_prompt,
     rel_err,
     run_pipeline,
+    time_batched,
 )
 
 from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching
@@ -255,12 +256,7 @@ def section_streamed_compiled(ctx: Context) -> None:
     try:
         with C.memory_cap(_cap(ctx, cap)):
             C.reset_peak()
-            t0 = time.perf_counter()
-            fwd_batched(ctx, hs, [ec, eu], shapes)
-            C.sync()
-            first = time.perf_counter() - t0
-            r = C.time_fn(lambda: fwd_batched(ctx, hs, [ec, eu], shapes), reps=a.reps)
-            out = fwd_batched(ctx, hs, [ec, eu], shapes)
+            first, r, out = time_batched(ctx, hs, [ec, eu], shapes)
             comp, eager = ctx.numbers.get("compiled_step_ms"), ctx.numbers.get("ours_step_ms")
             r.update(first_call_s=round(first, 1), peak_gib=C.peak_gib(), plan=h.plan.summary(),
                      per_image_s=round(r["median_ms"] * STEPS / 1e3, 2),

@@ -77,6 +77,17 @@ def fwd_batched(ctx: Context, hs: Any, embeds: list[Any], shapes: Any, *, split:
                      return_dict=False)[0]
 
 
+def time_batched(ctx: Context, hs: Any, embeds: list[Any], shapes: Any) -> tuple[float, dict[str, Any], torch.Tensor]:
+    """First call (compile + run) in seconds, then the timed batched forwards, then one output for numerics."""
+    C.sync()
+    t0 = time.perf_counter()
+    fwd_batched(ctx, hs, embeds, shapes)
+    C.sync()
+    first = time.perf_counter() - t0
+    r = C.time_fn(lambda: fwd_batched(ctx, hs, embeds, shapes), reps=ctx.args.reps)
+    return first, r, fwd_batched(ctx, hs, embeds, shapes)
+
+
 def make_prompt(pipe: Any, n_tokens: int) -> str:
     """A prompt whose embedding after the pipeline's template drop has exactly ``n_tokens`` tokens."""
     tok, tpl, drop = pipe.tokenizer, pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
@@ -322,13 +333,7 @@ def section_compile(ctx: Context) -> None:
     hs, (ec, eu), shapes = make_inputs(ctx, a.size, [a.text_tokens, a.text_tokens])
     ctx.t.compile_repeated_blocks(fullgraph=True)
     try:
-        C.sync()
-        t0 = time.perf_counter()
-        fwd_batched(ctx, hs, [ec, eu], shapes)
-        C.sync()
-        first = time.perf_counter() - t0
-        r = C.time_fn(lambda: fwd_batched(ctx, hs, [ec, eu], shapes), reps=a.reps)
-        out = fwd_batched(ctx, hs, [ec, eu], shapes)
+        first, r, out = time_batched(ctx, hs, [ec, eu], shapes)
         eager = ctx.numbers.get("ours_step_ms") or 0.0
         r.update(first_call_s=round(first, 1), compile_s=round(first - eager / 1e3, 1),
                  per_image_s=round(r["median_ms"] * STEPS / 1e3, 2),
@@ -395,12 +400,7 @@ def section_fp8(ctx: Context) -> None:
         if R.left() > 80:
             mode = a.fp8_compile_mode
             ctx.t.compile_repeated_blocks(fullgraph=True, **({"mode": mode} if mode else {}))
-            t0 = time.perf_counter()
-            fwd_batched(ctx, hs, [ec, eu], shapes)
-            C.sync()
-            first = time.perf_counter() - t0
-            rc = C.time_fn(lambda: fwd_batched(ctx, hs, [ec, eu], shapes), reps=a.reps)
-            out = fwd_batched(ctx, hs, [ec, eu], shapes)
+            first, rc, out = time_batched(ctx, hs, [ec, eu], shapes)
             rc.update(first_call_s=round(first, 1), per_image_s=round(rc["median_ms"] * STEPS / 1e3, 2),
                       rel_err_vs_bf16=rel_err(out.float().cpu(), ctx.ref_out) if ctx.ref_out is not None
                       else None)
