@@ -1,5 +1,5 @@
 """One-call GPU benchmark of Qwen-Image: plain diffusers vs our fast path, the streamed engine in memory caps,
-the measured memory model and the governor check. Full-size random-weight models (qwen_core.fullsize).
+the measured memory model and the governor check. Full-size random-weight models (bench/fullsize.py).
 
     python bench/gpu_bench.py --out $OUT            # on the GPU machine (one complete measurement set)
     python bench/gpu_bench.py --tiny --out /tmp/b   # CPU dry run of the same code with scaled-down models
@@ -24,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common as C  # noqa: E402
+import fullsize  # noqa: E402
 import lowvram  # noqa: E402
 import product  # noqa: E402
 import report  # noqa: E402
 import sections as S  # noqa: E402
-
-from qwen_core import fullsize  # noqa: E402
 
 # fp8 (on a GPU) and group_offload drop the text encoder to make room: they come after every section that
 # runs it (replan and product run the whole pipeline), and group_offload, which leaves the transformer

@@ -23,7 +23,7 @@ from sections import (
 )
 
 from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching
-from qwen_core.streaming import PIN_STATS, enable_streamed_offload
+from qwen_core.streaming import PIN_STATS, enable_streamed_offload, streaming_handle
 
 # Added to every memory-model entry: the CUDA context and cuBLAS/cuDNN workspaces outside the caching
 # allocator's count on a real card (~0.5 GiB measured on H100 with torch 2.11), plus allocator slack.
@@ -292,7 +292,7 @@ def section_replan(ctx: Context) -> None:
                 r = run_pipeline(ctx, prompt, neg, steps=2)
             finally:
                 a.size = saved
-        now = ctx.pipe._qwen_streaming
+        now = streaming_handle(ctx.pipe)
         r.update(size=size, replans=getattr(now, "replans", 0), plan_after=now.plan.summary())
         R.set("replan", f"cap{cap:g}_{size}", r)
     except Exception as err:  # noqa: BLE001
@@ -300,7 +300,7 @@ def section_replan(ctx: Context) -> None:
             raise
         R.set("replan", f"cap{cap:g}_{size}", {"oom": True, "error": str(err)[:400]})
     finally:
-        handle = ctx.pipe._qwen_streaming
+        handle = streaming_handle(ctx.pipe)
         if handle is not None:
             handle.disable(restore_device=ctx.dev)
         C.reset_peak()

@@ -1,6 +1,6 @@
 """The product path on the full-size model: our Loader + QwenImageGenerator, as the nodes and CLI run them.
 
-The other sections time the engines in isolation; this one goes through ``InMemoryPipelineLoader`` (memory
+The other sections time the engines in isolation; this one goes through ``in_memory.in_memory_loader`` (memory
 mode, attention choice, batched CFG, residency) and ``QwenImageGenerator.generate`` (validation, governor,
 per-step NaN check and progress callback, VAE decode), next to plain diffusers with the same prompts, size and
 step count in the same run. A 16 GiB card is emulated by the allocator cap plus the VRAM readings the loader
@@ -15,10 +15,10 @@ from typing import Any
 
 import common as C
 import torch
+from in_memory import in_memory_loader
 from sections import Context, make_prompt, run_pipeline
 
 from qwen_core.generator import QwenImageGenerator
-from qwen_core.loading import InMemoryPipelineLoader
 from qwen_core.memory import get_residency_manager
 
 
@@ -49,14 +49,12 @@ def section_product(ctx: Context) -> None:
     R.set("product", "diffusers_as_is", run_pipeline(ctx, prompt, neg, steps=steps))
     # Both loaders wrap the same pipeline object: keep both resident (eviction would release it).
     get_residency_manager().set_max_resident(2)
-    gpu = QwenImageGenerator(InMemoryPipelineLoader(pipe, name="fullsize-gpu", memory_mode="gpu",
-                                                    device=str(ctx.dev)))
+    gpu = QwenImageGenerator(in_memory_loader(pipe, name="fullsize-gpu", memory_mode="gpu", device=str(ctx.dev)))
     R.set("product", "ours_gpu", _generate(ctx, gpu, prompt, neg, steps))
     if not C.cuda():
         return
     cap = 16.0
-    streamed_loader = InMemoryPipelineLoader(pipe, name="fullsize-streamed", memory_mode="streamed",
-                                             device=str(ctx.dev))
+    streamed_loader = in_memory_loader(pipe, name="fullsize-streamed", memory_mode="streamed", device=str(ctx.dev))
     # What a 16 GiB card reports (the allocator cap below makes it real for the allocations).
     streamed_loader.device_config = dataclasses.replace(streamed_loader.device_config, vram_total_gb=cap,
                                                         vram_free_gb=cap - 0.5)

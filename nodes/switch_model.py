@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_core.memory import get_residency_manager, memory_readings, safe_model_switch
+from qwen_core.memory import switch_model
 
 from .common import (
     QWEN_PIPE,
@@ -50,14 +50,9 @@ class QwenImageSwitchModel:
     def switch(self, pipe: PipeHandle, model: str, model_path: str | None = None, after: Any = None) -> tuple[PipeHandle, str]:
         install_comfy_hooks()
         new = PipeHandle(str(resolve_model(model, model_path)), pipe.dtype, pipe.memory_mode, pipe.attention)
-        old_loader, new_gen = generator_for(pipe).loader, generator_for(new)  # B is checked before A goes
-        before = memory_readings()
-        if old_loader.residency_key != new_gen.loader.residency_key:
-            get_residency_manager().release(old_loader.residency_key)
-        try:
-            with safe_model_switch(None) as report:  # a failed load leaves nothing half-loaded
-                report.before = before
-                new_gen.load()  # weights now, so the report shows the new model's real footprint
+        old_key, new_loader = generator_for(pipe).loader.residency_key, generator_for(new).loader  # B is checked before A goes
+        try:  # weights now, so the report shows the new model's real footprint
+            report = switch_model(old_key if old_key != new_loader.residency_key else None, new_loader.load)
         except BaseException:
             release_resident()
             raise

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_ATTR = "_qwen_cfg_batcher"
+from qwen_core.pipeline_state import peek_state, state_of
 
 
 @dataclass
@@ -122,7 +122,7 @@ class CfgBatcher:
             call["img_shapes"] = kwargs["img_shapes"] * 2
         self.stats["masked"] += mask is not None
         lengths = self._lengths(items)
-        state = getattr(self.pipe.transformer, "_qwen_split_state", None)
+        state = split_state_of(self.pipe.transformer)
         if state is not None and mask is not None and lengths is not None:
             self.stats["split"] += 1
             with state.active(lengths):
@@ -200,26 +200,30 @@ def _groups(lengths: tuple[int, ...]) -> list[tuple[int, int, int]]:
     return out
 
 
+def split_state_of(transformer: nn.Module) -> _SplitState | None:
+    """The shared length state of the split processors installed on ``transformer``, or None. Read from the
+    processors themselves, so the transformer carries no extra attribute."""
+    for block in getattr(transformer, "transformer_blocks", []):
+        processor = block.attn.processor
+        return processor.state if isinstance(processor, SplitTextAttnProcessor) else None
+    return None
+
+
 def install_split_attention(transformer: nn.Module) -> _SplitState:
     """Wrap every block's attention processor (idempotent); returns the shared length state."""
-    state = getattr(transformer, "_qwen_split_state", None)
+    state = split_state_of(transformer)
     if state is not None:
         return state
     state = _SplitState()
     for block in getattr(transformer, "transformer_blocks", []):
         block.attn.set_processor(SplitTextAttnProcessor(block.attn.processor, state))
-    transformer._qwen_split_state = state
     return state
 
 
 def remove_split_attention(transformer: nn.Module) -> None:
-    state = getattr(transformer, "_qwen_split_state", None)
-    if state is None:
-        return
     for block in getattr(transformer, "transformer_blocks", []):
         if isinstance(block.attn.processor, SplitTextAttnProcessor):
             block.attn.set_processor(block.attn.processor.inner)
-    transformer._qwen_split_state = None
 
 
 def text_lengths(items: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[int, ...] | None:
@@ -277,7 +281,7 @@ def enable_cfg_batching(pipe: Any, *, split_attention: bool = True) -> CfgBatche
     ``split_attention``: prompts of different lengths run their attention unmasked per length (fast
     kernels) instead of through a padding mask.
     """
-    existing = getattr(pipe, _ATTR, None)
+    existing = state_of(pipe).cfg_batcher
     if existing is not None:
         existing.active = True
         return existing
@@ -291,13 +295,14 @@ def enable_cfg_batching(pipe: Any, *, split_attention: bool = True) -> CfgBatche
     pipe.encode_prompt = batcher.encode_prompt
     if split_attention:
         install_split_attention(transformer)
-    setattr(pipe, _ATTR, batcher)
+    state_of(pipe).cfg_batcher = batcher
     return batcher
 
 
 def disable_cfg_batching(pipe: Any) -> None:
     """Remove the wrapper; if something wrapped on top of ours meanwhile, only switch ours off."""
-    batcher: CfgBatcher | None = getattr(pipe, _ATTR, None)
+    state = peek_state(pipe)
+    batcher: CfgBatcher | None = state.cfg_batcher if state is not None else None
     if batcher is None:
         return
     batcher.active = False
@@ -312,9 +317,10 @@ def disable_cfg_batching(pipe: Any) -> None:
                 del owner.__dict__[name]
             else:
                 owner.__dict__[name] = before
-    setattr(pipe, _ATTR, None)
+    state.cfg_batcher = None
 
 
 def cfg_batching_stats(pipe: Any) -> dict[str, int]:
-    batcher = getattr(pipe, _ATTR, None)
+    state = peek_state(pipe)
+    batcher = state.cfg_batcher if state is not None else None
     return dict(batcher.stats) if batcher is not None else {}

@@ -199,7 +199,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention, device=args.device
     )
     loader = generator.loader
-    print(f"model {loader.path} ({loader.folder.class_name}): {loader.device_config.device}, {loader.dtype_name}, "
+    print(f"model {loader.path} ({loader.family.display_name}): {loader.device_config.device}, {loader.dtype_name}, "
           f"memory mode {loader.plan.memory_mode.value} ({loader.memory_mode_reason}), attention "
           f"{loader.device_config.attention_backend}")  # fmt: skip
     _generate_and_save(generator, args, out, args.batch, str(loader.path))

@@ -207,21 +207,16 @@ class QwenImageGenerator:
         ``memory.safe_model_switch``: a failed load leaves nothing half-loaded and raises; this generator
         then keeps its old model (which reloads on next use). Returns the ``memory.SwitchReport``
         (readings before, after the release, and after loading)."""
-        from qwen_core.memory import get_residency_manager, memory_readings, safe_model_switch
+        from qwen_core.memory import switch_model
 
         kwargs = {
             "dtype": self.loader.dtype_choice, "memory_mode": self.loader.memory_mode_choice,
             "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
         } | loader_kwargs  # fmt: skip
         new_loader = PipelineLoader(path, **kwargs)
-        before = memory_readings()
         old_key = self.loader.residency_key
-        released = old_key != new_loader.residency_key and get_residency_manager().release(old_key)
-        with safe_model_switch(None) as report:
-            report.before = before
-            report.released_keys = [old_key] if released else []
-            if load:
-                new_loader.load()
+        report = switch_model(old_key if old_key != new_loader.residency_key else None,
+                              new_loader.load if load else None)
         self.loader = new_loader
         get_session_log().info(f"switch: -> {new_loader.path}: {report.summary()}")
         return report
@@ -297,12 +292,9 @@ class QwenImageGenerator:
         for name, fn in (("on_step", on_step), ("should_cancel", should_cancel)):
             if fn is not None and not callable(fn):
                 raise InvalidInputError(name, f"must be a function or None, got {type(fn).__name__}.")
-        if self.loader.folder.class_name != "QwenImagePipeline":
-            raise QwenError(
-                f"{self.loader.path} is a {self.loader.folder.class_name}; text-to-image generation needs a "
-                "QwenImagePipeline model (edit/inpaint pipelines need an input image).",
-                fix="Load Qwen/Qwen-Image (or another text-to-image Qwen-Image folder).",
-            )
+        problem = self.loader.family.check_image_count(0)
+        if problem is not None:
+            raise QwenError(f"{self.loader.path}: {problem}", fix="Connect the input image(s) this model needs.")
 
     def _run(
         self, pipe: Any, request: GenerationRequest, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None

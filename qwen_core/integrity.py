@@ -19,20 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_core.errors import ModelFolderError
+from qwen_core.families import ModelFamily, family_for_pipeline_class
 
-# Diffusers pipeline classes we agree to instantiate. `_class_name` comes from a downloaded file, so it is
-# looked up in this list and never imported by name from anywhere else.
-ALLOWED_PIPELINE_CLASSES: frozenset[str] = frozenset(
-    {
-        "QwenImagePipeline",
-        "QwenImageImg2ImgPipeline",
-        "QwenImageInpaintPipeline",
-        "QwenImageEditPipeline",
-        "QwenImageEditPlusPipeline",
-        "QwenImageEditInpaintPipeline",
-        "QwenImageLayeredPipeline",
-    }
-)
 # Component libraries diffusers may import a component class from; anything else (e.g. a repo-local
 # module) would mean remote code.
 ALLOWED_COMPONENT_LIBRARIES: frozenset[str] = frozenset({"diffusers", "transformers"})
@@ -69,12 +57,16 @@ class SafetensorsInfo:
 
 @dataclass
 class ModelFolder:
-    """A validated diffusers model folder: class, components, and the weight files of each component."""
+    """A validated diffusers model folder: its family, components, and the weight files of each component."""
 
     path: Path
-    class_name: str
+    family: ModelFamily
     components: dict[str, tuple[str, str]]
     weight_files: dict[str, list[SafetensorsInfo]] = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return self.family.pipeline_class
 
     def num_params(self, component: str) -> int:
         return sum(info.num_params for info in self.weight_files.get(component, []))
@@ -166,6 +158,8 @@ def check_index(index_path: Path) -> list[SafetensorsInfo]:
         weight_map = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _bad_file(index_path, f"is not a readable safetensors index ({err}).") from err
+    if not isinstance(weight_map, dict):
+        raise _bad_file(index_path, "is not a safetensors index: `weight_map` must be a JSON object.")
     by_shard: dict[str, set[str]] = {}
     for tensor, shard in weight_map.items():
         by_shard.setdefault(str(shard), set()).add(tensor)
@@ -176,7 +170,8 @@ def check_index(index_path: Path) -> list[SafetensorsInfo]:
             raise _bad_file(index_path, f"names a shard outside its folder: {shard!r}.")
         shard_path = Path(index_path).parent / shard
         if not shard_path.is_file():
-            raise _bad_file(shard_path, f"is missing (named by {Path(index_path).name}).")
+            what = "is a folder, not a file" if shard_path.is_dir() else "is missing"
+            raise _bad_file(shard_path, f"{what} (named by {Path(index_path).name}).")
         info = read_safetensors_header(shard_path)
         absent = sorted(tensors - info.tensors.keys())
         if absent:
@@ -201,24 +196,23 @@ def find_lfs_pointers(folder: Path) -> list[Path]:
     return found
 
 
-def read_model_index(folder: Path) -> tuple[str, dict[str, tuple[str, str]]]:
-    """Class name and {component: (library, class)} from model_index.json, allowlisted."""
+def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, str]]]:
+    """The family and {component: (library, class)} from model_index.json: an allowlisted pipeline class,
+    component libraries that run no code from the folder, and the component classes that family has."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
+        what = "is a folder, not a file" if index_path.is_dir() else "is missing"
         raise ModelFolderError(
-            f"{folder}: no model_index.json, so this is not a diffusers pipeline folder.",
+            f"{folder}: model_index.json {what}, so this is not a diffusers pipeline folder.",
             fix="Point the loader at the folder that contains model_index.json (e.g. the Qwen/Qwen-Image repo root).",
         )
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise _bad_file(index_path, f"is not valid JSON ({err}).") from err
-    class_name = str(index.get("_class_name", ""))
-    if class_name not in ALLOWED_PIPELINE_CLASSES:
-        raise ModelFolderError(
-            f"{index_path}: pipeline class {class_name!r} is not a Qwen-Image pipeline this pack runs.",
-            fix="Use a Qwen-Image diffusers folder; allowed classes: " + ", ".join(sorted(ALLOWED_PIPELINE_CLASSES)),
-        )
+    if not isinstance(index, dict):
+        raise _bad_file(index_path, f"must be a JSON object with `_class_name` and components, not a {type(index).__name__}.")
+    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path))
     components: dict[str, tuple[str, str]] = {}
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
@@ -231,7 +225,32 @@ def read_model_index(folder: Path) -> tuple[str, dict[str, tuple[str, str]]]:
                 fix="Use an official diffusers-format Qwen-Image folder.",
             )
         components[name] = (library, cls)
-    return class_name, components
+    _check_components(index_path, family, components)
+    return family, components
+
+
+def _same_class(found: str, expected: str) -> bool:
+    # Tokenizers are saved as the slow or the fast class depending on the transformers version.
+    return found.removesuffix("Fast") == expected.removesuffix("Fast")
+
+
+def _check_components(index_path: Path, family: ModelFamily, components: dict[str, tuple[str, str]]) -> None:
+    """Every component of the family is listed with the family's class: a folder whose model_index.json says
+    one family while its parts belong to another (a 2.1 transformer under a Qwen-Image index) is refused."""
+    for name, (library, expected) in family.components.items():
+        found = components.get(name)
+        if found is None:
+            raise ModelFolderError(
+                f"{index_path}: declares {family.pipeline_class} ({family.display_name}) but lists no {name!r} "
+                f"component ({family.display_name} needs {expected}).",
+                fix=REDOWNLOAD_FIX,
+            )
+        if found[0] != library or not _same_class(found[1], expected):
+            raise ModelFolderError(
+                f"{index_path}: declares {family.pipeline_class} ({family.display_name}), whose {name} is "
+                f"{expected}, but the folder's {name} is {found[1]}: the files belong to another model.",
+                fix=f"Use a complete {family.display_name} folder (e.g. {', '.join(family.repo_ids[:2]) or 'its repo'}).",
+            )
 
 
 def _component_weights(folder: Path, name: str) -> list[SafetensorsInfo]:
@@ -246,6 +265,9 @@ def _component_weights(folder: Path, name: str) -> list[SafetensorsInfo]:
     if indexes:
         return [info for index in indexes for info in check_index(index)]
     files = sorted(sub.glob("*.safetensors"))
+    folders = [p for p in files if not p.is_file()]
+    if folders:
+        raise ModelFolderError(f"{folders[0]}: is a folder, not a safetensors file.", fix=REDOWNLOAD_FIX)
     if not files:
         raise ModelFolderError(f"{sub}: has a config.json but no .safetensors weights.", fix=REDOWNLOAD_FIX)
     return [read_safetensors_header(p) for p in files]
@@ -287,8 +309,8 @@ def check_model_folder(path: str | Path) -> ModelFolder:
             "was cloned without `git lfs`; loading would fail with 'HeaderTooLarge' or a JSON error.",
             fix=REDOWNLOAD_FIX,
         )
-    class_name, components = read_model_index(folder)
-    model = ModelFolder(path=folder, class_name=class_name, components=components)
+    family, components = read_model_index(folder)
+    model = ModelFolder(path=folder, family=family, components=components)
     for name in components:
         model.weight_files[name] = _component_weights(folder, name)
     return model

@@ -26,7 +26,6 @@ import torch
 
 from qwen_core import devices
 from qwen_core.errors import QwenError
-from qwen_core.integrity import ModelFolder
 from qwen_core.options import MemoryMode
 from qwen_core.session_log import get_session_log
 
@@ -153,18 +152,13 @@ def streaming_available() -> bool:
     return importlib.util.find_spec("qwen_core.streaming") is not None
 
 
-def weight_bytes(folder: ModelFolder, dtype: torch.dtype) -> dict[str, int]:
-    """Bytes each weighted component (transformer, text encoder, VAE) takes in ``dtype``, from the headers."""
-    width = torch.empty((), dtype=dtype).element_size()
-    return {name: folder.num_params(name) * width for name in folder.weight_files}
-
-
-def choose_memory_mode(folder: ModelFolder, config: devices.DeviceConfig, dtype: torch.dtype) -> tuple[MemoryMode, str]:
-    """``auto``: the heaviest (fastest) mode whose weights + headroom fit in free VRAM."""
+def choose_memory_mode(sizes: dict[str, int], config: devices.DeviceConfig) -> tuple[MemoryMode, str]:
+    """``auto``: the heaviest (fastest) mode whose weights (``sizes``: bytes per component) + headroom fit in
+    free VRAM."""
     if not config.device.startswith("cuda") or config.vram_free_gb is None:
         return MemoryMode.GPU, f"device {config.device}: weights stay resident on it"
-    sizes = {name: size / _GIB for name, size in weight_bytes(folder, dtype).items()}
-    total, largest = sum(sizes.values()), max(sizes.values(), default=0.0)
+    gib = {name: size / _GIB for name, size in sizes.items()}
+    total, largest = sum(gib.values()), max(gib.values(), default=0.0)
     free = config.vram_free_gb
     facts = f"weights {total:.1f} GiB (largest part {largest:.1f}), {free:.1f} GiB VRAM free"
     if free >= total + ACTIVATION_HEADROOM_GIB:

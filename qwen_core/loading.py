@@ -21,8 +21,6 @@ Every attempt is in ``loader.attempts`` and in the session log. Safety: ``use_sa
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import random
 import threading
 import time
@@ -31,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from qwen_core import devices
-from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
-from qwen_core.integrity import ALLOWED_PIPELINE_CLASSES, ModelFolder, check_model_folder
+from qwen_core.errors import ModelLoadError, QwenError
+from qwen_core.families import ModelFamily
+from qwen_core.integrity import check_model_folder
 from qwen_core.load_policy import (
     LIGHTER_MODE,
     SDPA,
@@ -50,15 +49,16 @@ from qwen_core.load_policy import (
     next_plan,
     sdpa_forced,
     streaming_available,
-    weight_bytes,
 )
-from qwen_core.memory import get_residency_manager, release_pipeline
+from qwen_core.memory import get_residency_manager
+from qwen_core.model_source import FolderSource, ModelSource
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
+from qwen_core.pipeline_state import state_of
 from qwen_core.session_log import get_session_log, redact
 
 # The policy (ladder, placement, attention) lives in load_policy; callers may import it from here.
 __all__ = [
-    "LIGHTER_MODE", "SDPA", "InMemoryPipelineLoader", "LoadAttempt", "LoadPlan", "PipelineLoader", "RetryPolicy",
+    "LIGHTER_MODE", "SDPA", "LoadAttempt", "LoadPlan", "PipelineLoader", "RetryPolicy",
     "_reset_sdpa_flag", "add_before_load_hook", "apply_attention", "apply_memory_mode", "check_model_folder",
     "choose_memory_mode", "classify_error", "force_sdpa", "free_memory", "is_oom", "load_model_with_retry",
     "next_plan", "remove_before_load_hook", "sdpa_forced", "streaming_available",
@@ -79,48 +79,22 @@ def remove_before_load_hook(hook: Callable[[int], None]) -> None:
         _BEFORE_LOAD_HOOKS.remove(hook)
 
 
-def _light_component(folder: Path, name: str, library: str, cls_name: str) -> Any:
-    """Tokenizer / processor / scheduler from their subfolder, class taken from the allowlisted library."""
-    module = importlib.import_module(library)
-    cls = getattr(module, cls_name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ModelFolderError(
-            f"{folder}: component {name!r} names class {cls_name!r}, which {library} does not provide.",
-            fix="Update diffusers/transformers (see requirements.txt) or re-download the model.",
-        )
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if library == "transformers":
-        kwargs["trust_remote_code"] = False
-    try:
-        if library == "diffusers":
-            return cls.from_pretrained(folder, subfolder=name, **kwargs)
-        return cls.from_pretrained(folder / name, **kwargs)
-    except (OSError, ValueError, TypeError) as err:
-        raise ModelFolderError(f"{folder / name}: cannot build the {name} ({err}).", fix="Re-download the model.") from err
-
-
-def _pipeline_class(class_name: str) -> type:
-    import diffusers
-
-    return getattr(diffusers, class_name)  # class_name was checked against the allowlist in integrity
-
-
-def _estimate_device_bytes(folder: ModelFolder, plan: LoadPlan) -> int:
-    sizes = list(weight_bytes(folder, plan.dtype).values())
+def _estimate_device_bytes(sizes: dict[str, int], plan: LoadPlan) -> int:
     if plan.memory_mode is MemoryMode.GPU:
-        return sum(sizes)
+        return sum(sizes.values())
     if plan.memory_mode is MemoryMode.MODEL_OFFLOAD:
-        return max(sizes, default=0)
+        return max(sizes.values(), default=0)
     return 0
 
 
 class PipelineLoader:
-    """A light handle on one model folder: validated folder, tokenizer/processor and scheduler built now,
-    weights on first use. ``attempts`` lists every weight-load attempt (also in the session log)."""
+    """A light handle on one model: the source validated, tokenizer/processor and scheduler built now, weights on
+    first use. ``model`` is a diffusers folder (path) or any ``ModelSource``. ``attempts`` lists every
+    weight-load attempt (also in the session log)."""
 
     def __init__(
         self,
-        path: str | Path,
+        model: str | Path | ModelSource,
         *,
         dtype: str | DtypeChoice = "auto",
         memory_mode: str | MemoryMode = "auto",
@@ -131,15 +105,14 @@ class PipelineLoader:
         self.dtype_choice = DtypeChoice.parse(dtype, "dtype")
         self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
         self.attention_choice = AttentionChoice.parse(attention, "attention")
-        self.folder = check_model_folder(path)
-        self.path = self.folder.path  # a hub-cache repo folder resolves to its snapshot
+        self.source = model if isinstance(model, ModelSource) else FolderSource(model)
+        self.path = self.source.path
         self.device_config = devices.get_device_config(
             device=device, dtype=self.dtype_choice.value, attention=self.attention_choice.value
         )
         self.retry = retry or RetryPolicy()
-        self.pipeline_class = _pipeline_class(self.folder.class_name)
-        self.light_components = self._build_light_components()
-        self.configs = self._read_configs()
+        self.light_components = self.source.light_components()
+        self.configs = self.source.configs()
         mode, self.memory_mode_reason = self._initial_mode()
         self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype)
         self.attempts: list[LoadAttempt] = []
@@ -148,30 +121,22 @@ class PipelineLoader:
         self.attention_backend = ""
         self._lock = threading.RLock()
         get_session_log().info(
-            f"loader: {self.path} ({self.folder.class_name}) on {self.device_config.device}; plan "
+            f"loader: {self.path} ({self.family.display_name}) on {self.device_config.device}; plan "
             f"{self.plan.describe()} ({self.memory_mode_reason}); attention {self.device_config.attention_backend} "
             f"({self.device_config.attention_reason}); weights load on first use"
         )
 
-    # -- eager part --
-    def _build_light_components(self) -> dict[str, Any]:
-        built = {}
-        for name, (library, cls_name) in self.folder.components.items():
-            if not self.folder.weight_files.get(name):  # no weights: tokenizer, processor, scheduler
-                built[name] = _light_component(self.path, name, library, cls_name)
-        return built
+    @property
+    def family(self) -> ModelFamily:
+        return self.source.family
 
-    def _read_configs(self) -> dict[str, dict]:
-        configs = {}
-        for name in self.folder.weight_files:
-            config_path = self.path / name / "config.json"
-            if config_path.is_file():
-                configs[name] = json.loads(config_path.read_text(encoding="utf-8"))
-        return configs
+    def weight_bytes(self, dtype: Any = None) -> dict[str, int]:
+        """Bytes of each weighted component in ``dtype`` (default: the plan's)."""
+        return self.source.weight_bytes(dtype if dtype is not None else self.plan.dtype)
 
     def _initial_mode(self) -> tuple[MemoryMode, str]:
         if self.memory_mode_choice is MemoryMode.AUTO:
-            return choose_memory_mode(self.folder, self.device_config, self.device_config.dtype)
+            return choose_memory_mode(self.source.weight_bytes(self.device_config.dtype), self.device_config)
         return self.memory_mode_choice, "as requested"
 
     # -- lazy part --
@@ -182,7 +147,7 @@ class PipelineLoader:
         Handles with the same folder, device, dtype and memory mode share one resident pipeline; the
         registry, not the handle, owns it (ComfyUI may cache a handle for ever, it must not pin 40 GB)."""
         cfg = self.device_config
-        return ("qwen-image", str(self.path.resolve()), cfg.device, self.dtype_choice.value, self.memory_mode_choice.value)
+        return (self.family.key, self.source.identity, cfg.device, self.dtype_choice.value, self.memory_mode_choice.value)
 
     @property
     def pipeline(self) -> Any:
@@ -209,46 +174,28 @@ class PipelineLoader:
         """The loaded pipeline, loading it now if needed (with retries and fallbacks)."""
         with self._lock:
             pipe = get_residency_manager().acquire(self.residency_key, lambda: load_model_with_retry(self))
-            state = getattr(pipe, "_qwen_load_state", None)
-            if state is not None:  # loaded through another handle with the same key
-                self.plan, self.placement = state
-            current = getattr(pipe, "_qwen_attention", "")
+            state = state_of(pipe)
+            if state.load_plan is not None:  # it may have been loaded through another handle with the same key
+                self.plan, self.placement = state.load_plan, state.placement
             wanted = self.wanted_attention()
-            self.attention_backend = apply_attention(pipe, wanted) if current != wanted else current
-            pipe._qwen_attention = self.attention_backend
+            if state.attention_backend != wanted:
+                state.attention_backend = apply_attention(pipe, wanted)
+            self.attention_backend = state.attention_backend
             return pipe
 
-    def _build_pipeline(self, plan: LoadPlan) -> Any:
-        """from_pretrained with the eager parts reused (weights land in CPU RAM, in the plan's dtype)."""
-        # Re-check the folder: a download may have been running or a file replaced since construction.
-        self.folder = check_model_folder(self.path)
-        return self.pipeline_class.from_pretrained(
-            self.path,
-            dtype=plan.dtype,
-            use_safetensors=True,
-            local_files_only=True,
-            trust_remote_code=False,
-            **self.light_components,
-        )
-
     def load_once(self, plan: LoadPlan) -> Any:
-        """One attempt: build the pipeline, then placement (memory mode) and attention."""
-        pipe = self._build_pipeline(plan)
+        """One attempt: build the pipeline (weights in CPU RAM, in the plan's dtype), then placement (memory
+        mode) and attention."""
+        pipe = self.source.build(plan.dtype, self.light_components)
         try:
             self.placement = apply_memory_mode(pipe, plan, self.device_config)
             self.attention_backend = apply_attention(pipe, self.wanted_attention())
         except BaseException:
-            self._discard_failed(pipe)
+            self.source.discard(pipe)
             raise
-        # Plain attributes on the pipeline (not modules): they travel with it in the residency registry.
-        pipe._qwen_load_state = (plan, self.placement)
-        pipe._qwen_attention = self.attention_backend
+        state = state_of(pipe)
+        state.load_plan, state.placement, state.attention_backend = plan, self.placement, self.attention_backend
         return pipe
-
-    def _discard_failed(self, pipe: Any) -> None:
-        """A pipeline whose placement failed (e.g. OOM half way to the GPU): hooks off, modules dropped, memory
-        collected; nothing of it may survive."""
-        release_pipeline(pipe, settle_s=0.0)
 
     def rechoose_auto_mode(self, plan: LoadPlan) -> LoadPlan:
         """``plan`` with the auto memory mode decided again from a fresh free-VRAM reading (CUDA only)."""
@@ -256,7 +203,7 @@ class PipelineLoader:
             return plan
         free = devices.probe_hardware(self.device_config.device).vram_free_gb
         config = dataclasses.replace(self.device_config, vram_free_gb=free)
-        mode, reason = choose_memory_mode(self.folder, config, plan.dtype)
+        mode, reason = choose_memory_mode(self.source.weight_bytes(plan.dtype), config)
         if mode is not plan.memory_mode:
             get_session_log().info(f"loader: auto memory mode now {mode.value} (was {plan.memory_mode.value}): {reason}")
             self.memory_mode_reason = reason
@@ -270,8 +217,7 @@ class PipelineLoader:
         force_sdpa(reason)
         pipe = self.pipeline
         if pipe is not None and self.attention_backend != SDPA:
-            self.attention_backend = apply_attention(pipe, SDPA)
-            pipe._qwen_attention = self.attention_backend
+            self.attention_backend = state_of(pipe).attention_backend = apply_attention(pipe, SDPA)
 
     def unload(self) -> None:
         """Drop the weights (the tokenizer/scheduler stay); the next use loads them again."""
@@ -297,7 +243,7 @@ class PipelineLoader:
 
     def describe(self) -> str:
         state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
-        return f"{self.folder.class_name} at {self.path}: {state}; plan {self.plan.describe()}"
+        return f"{self.family.display_name} at {self.path}: {state}; plan {self.plan.describe()}"
 
 
 def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None = None) -> Any:
@@ -308,11 +254,12 @@ def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None =
     if loader.memory_mode_choice is MemoryMode.AUTO and not loader.attempts and loader.device_config.device.startswith("cuda"):
         # The first load of an "auto" loader: let ComfyUI free what it holds for the heaviest mode, then
         # decide the mode from the free VRAM of now, not of when the handle was made.
-        _run_before_load_hooks(_estimate_device_bytes(loader.folder, dataclasses.replace(plan, memory_mode=MemoryMode.GPU)))
+        sizes = loader.weight_bytes(plan.dtype)
+        _run_before_load_hooks(_estimate_device_bytes(sizes, dataclasses.replace(plan, memory_mode=MemoryMode.GPU)))
         plan = loader.rechoose_auto_mode(plan)
     for number in range(1, policy.max_attempts + 1):
         start = time.perf_counter()
-        _run_before_load_hooks(_estimate_device_bytes(loader.folder, plan))
+        _run_before_load_hooks(_estimate_device_bytes(loader.weight_bytes(plan.dtype), plan))
         try:
             pipe = loader.load_once(plan)
         except Exception as err:  # noqa: BLE001 - classified below; the last one is re-raised
@@ -359,72 +306,3 @@ def _run_before_load_hooks(bytes_needed: int) -> None:
             hook(bytes_needed)
         except Exception as err:  # noqa: BLE001 - freeing someone else's memory is best effort
             get_session_log().warning(f"loader: before-load hook {hook!r} failed: {err}")
-
-
-def _config_dict(config: Any) -> dict:
-    """diffusers configs are dicts; transformers configs have to_dict()."""
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
-class InMemoryPipelineLoader(PipelineLoader):
-    """A loader around a pipeline that already exists in memory and has no folder (benchmarks build the
-    full-size architecture with random weights; saving 40 GB first would be pointless). Placement,
-    attention, retries on placement OOM, residency and the generator work as for a folder; once
-    released (unload, or evicted by another model), it cannot be loaded again."""
-
-    def __init__(
-        self,
-        pipe: Any,
-        *,
-        name: str = "in-memory",
-        memory_mode: str | MemoryMode = "gpu",
-        attention: str | AttentionChoice = "auto",
-        device: str | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> None:
-        if type(pipe).__name__ not in ALLOWED_PIPELINE_CLASSES:
-            raise QwenError(f"{type(pipe).__name__} is not a Qwen-Image pipeline.", fix="Pass a diffusers QwenImagePipeline.")
-        self._pipe: Any = pipe
-        self.dtype_choice = DtypeChoice.parse(devices.dtype_name(pipe.transformer.dtype), "dtype")
-        self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
-        self.attention_choice = AttentionChoice.parse(attention, "attention")
-        self.path = Path(f"<{name}>")
-        self.folder = ModelFolder(path=self.path, class_name=type(pipe).__name__, components={})
-        self.device_config = devices.get_device_config(
-            device=device, dtype=pipe.transformer.dtype, attention=self.attention_choice.value
-        )
-        self.retry = retry or RetryPolicy()
-        self.pipeline_class = type(pipe)
-        self.light_components = {"tokenizer": pipe.tokenizer, "scheduler": pipe.scheduler}
-        self.configs = {n: _config_dict(m.config) for n in ("transformer", "vae", "text_encoder")
-                        if (m := getattr(pipe, n, None)) is not None and hasattr(m, "config")}  # fmt: skip
-        mode = self.memory_mode_choice
-        if mode is MemoryMode.AUTO:
-            mode = MemoryMode.GPU  # no folder to size from; the caller built it for this device
-        self.memory_mode_reason = "in-memory pipeline"
-        self.plan = LoadPlan(memory_mode=mode, dtype=pipe.transformer.dtype)
-        self.attempts, self.last_error = [], None
-        self.placement = self.attention_backend = ""
-        self._lock = threading.RLock()
-
-    @property
-    def residency_key(self) -> tuple[str, ...]:
-        return ("qwen-image-in-memory", str(self.path), str(id(self)), self.memory_mode_choice.value)
-
-    def _build_pipeline(self, plan: LoadPlan) -> Any:
-        if self._pipe is None or getattr(self._pipe, "transformer", None) is None:
-            raise ModelLoadError(f"{self.path} was released and has no folder to load from.",
-                                 fix="Build the pipeline again and wrap it in a new InMemoryPipelineLoader.")  # fmt: skip
-        if plan.dtype != self._pipe.transformer.dtype:
-            self._pipe.to(dtype=plan.dtype)
-        return self._pipe
-
-    def _discard_failed(self, pipe: Any) -> None:
-        # No folder to rebuild from: undo the placement instead, so the next rung of the ladder can try.
-        pipe.remove_all_hooks()
-        pipe.to("cpu")
-        free_memory()
-
-    def unload(self) -> None:
-        super().unload()
-        self._pipe = None

@@ -31,11 +31,15 @@ API
   via ``safe_model_switch``, then calls ``factory()``; a failing factory leaves nothing of it resident and
   raises: QwenError subclasses unchanged (they already say what to do), anything else as ModelLoadError
   naming the key), ``get(key)``, ``release(key) -> bool``, ``release_all()``, ``resident_keys()``,
-  ``set_max_resident(n)``, ``last_switch`` (the SwitchReport of the last load). Thread-safe; a key is any
+  ``set_max_resident(n)``, ``switch(release, load) -> SwitchReport`` (the one switch sequence: readings,
+  release, load inside ``safe_model_switch``; ``acquire`` uses it), ``last_switch`` (the SwitchReport of the
+  last load). Thread-safe; a key is any
   hashable (e.g. ``(str(model_dir), dtype, memory_mode)``). Put only heavy objects (pipelines) in the
   process-wide manager: a light object (generator, handle) there counts as a resident model, so loading
   its own weights would evict it, and the next use would evict the weights again. Cache light objects in
   their own ``ResidencyManager(n, release=lambda obj, settle_s: None)``.
+- ``switch_model(old_key, load) -> SwitchReport``: release one resident model and load the next through the
+  process-wide manager's ``switch`` (the generator's ``switch_to_model`` and the SwitchModel node call it).
 - ``get_residency_manager()``: the process-wide manager the generator and the ComfyUI nodes share;
   ``QWEN_MAX_RESIDENT`` sets its size (default 1).
 """
@@ -255,32 +259,43 @@ class ResidencyManager:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            before = memory_readings()
-            evicted = self._evict_down_to(self.max_resident - 1)
-            with safe_model_switch(None, settle_s=self.settle_s) as report:
-                report.before, report.released_keys = before, evicted
-                self.last_switch = report
-                try:
-                    obj = factory()
-                except QwenError as err:
-                    _log_error(f"loading {key!r} failed: {err}", getattr(err, "fix", None))
-                    raise
-                except Exception as err:
-                    fix = (
-                        "Check the model folder (re-download damaged files with the Downloader) and the session log. "
-                        "The previous model was released first, so no model is loaded now."
-                    )
-                    _log_error(f"loading {key!r} failed: {type(err).__name__}: {err}", fix)
-                    raise ModelLoadError(
-                        f"Loading model {key!r} failed: {type(err).__name__}: {err}.", fix=fix
-                    ) from err
-                if obj is None:
-                    raise ModelLoadError(
-                        f"The loader for {key!r} returned nothing.", fix="Report this as a bug."
-                    )
-                self._entries[key] = obj
+            loaded: list[T] = []
+            report = self.switch(lambda: self._evict_down_to(self.max_resident - 1),
+                                 lambda: loaded.append(self._load_entry(key, factory)))
             _log_info(f"resident: {key!r} ({report.summary()})")
-            return obj
+            return loaded[0]
+
+    def switch(self, release: Callable[[], list[Hashable]], load: Callable[[], Any] | None = None) -> SwitchReport:
+        """The one model-switch sequence: readings, ``release()`` (returns the keys it released), then ``load()``
+        inside ``safe_model_switch`` (a failed load leaves nothing half-loaded and raises). Used by ``acquire``
+        and by ``switch_model``."""
+        with self._lock:
+            before = memory_readings()
+            released = release()
+            with safe_model_switch(None, settle_s=self.settle_s) as report:
+                report.before, report.released_keys = before, released
+                self.last_switch = report
+                if load is not None:
+                    load()
+            return report
+
+    def _load_entry(self, key: Hashable, factory: Callable[[], T]) -> T:
+        try:
+            obj = factory()
+        except QwenError as err:
+            _log_error(f"loading {key!r} failed: {err}", getattr(err, "fix", None))
+            raise
+        except Exception as err:
+            fix = (
+                "Check the model folder (re-download damaged files with the Downloader) and the session log. "
+                "The previous model was released first, so no model is loaded now."
+            )
+            _log_error(f"loading {key!r} failed: {type(err).__name__}: {err}", fix)
+            raise ModelLoadError(f"Loading model {key!r} failed: {type(err).__name__}: {err}.", fix=fix) from err
+        if obj is None:
+            raise ModelLoadError(f"The loader for {key!r} returned nothing.", fix="Report this as a bug.")
+        self._entries[key] = obj
+        return obj
 
     def get(self, key: Hashable) -> Any | None:
         with self._lock:
@@ -349,6 +364,18 @@ def get_residency_manager() -> ResidencyManager:
                 ) from None
             _manager = ResidencyManager(size)
         return _manager
+
+
+def switch_model(old_key: Hashable | None, load: Callable[[], Any] | None = None) -> SwitchReport:
+    """Release the model resident under ``old_key`` (None: release nothing), then run ``load`` (e.g. the next
+    loader's ``load``), through the process-wide manager's one switch sequence. Returns the readings before,
+    after the release and after the load; on a failed load nothing of it stays and the error propagates."""
+    manager = get_residency_manager()
+
+    def release() -> list[Hashable]:
+        return [old_key] if old_key is not None and manager.release(old_key) else []
+
+    return manager.switch(release, load)
 
 
 def _log_info(message: str) -> None:

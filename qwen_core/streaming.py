@@ -36,6 +36,7 @@ from torch import nn
 
 from qwen_core.errors import InvalidInputError
 from qwen_core.fp8_compute import quantize_rows
+from qwen_core.pipeline_state import peek_state, state_of
 
 GIB = 1024**3
 _ALIGN = 256  # bytes; keeps every view aligned for any dtype and for fast copies
@@ -449,8 +450,9 @@ class StreamingHandle:
                 comp = getattr(self.pipe, name, None)
                 if isinstance(comp, nn.Module):
                     comp.to(target)
-        if getattr(self.pipe, "_qwen_streaming", None) is self:
-            self.pipe._qwen_streaming = None
+        state = peek_state(self.pipe)
+        if state is not None and state.streaming is self:
+            state.streaming = None
 
     def replan(self, max_pixels: int) -> StreamingHandle:
         """Re-plan for a larger image: fewer resident blocks, a bigger activation reserve (seconds, once).
@@ -473,7 +475,7 @@ class StreamingHandle:
             return
         # The reserve was planned for one batched cond+uncond forward at max_pixels. A batcher that will double
         # this call counts twice; 16x16 image pixels per token (VAE /8, patch 2).
-        batcher = getattr(self.pipe, "_qwen_cfg_batcher", None)
+        batcher = state_of(self.pipe).cfg_batcher
         rows = hs.shape[0] * (2 if batcher is not None and batcher.would_batch(kwargs) else 1)
         pixels = rows * hs.shape[1] * 256 // 2
         if pixels > self.max_pixels:
@@ -539,7 +541,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     """
     dev = torch.device(device)
     budget = float(budget_gib) if budget_gib is not None else _default_budget(dev)
-    old = getattr(pipe, "_qwen_streaming", None)
+    old = state_of(pipe).streaming
     if old is not None:
         old.disable()
     transformer = pipe.transformer
@@ -580,7 +582,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
         from qwen_core.cfg_batch import enable_cfg_batching
 
         handle.cfg_batcher = enable_cfg_batching(pipe)
-    pipe._qwen_streaming = handle
+    state_of(pipe).streaming = handle
     return handle
 
 
@@ -607,9 +609,15 @@ def _vae_placement(pipe: Any, dev: torch.device, plan: StreamingPlan, max_pixels
 
 def disable_streamed_offload(pipe: Any, restore_device: str | torch.device | None = None) -> None:
     """Undo ``enable_streamed_offload`` (no-op when it was not enabled)."""
-    handle = getattr(pipe, "_qwen_streaming", None)
+    handle = streaming_handle(pipe)
     if handle is not None:
         handle.disable(restore_device)
+
+
+def streaming_handle(pipe: Any) -> StreamingHandle | None:
+    """The streamed engine running ``pipe``, or None."""
+    state = peek_state(pipe)
+    return state.streaming if state is not None else None
 
 
 def compile_blocks(transformer: nn.Module, *, fullgraph: bool = True, **kwargs: Any) -> None:

@@ -1,11 +1,15 @@
-"""qwen_core.fullsize: the full-size configs (counted on meta) and the random-weight builder (scaled down)."""
+"""bench/fullsize.py: the full-size configs (counted on meta) and the random-weight builder (scaled down)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from qwen_core import fullsize as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import fullsize as F  # noqa: E402
 
 
 class TestFullConfigs:

@@ -340,17 +340,29 @@ class TestSwitchModel:
         assert gen.generate("a tower", **FAST).images.shape == (1, 64, 64, 3)
 
 
-def test_text_to_image_needs_a_text_to_image_pipeline(tiny_model_copy):
-    """An allowlisted edit/img2img folder loads, but generate() refuses it before loading any weights."""
+def test_a_pipeline_class_of_no_known_family_is_refused_before_any_weight(tiny_model_copy):
+    """An img2img folder is no family this pack runs: the loader refuses it naming the class it found."""
     import json
 
     index_path = tiny_model_copy / "model_index.json"
     index = json.loads(index_path.read_text())
     index["_class_name"] = "QwenImageImg2ImgPipeline"
     index_path.write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError, match="'QwenImageImg2ImgPipeline' is not a Qwen-Image pipeline"):
+        QwenImageGenerator(tiny_model_copy, device="cpu")
+
+
+def test_generate_asks_the_family_how_many_images_it_takes(tiny_model_dir, monkeypatch):
+    """Text-to-image generate() passes no input image: a family that needs one is refused before loading."""
+    import dataclasses
+
+    from qwen_core.families import ImageInputs
+
     get_residency_manager().release_all()
-    gen = QwenImageGenerator(tiny_model_copy, device="cpu")
-    with pytest.raises(QwenError, match="QwenImageImg2ImgPipeline.*needs a QwenImagePipeline"):
+    gen = QwenImageGenerator(tiny_model_dir, device="cpu")
+    needs_image = dataclasses.replace(gen.loader.family, display_name="An edit model", image_inputs=ImageInputs(1, 3))
+    monkeypatch.setattr(gen.loader.source, "family", needs_image)
+    with pytest.raises(QwenError, match="An edit model takes 1 to 3 input images; got 0"):
         gen.generate("a cat", **FAST)
     assert not gen.loader.is_loaded
 

@@ -16,6 +16,7 @@ from qwen_core.streaming import (
     enable_streamed_offload,
     plan_resident,
     spread_streamed,
+    streaming_handle,
 )
 
 
@@ -153,7 +154,7 @@ class TestReplan:
         first = enable_streamed_offload(pipe, "cpu", budget_gib=64.0, max_pixels=32 * 32)
         try:
             out = pipe(**kw, generator=torch.Generator().manual_seed(2)).images
-            now = pipe._qwen_streaming
+            now = streaming_handle(pipe)
             assert now is not first and getattr(now, "replans", 0) == 1 and now.max_pixels >= 64 * 64
             assert now.cfg_batcher is not None and "forward" in pipe.transformer.__dict__
         finally:
