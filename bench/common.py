@@ -144,3 +144,23 @@ class Results:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=str))
         os.replace(tmp, self.path)
+
+
+def rel_err(a: torch.Tensor, b: Any) -> float:
+    """||a - b|| / ||b|| in float32 (the numerics tables of bench/RESULTS.md)."""
+    a, b = a.detach().float(), torch.as_tensor(b).detach().float().to(a.device)
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def compile_blocks(transformer: torch.nn.Module, *, fullgraph: bool = True, **kwargs: Any) -> None:
+    """Regional compilation that leaves module hooks outside the graph: each block's ``forward`` is compiled,
+    not its ``__call__`` (diffusers' ``compile_repeated_blocks`` compiles ``__call__``, which would pull the
+    streaming engine's stream/event hooks into the graph). All blocks share one compiled code object."""
+    for block in transformer.transformer_blocks:
+        if "forward" not in block.__dict__:
+            block.forward = torch.compile(block.forward, fullgraph=fullgraph, **kwargs)
+
+
+def uncompile_blocks(transformer: torch.nn.Module) -> None:
+    for block in transformer.transformer_blocks:
+        block.__dict__.pop("forward", None)

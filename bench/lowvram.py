@@ -243,8 +243,6 @@ def section_group_offload(ctx: Context) -> None:
 
 def section_streamed_compiled(ctx: Context) -> None:
     """The streamed engine with compiled blocks (hooks outside the graph) in the first cap."""
-    from qwen_core.streaming import compile_blocks, uncompile_blocks
-
     a, R = ctx.args, ctx.R
     cap = float(a.caps.split(",")[0])
     hs, (ec, eu), shapes = make_inputs(ctx, a.size, [a.text_tokens, a.text_tokens])
@@ -252,7 +250,7 @@ def section_streamed_compiled(ctx: Context) -> None:
     h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=plan_budget, max_pixels=a.size**2,
                                 act_gib_per_mpix=ctx.act.get("gib_per_mpix"))
     R.set("streamed_compiled", "planned_budget_gib", plan_budget)
-    compile_blocks(ctx.t)
+    C.compile_blocks(ctx.t)
     try:
         with C.memory_cap(_cap(ctx, cap)):
             C.reset_peak()
@@ -271,7 +269,7 @@ def section_streamed_compiled(ctx: Context) -> None:
             raise
         R.set("streamed_compiled", f"cap{cap:g}_bf16", {"oom": True, "error": str(err)[:400]})
     finally:
-        uncompile_blocks(ctx.t)
+        C.uncompile_blocks(ctx.t)
         torch._dynamo.reset()
         h.disable(restore_device=ctx.dev)
         C.reset_peak()

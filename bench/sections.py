@@ -8,6 +8,7 @@ from typing import Any
 
 import common as C
 import torch
+from common import rel_err
 
 from qwen_core.cfg_batch import (
     disable_cfg_batching,
@@ -16,7 +17,6 @@ from qwen_core.cfg_batch import (
     pad_and_stack,
     text_lengths,
 )
-from qwen_core.fp8_compute import relative_error as rel_err
 from qwen_core.streaming import disable_streamed_offload
 
 BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3")

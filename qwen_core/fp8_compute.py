@@ -13,7 +13,6 @@ original layers back when they were kept), ``fp8_supported(device)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -107,8 +106,3 @@ def enable_fp8_compute(transformer: nn.Module, *, keep_original: bool = False) -
             if keep_original:
                 handle.swapped.append((parent, attr, module))
     return handle
-
-
-def relative_error(a: torch.Tensor, b: Any) -> float:
-    a, b = a.detach().float(), torch.as_tensor(b).detach().float().to(a.device)
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))

@@ -77,18 +77,6 @@ def model_search_dirs() -> list[Path]:
     return dirs
 
 
-def list_model_folders(roots: list[Path] | None = None) -> list[Path]:
-    """Diffusers model folders (with model_index.json) directly in a root or one level deeper (org/name)."""
-    found: list[Path] = []
-    for root in roots if roots is not None else model_search_dirs():
-        if not root.is_dir():
-            continue
-        for index in sorted([*root.glob("*/model_index.json"), *root.glob("*/*/model_index.json")]):
-            if index.parent not in found:
-                found.append(index.parent)
-    return found
-
-
 def validate_repo_id(repo_id: object) -> str:
     """``org/name`` (or a bare ``name``) in the Hub's alphabet; anything path-like is refused."""
     allowed = "expected 'org/name' with letters, digits, '.', '_' and '-' (e.g. 'Qwen/Qwen-Image')"

@@ -5,14 +5,10 @@ new one; QWEN_REPORTS_DIR moves the folder. Every error is written with its fix.
 through ``redact()`` first, so Hugging Face tokens, bearer headers and ``token=`` parameters never land on
 disk. Writes are serialised by a lock (downloads log from worker threads). If the folder is not writable the
 log falls back to the temp directory rather than breaking the caller.
-
-``attach_to_logger()`` adds a handler so records of the "qwen_core" logger (WARNING and up by default) are
-copied into the session log as well.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -149,33 +145,3 @@ def reset_session_log() -> None:
         if _singleton is not None:
             _singleton.close()
         _singleton = None
-
-
-class SessionLogHandler(logging.Handler):
-    """Copies logging records into the session log (redacted like everything else)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            log = get_session_log()
-            text = f"[{record.name}] {record.getMessage()}"
-            if record.exc_info and record.exc_info[1] is not None:
-                text += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
-            if record.levelno >= logging.ERROR:
-                log.error(text, fix=getattr(record.exc_info[1] if record.exc_info else None, "fix", None))
-            elif record.levelno >= logging.WARNING:
-                log.warning(text)
-            else:
-                log.info(text)
-        except Exception:  # a log handler must never raise into the caller
-            self.handleError(record)
-
-
-def attach_to_logger(name: str = "qwen_core", level: int = logging.WARNING) -> SessionLogHandler:
-    """Add (once) a SessionLogHandler to the named logger; returns the handler."""
-    logger = logging.getLogger(name)
-    for handler in logger.handlers:
-        if isinstance(handler, SessionLogHandler):
-            return handler
-    handler = SessionLogHandler(level)
-    logger.addHandler(handler)
-    return handler

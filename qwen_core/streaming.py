@@ -345,11 +345,6 @@ class ModuleStreamer:
         _unpin(self.host)
         self.host = None
 
-    def device_bytes(self) -> int:
-        """Bytes this engine holds on the device for streamed modules (the slots)."""
-        return sum(s.staging.numel() + (s.dequant.numel() * s.dequant.element_size() if s.dequant is not None
-                                         else 0) for s in self.slots)
-
 
 # ---- planning ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -618,17 +613,3 @@ def streaming_handle(pipe: Any) -> StreamingHandle | None:
     """The streamed engine running ``pipe``, or None."""
     state = peek_state(pipe)
     return state.streaming if state is not None else None
-
-
-def compile_blocks(transformer: nn.Module, *, fullgraph: bool = True, **kwargs: Any) -> None:
-    """Regional compilation that leaves module hooks outside the graph: each block's ``forward`` is compiled,
-    not its ``__call__`` (diffusers' ``compile_repeated_blocks`` compiles ``__call__``, which would pull the
-    streaming engine's stream/event hooks into the graph). All blocks share one compiled code object."""
-    for block in transformer.transformer_blocks:
-        if "forward" not in block.__dict__:
-            block.forward = torch.compile(block.forward, fullgraph=fullgraph, **kwargs)
-
-
-def uncompile_blocks(transformer: nn.Module) -> None:
-    for block in transformer.transformer_blocks:
-        block.__dict__.pop("forward", None)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from qwen_core import fullsize as F
 from qwen_core.errors import InvalidInputError
-from qwen_core.fp8_compute import Fp8Linear, enable_fp8_compute, fp8_supported, relative_error
+from qwen_core.fp8_compute import Fp8Linear, enable_fp8_compute, fp8_supported
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import fullsize as F  # noqa: E402
+from common import rel_err as relative_error  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fp8_supported("cpu"), reason="this torch has no fp8 _scaled_mm on CPU")
 

@@ -32,14 +32,6 @@ class TestModelsRoot:
         assert paths.model_search_dirs() == [tmp_path / "qh", tmp_path / "comfy" / "diffusers", tmp_path / "extra",
                                              tmp_path / "hubcache"]
 
-    def test_list_model_folders(self, tmp_path):
-        for rel in ("Qwen/Qwen-Image", "flat-model"):
-            (tmp_path / rel).mkdir(parents=True)
-            (tmp_path / rel / "model_index.json").write_text("{}")
-        (tmp_path / "not-a-model").mkdir()
-        found = paths.list_model_folders([tmp_path, tmp_path / "missing"])
-        assert sorted(found) == sorted([tmp_path / "flat-model", tmp_path / "Qwen" / "Qwen-Image"])
-
     def test_reports_dir(self, monkeypatch, tmp_path):
         assert paths.reports_dir() == Path(paths.__file__).resolve().parent.parent / "reports"
         monkeypatch.setenv("QWEN_REPORTS_DIR", str(tmp_path))

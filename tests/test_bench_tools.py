@@ -1,5 +1,5 @@
-"""bench/in_memory.py: our PipelineLoader and generator over a pipeline that exists only in memory (the
-benchmarks' full-size random-weight models go through it)."""
+"""Bench tools the GPU runs rely on, checked on the CPU: bench/in_memory.py (our PipelineLoader and generator over
+a pipeline that exists only in memory) and bench/common.py's regional compile that keeps hooks outside."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ from qwen_core.loading import RetryPolicy
 from qwen_core.options import MemoryMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import common as C  # noqa: E402
 from in_memory import in_memory_loader  # noqa: E402
+
+from qwen_core.streaming import disable_streamed_offload, enable_streamed_offload  # noqa: E402
 
 
 @pytest.mark.slow
@@ -57,3 +60,27 @@ class TestInMemorySource:
         _fail_first_calls(monkeypatch, diffusers.DiffusionPipeline, "to", [torch.OutOfMemoryError("out of memory")])
         assert loader.load().transformer is not None
         assert [a.outcome for a in loader.attempts] == ["oom", "ok"]
+
+
+@pytest.mark.slow
+class TestCompiledBlocks:
+    def test_compiled_blocks_keep_hooks_outside_and_match(self, tiny_model_dir: Path) -> None:
+        from diffusers import QwenImagePipeline
+
+        pipe = QwenImagePipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        kw = dict(prompt="a dog", negative_prompt="blurry", true_cfg_scale=4.0, height=64, width=64,
+                  num_inference_steps=2, output_type="pt")
+        ref = pipe(**kw, generator=torch.Generator().manual_seed(4)).images
+        handle = enable_streamed_offload(pipe, "cpu", budget_gib=1e-4, max_pixels=64 * 64, num_slots=1)
+        C.compile_blocks(pipe.transformer, backend="eager")  # dynamo tracing without a C++ toolchain
+        try:
+            out = pipe(**kw, generator=torch.Generator().manual_seed(4)).images
+            loads = handle.transformer.stats["loads"]
+        finally:
+            C.uncompile_blocks(pipe.transformer)
+            torch._dynamo.reset()
+            disable_streamed_offload(pipe)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert loads == 1 + 2 * 2  # the engine's hooks still ran around every compiled block
+        assert all("forward" not in b.__dict__ for b in pipe.transformer.transformer_blocks)
