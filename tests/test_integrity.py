@@ -264,3 +264,74 @@ class TestModelFolder:
         (folder / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(ModelFolderError, match="run code"):
             check_model_folder(folder)
+
+
+class TestMalformedLayouts:
+    """Regression (issue 14): malformed folders raised AttributeError / IsADirectoryError deep in the checks;
+    each now gets the loader's usual ModelFolderError naming the file."""
+
+    @pytest.mark.parametrize("content", ["[1, 2]", '"QwenImagePipeline"', "null", "3"])
+    def test_model_index_of_the_wrong_json_shape(self, tmp_path, content):
+        folder = _make_folder(tmp_path / "m")
+        (folder / "model_index.json").write_text(content)
+        with pytest.raises(ModelFolderError, match="model_index.json: must be a JSON object"):
+            check_model_folder(folder)
+
+    def test_model_index_that_is_a_folder(self, tmp_path):
+        folder = tmp_path / "m"
+        (folder / "model_index.json").mkdir(parents=True)
+        with pytest.raises(ModelFolderError, match="model_index.json is a folder"):
+            check_model_folder(folder)
+
+    def test_weights_path_that_is_a_folder(self, tmp_path):
+        folder = _make_folder(tmp_path / "m")
+        (folder / "vae" / "model.safetensors").unlink()
+        (folder / "vae" / "model.safetensors").mkdir()
+        with pytest.raises(ModelFolderError, match=r"model.safetensors: is a folder, not a safetensors file"):
+            check_model_folder(folder)
+
+    def test_shard_that_is_a_folder(self, tmp_path):
+        folder = _make_folder(tmp_path / "m", sharded=True)
+        shard = folder / "transformer" / "diffusion_pytorch_model-00002-of-00002.safetensors"
+        shard.unlink()
+        shard.mkdir()
+        with pytest.raises(ModelFolderError, match="00002-of-00002.safetensors: is a folder"):
+            check_model_folder(folder)
+
+    def test_index_whose_weight_map_is_not_an_object(self, tmp_path):
+        folder = _make_folder(tmp_path / "m", sharded=True)
+        index = next((folder / "transformer").glob("*.index.json"))
+        index.write_text(json.dumps({"weight_map": ["x", "y"]}))
+        with pytest.raises(ModelFolderError, match="`weight_map` must be a JSON object"):
+            check_model_folder(folder)
+
+
+class TestFamilyOfTheFolder:
+    def test_family_is_read_from_the_pipeline_class(self, tmp_path):
+        model = check_model_folder(_make_folder(tmp_path / "m"))
+        assert model.family.key == "qwen-image" and model.family.pipeline_class == model.class_name
+
+    def test_components_of_another_model_are_refused_naming_the_family(self, tmp_path):
+        folder = _make_folder(tmp_path / "m")
+        index = json.loads((folder / "model_index.json").read_text())
+        index["transformer"] = ["diffusers", "QwenImage21Transformer2DModel"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelFolderError, match=r"declares QwenImagePipeline \(Qwen-Image\), whose transformer is "
+                                                    r"QwenImageTransformer2DModel, but the folder's transformer is "
+                                                    r"QwenImage21Transformer2DModel"):
+            check_model_folder(folder)
+
+    def test_a_component_the_family_needs_must_be_listed(self, tmp_path):
+        folder = _make_folder(tmp_path / "m")
+        index = json.loads((folder / "model_index.json").read_text())
+        del index["text_encoder"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelFolderError, match="lists no 'text_encoder' component"):
+            check_model_folder(folder)
+
+    def test_fast_tokenizer_class_is_the_same_component(self, tmp_path):
+        folder = _make_folder(tmp_path / "m")
+        index = json.loads((folder / "model_index.json").read_text())
+        index["tokenizer"] = ["transformers", "Qwen2TokenizerFast"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+        assert check_model_folder(folder).family.key == "qwen-image"
