@@ -163,7 +163,7 @@ def auto_memory_mode(folder: ModelFolder, config: devices.DeviceConfig, dtype: t
     one free-VRAM reading."""
     weights = mm.WeightSizes.from_bytes(weight_bytes(folder, dtype))
     return mm.choose_memory_mode(weights, vram_gib, dtype=devices.dtype_name(dtype),
-                                 on_gpu=config.device.startswith("cuda"))
+                                 device=config.device)
 
 
 def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -> str:

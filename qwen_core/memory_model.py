@@ -345,18 +345,19 @@ class MemoryChoice:
 
 
 def choose_memory_mode(weights: WeightSizes | None, vram_gib: float | None, *, family: str = DEFAULT_FAMILY,
-                       dtype: object = "bf16", on_gpu: bool = True, streaming: bool | None = None,
+                       dtype: object = "bf16", device: str = "cuda", streaming: bool | None = None,
                        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
                        path: str | os.PathLike | None = None) -> MemoryChoice:
     """The heaviest (fastest) memory mode that holds the family's reference image with this free-VRAM reading.
 
     ``weights`` None = the family's measured weights. Order: gpu, model_offload, then the streamed engine (group
-    offload without it) while it holds at least 256x256, else sequential offload.
+    offload without it) while it holds at least 256x256, else sequential offload. Off CUDA (or without a
+    reading) everything stays resident on ``device``: memory mode "gpu", no pixel limit.
     """
     fam = family_model(family, path)
     ref = fam.reference_pixels
-    if not on_gpu or vram_gib is None:
-        return MemoryChoice("gpu", "no CUDA GPU: the weights stay resident on the device", None, MAX_PIXELS, ref)
+    if not device.startswith("cuda") or vram_gib is None:
+        return MemoryChoice("gpu", f"device {device}: weights stay resident on it", None, MAX_PIXELS, ref)
     weights = weights if weights is not None and weights.parts else fam.weights(dtype)
     facts = f"{weights.describe()}, {vram_gib:.1f} GiB VRAM free"
 

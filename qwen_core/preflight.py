@@ -345,7 +345,7 @@ def recommend_memory_mode(dev: DeviceConfig, weights: mm.WeightSizes | None,
                           family: str = mm.DEFAULT_FAMILY) -> mm.MemoryChoice:
     """The loader's own ``auto`` decision (``memory_model.choose_memory_mode``) for this device's free VRAM."""
     return mm.choose_memory_mode(weights, dev.vram_free_gb, family=family, dtype=dev.dtype_name,
-                                 on_gpu=dev.device.startswith("cuda"))
+                                 device=dev.device)
 
 
 def model_weights(model: str, local: bool, file_sizes: Mapping[str, int] | Iterable[int] | None,
@@ -451,7 +451,7 @@ def perform_preflight_checks(
     ]
     status = max((c.status for c in checks), key=_RANK.__getitem__)
     situation = governor.Situation(dev.vram_free_gb, choice.mode, dev.dtype_name, family, weights)
-    example = governor.clamp_image_size(1328, 1328, situation=situation, max_pixels=choice.max_pixels)
+    example = governor.clamp_image_size(1328, 1328, situation=situation)  # its window is choice.max_pixels
     reason = "; ".join(r for r in (choice.reason, dev.dtype_reason, f"1328x1328: {example.estimate_text}") if r)
     profile = Profile(dev.device, dev.dtype_name, choice.mode, dev.attention_backend, choice.max_pixels,
                       f"{example.width}x{example.height}", reason)
