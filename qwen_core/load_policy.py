@@ -1,4 +1,5 @@
-"""Load policy: the fallback ladder, error classes, memory-mode choice and placement, attention backend.
+"""Load policy: the fallback ladder, error classes, memory-mode placement, attention backend. The ``auto`` memory
+mode is ``qwen_core.memory_model.choose_memory_mode`` (the decision Preflight and the governor use too).
 
 ``loading`` drives these; they are kept apart so the rules can be read (and tested) on their own, and so
 the GPU engine has one place to plug a memory mode into (``apply_memory_mode``).
@@ -158,11 +159,11 @@ def weight_bytes(folder: ModelFolder, dtype: torch.dtype) -> dict[str, int]:
 
 
 def auto_memory_mode(folder: ModelFolder, config: devices.DeviceConfig, dtype: torch.dtype,
-                     vram_gib: float | None) -> mm.MemoryChoice:
+                     vram_gib: float | None, family: str = mm.DEFAULT_FAMILY) -> mm.MemoryChoice:
     """``auto``: ``memory_model.choose_memory_mode`` for this folder's weights (from the headers, in ``dtype``) and
-    one free-VRAM reading."""
+    one free-VRAM reading; ``family`` is the family's memory-model key."""
     weights = mm.WeightSizes.from_bytes(weight_bytes(folder, dtype))
-    return mm.choose_memory_mode(weights, vram_gib, dtype=devices.dtype_name(dtype),
+    return mm.choose_memory_mode(weights, vram_gib, family=family, dtype=devices.dtype_name(dtype),
                                  device=config.device)
 
 

@@ -416,6 +416,8 @@ def perform_preflight_checks(
 ) -> PreflightReport:
     """Run every check. ``model``: a repo id or a local folder (default Qwen/Qwen-Image). ``file_sizes``:
     the repo listing (name -> bytes) when the caller has it. The rest injects readings (tests, ComfyUI)."""
+    if file_sizes is not None and not isinstance(file_sizes, Mapping):
+        file_sizes = list(file_sizes)  # read twice: the disk size and the weights per component
     explicit = model is not None
     model_text = str(model) if explicit else DEFAULT_MODEL
     local = explicit and Path(model_text).expanduser().is_dir()
