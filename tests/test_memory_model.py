@@ -116,6 +116,15 @@ class TestDtypeAndFamily:
         same = dict(vram_gib=16.0, dtype="bf16", path=path)
         assert mm.window_pixels("streamed", family="other-family", **same) > mm.window_pixels("streamed", **same)
 
+    def test_the_streaming_planner_reads_the_same_model_and_does_not_swallow_errors(self):
+        # Issue 9: streaming.py read the JSON a fourth way, swallowed errors and used "vae/bf16" for any dtype.
+        from qwen_core import streaming
+
+        fam = mm.family_model()
+        assert streaming.activation_gib_per_mpix(torch.float32) == fam.activation_gib_per_mpix("fp32")
+        with pytest.raises(PresetError, match=r"`families\.no-such-family`"):
+            streaming.activation_gib_per_mpix("bf16", family="no-such-family")
+
     def test_callers_weights_replace_the_measured_ones_in_resident_modes(self):
         fam = mm.family_model()
         half = fam.weights("bf16").scaled(0.5)
