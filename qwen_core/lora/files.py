@@ -222,11 +222,20 @@ def _pair_layers(converted: dict[str, torch.Tensor], path: Path) -> dict[str, tu
     return layers
 
 
+_FACTOR_SUFFIX = re.compile(r"\.(lora_(A|B|down|up)(\.default)?\.weight|alpha)$")
+
+
 def _origin_keys(raw_keys: list[str], layers: dict[str, Any]) -> dict[str, str]:
-    """Best-effort map layer -> original key, so messages can name the key the user's file has."""
-    flat = {re.sub(r"[._]", "", k.split(".lora")[0].split(".alpha")[0].removeprefix("lora_unet_")
-                   .removeprefix("diffusion_model.").removeprefix("transformer.")): k for k in raw_keys}
-    return {layer: flat.get(re.sub(r"[._]", "", layer), layer) for layer in layers}
+    """layer -> the first key of the user's file it came from (messages name what the file has).
+
+    diffusers' conversion keeps the file's order, one layer per group of keys (A/B/alpha), so the n-th layer
+    comes from the n-th group; when the counts differ, a layer names itself."""
+    groups: dict[str, str] = {}
+    for key in raw_keys:
+        groups.setdefault(_FACTOR_SUFFIX.sub("", key), key)
+    if len(groups) != len(layers):
+        return {layer: layer for layer in layers}
+    return dict(zip(layers, groups.values(), strict=True))
 
 
 def _build(path: Path, stamp: tuple[int, int], family: ModelFamily, state: dict[str, torch.Tensor],

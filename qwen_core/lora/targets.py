@@ -57,8 +57,9 @@ def check_fits(lora: LoraFile, shapes: Shapes, model_name: str) -> None:
         key = lora.keys.get(layer, layer)
         target = shapes.get(layer)
         if target is None:
-            raise LoraError(f"{lora.path.name}: key `{key}` names layer `{layer}`, which {model_name}'s transformer "
-                            f"does not have: this LoRA is for another model ({lora.format} keys).",
+            read_as = f" (read as layer `{layer}`)" if key != layer else ""
+            raise LoraError(f"{lora.path.name}: key `{key}`{read_as} is not a layer of {model_name}'s transformer: "
+                            f"this LoRA is for another model ({lora.format} keys).",
                             fix=f"Use a LoRA trained for {model_name}.")
         out_f, in_f = target
         if factors.down.shape[1] != in_f or factors.up.shape[0] != out_f:
@@ -66,3 +67,18 @@ def check_fits(lora: LoraFile, shapes: Shapes, model_name: str) -> None:
             raise LoraError(f"{lora.path.name}: key `{key}` changes layer `{layer}` as {got} (out x in), but the "
                             f"layer is {out_f}x{in_f}: this LoRA is for another model size.",
                             fix=f"Use a LoRA trained for {model_name}.")
+
+
+def check_stack(specs: Any, family: ModelFamily, config: Mapping[str, Any] | None, model_name: str) -> list[LoraFile]:
+    """Every LoRA of ``specs`` read from its header and checked against the transformer ``config`` describes
+    (no weights needed). Without a config (a source that has none) only the files themselves are checked."""
+    from qwen_core.lora.files import describe_file
+
+    shapes = meta_shapes(family, config) if config else None
+    described = []
+    for spec in specs:
+        lora = describe_file(spec.path, family)
+        if shapes is not None:
+            check_fits(lora, shapes, model_name)
+        described.append(lora)
+    return described
