@@ -264,8 +264,9 @@ class ModuleStreamer:
             else:
                 e.param.data = slot.staging[e.host_off: e.host_off + e.nbytes].view(e.dtype).view(e.shape)
 
-    def host_tensor(self, param: torch.Tensor) -> tuple[int, torch.Tensor, bool] | None:
-        """(module index, the host bytes of ``param``, stored as fp8?) for a streamed parameter, else None.
+    def host_tensor(self, param: torch.Tensor) -> tuple[int, torch.Tensor, bool, torch.Size] | None:
+        """(module index, the host bytes of ``param``, stored as fp8?, its shape) for a streamed parameter
+        (whose own ``data`` is a placeholder or a slot view), else None.
 
         Writing new values into those bytes and then calling ``reload`` changes what every later pass
         computes with (how LoRAs are fused into streamed blocks)."""
@@ -276,7 +277,7 @@ class ModuleStreamer:
             return None
         i, e = found
         start = self._layouts[i].host_base + e.host_off
-        return i, self.host[start: start + e.nbytes], e.fp8
+        return i, self.host[start: start + e.nbytes], e.fp8, e.shape
 
     def reload(self, indices: set[int]) -> None:
         """Copy modules ``indices`` from the host buffer again into the device slots that hold them."""

@@ -161,10 +161,10 @@ class _Locator:
         if self.streamer is not None:
             found = self.streamer.host_tensor(weight)
             if found is not None:
-                index, host, fp8 = found
+                index, host, fp8, shape = found
                 if fp8:
                     return None
-                return _WeightRef([host], weight.dtype, weight.shape, lambda i=index: self.dirty.add(i))
+                return _WeightRef([host], weight.dtype, shape, lambda i=index: self.dirty.add(i))
         if weight.device.type == "meta":
             offloaded = _accelerate_weight(module)
             if offloaded is None:
