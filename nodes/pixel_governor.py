@@ -32,11 +32,12 @@ class QwenImagePixelGovernor:
                    "and the steps/CFG of a quality preset. Shows a SAFE MODE badge when it reduced the size.")
     CATEGORY = "Qwen-Image/sizing"
     FUNCTION = "decide"
-    RETURN_TYPES = ("INT", "INT", "INT", "FLOAT", "STRING")
-    RETURN_NAMES = ("width", "height", "steps", "true_cfg_scale", "message")
+    RETURN_TYPES = ("INT", "INT", "INT", "FLOAT", "STRING", "STRING")
+    RETURN_NAMES = ("width", "height", "steps", "true_cfg_scale", "message", "quality_preset")
     OUTPUT_TOOLTIPS = ("Safe width (multiple of 16).", "Safe height (multiple of 16).",
                        "Steps of the quality preset.", "True CFG scale of the quality preset.",
-                       "What the governor decided and why (the Safe Mode line when it reduced the size).")
+                       "What the governor decided and why (the Safe Mode line when it reduced the size).",
+                       "The preset's name: connect it to Generate so its scheduler settings apply too (Lightning).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -47,7 +48,7 @@ class QwenImagePixelGovernor:
                 "width": ("INT", {"default": 1328, **size, "tooltip": "Requested width in pixels (ignored unless aspect_preset is 'custom')."}),
                 "height": ("INT", {"default": 1328, **size, "tooltip": "Requested height in pixels (ignored unless aspect_preset is 'custom')."}),
                 "aspect_preset": ([CUSTOM, *presets.aspect_presets], {"default": CUSTOM, "tooltip": "A native Qwen-Image size, or 'custom' to use width/height."}),
-                "quality_preset": (list(presets.quality_presets), {"default": "balanced", "tooltip": "fast / balanced / high: sets steps and true_cfg_scale."}),
+                "quality_preset": (list(presets.quality_presets), {"default": "balanced", "tooltip": "fast / balanced / high: steps and true_cfg_scale. lightning-8/4: 8/4 steps, CFG off and the Lightning scheduler (needs a Lightning LoRA in the pipe)."}),
             },
             "optional": {
                 "pipe": (QWEN_PIPE, {"tooltip": "The loaded model: its memory mode and dtype set the limit (best)."}),
@@ -63,10 +64,16 @@ class QwenImagePixelGovernor:
             preset = presets.aspect(aspect_preset)
             width, height = preset.width, preset.height
         quality = presets.quality(quality_preset)
+        if pipe is not None:  # a Lightning preset needs a Lightning LoRA in the pipe (Generate checks again)
+            from qwen_core.lora.lightning import resolve_quality_preset
+
+            from .common import generator_for
+
+            quality = resolve_quality_preset(quality_preset, generator_for(pipe).loader.loras, pipe.path)
         decision = governor.clamp_image_size(width, height, **_limits(pipe, system))
         message = decision.message or f"{decision.width}x{decision.height} fits ({decision.reason})"
         info = {"scaled": decision.scaled, "message": message, "width": decision.width,
                 "height": decision.height, "max_pixels": decision.max_pixels}
         return {"ui": {"text": [message], "qwen_governor": [info]},
-                "result": (decision.width, decision.height, quality.steps, quality.true_cfg_scale, message)}
+                "result": (decision.width, decision.height, quality.steps, quality.true_cfg_scale, message, quality.name)}
 

@@ -159,8 +159,8 @@ class TestNodesOnTinyPipeline:
     def test_governor_then_generate_gives_comfy_images(self, models_home: Path) -> None:
         (handle,) = QwenImageLoader().load("qwen-image-tiny", "fp32", "auto", "sdpa")
         out = QwenImagePixelGovernor().decide(72, 48, "custom", "fast", pipe=handle)
-        width, height, steps, cfg, message = out["result"]
-        assert (width, height, steps, cfg) == (64, 48, 20, 1.0)
+        width, height, steps, cfg, message, preset = out["result"]
+        assert (width, height, steps, cfg, preset) == (64, 48, 20, 1.0, "fast")
         assert out["ui"]["qwen_governor"][0]["scaled"] is False and "72x48 -> 64x48" in message
         result = QwenImageGenerate().generate(handle, "a red square", "", width, height, 1, cfg, 7, 2)
         images = result["result"][0]
@@ -170,7 +170,7 @@ class TestNodesOnTinyPipeline:
 
     def test_governor_shows_safe_mode_when_it_reduces(self) -> None:
         out = QwenImagePixelGovernor().decide(1328, 1328, "16:9", "balanced", system=_FakeReport(500_000))
-        width, height, steps, cfg, message = out["result"]
+        width, height, steps, cfg, message, preset = out["result"]
         assert width * height <= 500_000 and width % 16 == height % 16 == 0 and (steps, cfg) == (30, 4.0)
         assert message.startswith("Safe Mode: Reduced pixel window (1664x928 ->")
         assert out["ui"]["qwen_governor"][0]["scaled"] is True
