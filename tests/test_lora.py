@@ -451,3 +451,78 @@ def test_loader_config_json_is_what_the_header_check_uses(tiny_model_dir: Path) 
     assert meta_shapes(QWEN_IMAGE, config) == real
     assert all(any(name.endswith(t) for name in real) for t in TARGETS)
     assert random_factors(real, rank=2)  # the helper the live ComfyUI test uses without PEFT
+
+
+class TestLoraNode:
+    """The node headless: ComfyUI's models/loras is the headless fallback folder beside models/diffusers."""
+
+    @pytest.fixture
+    def comfy_models(self, tmp_path: Path, tiny_model_dir: Path, loras: dict, monkeypatch) -> Path:
+        import shutil
+
+        from qwen_core.memory import get_residency_manager
+
+        models = tmp_path / "models"
+        (models / "diffusers").mkdir(parents=True)
+        (models / "diffusers" / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+        (models / "loras" / "styles").mkdir(parents=True)
+        shutil.copy(loras["files"]["kohya"], models / "loras" / "styles" / "tiny-style.safetensors")
+        shutil.copy(loras["files"]["lightning"], models / "loras" / "Qwen-Image-Lightning-8steps-tiny.safetensors")
+        torch.save({"x": torch.zeros(1)}, models / "loras" / "old.pt")  # never offered
+        monkeypatch.setenv("QWEN_HOME", str(models / "diffusers"))
+        get_residency_manager().release_all()
+        yield models
+        get_residency_manager().release_all()
+
+    def test_dropdown_lists_safetensors_only_and_the_handle_chain_stacks(self, comfy_models: Path) -> None:
+        from nodes.generate import QwenImageGenerate
+        from nodes.loader import QwenImageLoader
+        from nodes.lora import QwenImageLoRA
+
+        names = QwenImageLoRA.INPUT_TYPES()["required"]["lora_name"][0]
+        assert names == ["Qwen-Image-Lightning-8steps-tiny.safetensors", "styles/tiny-style.safetensors"]
+        (base,) = QwenImageLoader().load("qwen-image-tiny", "fp32", "auto", "sdpa")
+        one = QwenImageLoRA().apply(base, "styles/tiny-style.safetensors", 1.0)
+        (styled,) = one["result"]
+        (stacked,) = QwenImageLoRA().apply(styled, "Qwen-Image-Lightning-8steps-tiny.safetensors", 0.5)["result"]
+        assert base.loras == () and len(styled.loras) == 1 and len(stacked.loras) == 2  # inputs never change
+        assert "Kohya" in one["ui"]["text"][0] and "@ 1" in one["ui"]["text"][0]
+        args = ("a red square", "", 64, 48, 2, 1.0, 7, 1)
+        plain = QwenImageGenerate().generate(base, *args)["result"][0]
+        with_lora = QwenImageGenerate().generate(stacked, *args)
+        assert (with_lora["result"][0] - plain).abs().max() > 1e-3 and "LoRA tiny-style" in with_lora["ui"]["text"][0]
+        assert torch.equal(QwenImageGenerate().generate(base, *args)["result"][0], plain)  # removed: bit-identical
+
+    def test_lightning_preset_through_governor_and_generate(self, comfy_models: Path) -> None:
+        from nodes.generate import QwenImageGenerate
+        from nodes.loader import QwenImageLoader
+        from nodes.lora import QwenImageLoRA
+        from nodes.pixel_governor import QwenImagePixelGovernor
+
+        (base,) = QwenImageLoader().load("qwen-image-tiny", "fp32", "auto", "sdpa")
+        with pytest.raises(InvalidInputError, match="quality_preset"):
+            QwenImagePixelGovernor().decide(64, 64, "custom", "lightning-8", pipe=base)
+        (fast,) = QwenImageLoRA().apply(base, "Qwen-Image-Lightning-8steps-tiny.safetensors", 1.0)["result"]
+        w, h, steps, cfg, _, preset = QwenImagePixelGovernor().decide(64, 64, "custom", "lightning-8", pipe=fast)["result"]
+        assert (steps, cfg, preset) == (8, 1.0, "lightning-8")
+        out = QwenImageGenerate().generate(fast, "a fox", "", w, h, steps, cfg, 1, 1, quality_preset=preset)
+        assert "8 steps" in out["ui"]["text"][0] and "(lightning-8)" in out["ui"]["text"][0]
+        with pytest.raises(InvalidInputError, match="Lightning"):
+            QwenImageGenerate().generate(base, "a fox", "", w, h, steps, cfg, 1, 1, quality_preset=preset)
+
+    def test_refusals_at_node_time(self, comfy_models: Path, tmp_path: Path) -> None:
+        from nodes.loader import QwenImageLoader
+        from nodes.lora import QwenImageLoRA
+
+        (base,) = QwenImageLoader().load("qwen-image-tiny", "fp32", "auto", "sdpa")
+        flux = comfy_models / "loras" / "flux.safetensors"
+        save_file({"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 48),
+                   "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 4)}, str(flux))
+        with pytest.raises(LoraError, match="single_transformer_blocks.*another model"):
+            QwenImageLoRA().apply(base, "flux.safetensors", 1.0)
+        with pytest.raises(InvalidInputError, match="lora_name"):
+            QwenImageLoRA().apply(base, "missing.safetensors", 1.0)
+        assert "pickled" in QwenImageLoRA.VALIDATE_INPUTS("old.pt", 1.0)
+        assert "lora_name" in QwenImageLoRA.VALIDATE_INPUTS("../../etc/x.safetensors", 1.0)
+        assert "finite" in QwenImageLoRA.VALIDATE_INPUTS("a.safetensors", float("nan"))
+        assert QwenImageLoRA.VALIDATE_INPUTS("any/new.safetensors", 0.5) is True
