@@ -526,3 +526,43 @@ class TestLoraNode:
         assert "lora_name" in QwenImageLoRA.VALIDATE_INPUTS("../../etc/x.safetensors", 1.0)
         assert "finite" in QwenImageLoRA.VALIDATE_INPUTS("a.safetensors", float("nan"))
         assert QwenImageLoRA.VALIDATE_INPUTS("any/new.safetensors", 0.5) is True
+
+
+class TestCli:
+    def test_generate_with_repeated_lora_and_lightning_preset(self, tiny_model_dir: Path, loras: dict, tmp_path: Path,
+                                                               capsys) -> None:
+        from PIL import Image
+
+        from qwen_core.cli import main
+        from qwen_core.memory import get_residency_manager
+
+        out = tmp_path / "img.png"
+        argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "a red boat", "--out", str(out), "--width", "64",
+                "--height", "48", "--device", "cpu", "--lora", f"{loras['files']['lightning']}:0.8",
+                "--lora", str(loras["files"]["b"]), "--preset", "lightning-8"]
+        try:
+            assert main(argv) == 0
+        finally:
+            get_residency_manager().release_all()
+        with Image.open(out) as image:
+            assert image.text["steps"] == "8" and image.text["preset"] == "lightning-8"
+            assert image.text["loras"] == "tiny-Lightning-8steps.safetensors @ 0.8; b.safetensors @ 1"
+        assert "LoRA b.safetensors @ 1" in capsys.readouterr().out
+
+    def test_lightning_preset_without_lora_is_an_error_naming_the_preset(self, tiny_model_dir: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+        from qwen_core.cli import main
+
+        argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(tmp_path / "x.png"),
+                "--width", "64", "--height", "48", "--device", "cpu", "--preset", "lightning-4"]
+        assert main(argv) == 1
+        assert "quality_preset" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+    def test_pickled_lora_is_refused_before_loading(self, tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+        from qwen_core.cli import main
+
+        bad = tmp_path / "style.pt"
+        torch.save({"x": torch.zeros(1)}, bad)
+        argv = ["generate", "--model", str(tiny_model_dir), "--prompt", "x", "--out", str(tmp_path / "x.png"),
+                "--device", "cpu", "--lora", f"{bad}:0.5"]
+        assert main(argv) == 1 and "pickled" in capsys.readouterr().err
