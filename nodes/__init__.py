@@ -6,6 +6,7 @@ Node ids equal class names (ComfyUI stores them in saved workflows: never rename
 from .downloader import QwenImageDownloader
 from .generate import QwenImageGenerate
 from .loader import QwenImageLoader
+from .lora import QwenImageLoRA
 from .pixel_governor import QwenImagePixelGovernor
 from .preflight import QwenImagePreflight
 from .switch_model import QwenImageSwitchModel
@@ -14,6 +15,7 @@ _NODES = {
     QwenImagePreflight: "Qwen-Image Preflight",
     QwenImageDownloader: "Qwen-Image Downloader",
     QwenImageLoader: "Qwen-Image Loader",
+    QwenImageLoRA: "Qwen-Image LoRA",
     QwenImagePixelGovernor: "Qwen-Image Pixel Governor",
     QwenImageGenerate: "Qwen-Image Generate",
     QwenImageSwitchModel: "Qwen-Image Switch Model",

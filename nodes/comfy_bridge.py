@@ -240,3 +240,48 @@ def on_memory_pressure(release: Callable[[], object]) -> bool:
     free_memory._qwen_image_hook = True  # type: ignore[attr-defined]
     model_management.free_memory = free_memory
     return True
+
+
+# ---- LoRA files (models/loras) ---------------------------------------------------------------------------
+LORA_KEY = "loras"  # ComfyUI's folder key for LoRAs (models/loras + extra_model_paths "loras:" entries)
+
+
+def lora_dirs() -> list[Path]:
+    """Folders holding LoRA files: ComfyUI's models/loras and extra_model_paths entries; headless, the
+    QWEN_LORA_DIR folder, else a ``loras`` folder beside each models dir (ComfyUI's layout)."""
+    if folder_paths is not None:
+        try:
+            return [Path(p) for p in folder_paths.get_folder_paths(LORA_KEY)]
+        except KeyError:
+            return [Path(folder_paths.models_dir) / LORA_KEY]
+    import os
+
+    env = os.environ.get("QWEN_LORA_DIR", "").strip()
+    return [Path(env).expanduser()] if env else [d.parent / LORA_KEY for d in models_dirs()]
+
+
+def list_loras() -> list[str]:
+    """``.safetensors`` LoRA files (relative names, sub-folders included) in every LoRA folder; pickled
+    formats are not offered at all."""
+    found: list[str] = []
+    for root in lora_dirs():
+        try:
+            files = sorted(p for p in root.rglob("*.safetensors") if p.is_file())
+        except OSError:  # an unreadable folder lists nothing instead of breaking /object_info
+            continue
+        for path in files:
+            name = path.relative_to(root).as_posix()
+            if name not in found and not any(part.startswith(".") for part in path.relative_to(root).parts):
+                found.append(name)
+    return found
+
+
+def resolve_lora(name: str) -> Path:
+    """The file of a dropdown name (first LoRA folder that has it); a name never leaves its folder."""
+    from qwen_core import paths
+
+    for root in lora_dirs():
+        candidate = paths.safe_join(root, name)
+        if candidate.is_file():
+            return candidate
+    return paths.safe_join(lora_dirs()[0], name)

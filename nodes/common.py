@@ -8,6 +8,7 @@ loads it again.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -38,10 +39,17 @@ class PipeHandle:
     dtype: str = "auto"
     memory_mode: str = "auto"
     attention: str = "auto"
+    loras: tuple[tuple[str, float], ...] = ()  # (file, strength) in stacking order; not part of ``key``
 
     @property
     def key(self) -> tuple[str, str, str, str]:
+        """The generator (and resident model) of this handle: LoRAs are fused into that one model, so handles
+        that differ only in LoRAs share it."""
         return (self.path, self.dtype, self.memory_mode, self.attention)
+
+    def with_lora(self, path: str, strength: float) -> PipeHandle:
+        """A new handle with one more LoRA on top of the stack (this one is left as it is)."""
+        return dataclasses.replace(self, loras=(*self.loras, (str(path), float(strength))))
 
     def loader_kwargs(self) -> dict[str, str]:
         return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention}
@@ -137,14 +145,16 @@ def generator_for(handle: PipeHandle) -> Any:
     from qwen_core.generator import QwenImageGenerator
 
     with _generators_lock:
-        if handle.key in _generators:
+        generator = _generators.get(handle.key)
+        if generator is not None:
             _generators.move_to_end(handle.key)
-            return _generators[handle.key]
-    generator = QwenImageGenerator(handle.path, **handle.loader_kwargs())
-    with _generators_lock:
-        _generators[handle.key] = generator
-        while len(_generators) > MAX_GENERATORS:
-            _generators.popitem(last=False)
+    if generator is None:
+        generator = QwenImageGenerator(handle.path, **handle.loader_kwargs())
+        with _generators_lock:
+            _generators[handle.key] = generator
+            while len(_generators) > MAX_GENERATORS:
+                _generators.popitem(last=False)
+    generator.set_loras(handle.loras)  # checked against the model now; fused (no reload) on the next load
     return generator
 
 

@@ -39,6 +39,9 @@ class QwenImageGenerate:
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "Same seed + settings + device = same image."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "tooltip": "Images per run (costs VRAM)."}),
             },
+            "optional": {
+                "quality_preset": ("STRING", {"forceInput": True, "tooltip": "From the PixelGovernor: its preset's steps, CFG and scheduler replace the widgets (lightning-8/4 need a Lightning LoRA)."}),
+            },
             "hidden": HIDDEN,
         }
 
@@ -49,7 +52,8 @@ class QwenImageGenerate:
         return validate_float("true_cfg_scale", true_cfg_scale, *CFG_RANGE)
 
     def generate(self, pipe: Any, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                 true_cfg_scale: float, seed: int, batch_size: int, unique_id: str | None = None) -> dict[str, Any]:
+                 true_cfg_scale: float, seed: int, batch_size: int, quality_preset: str | None = None,
+                 unique_id: str | None = None) -> dict[str, Any]:
         install_comfy_hooks()
         bar = bridge.Progress(steps, unique_id)
 
@@ -60,7 +64,8 @@ class QwenImageGenerate:
         try:
             result = generator_for(pipe).generate(
                 prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
-                seed=seed, batch_size=batch_size, on_step=on_step, should_cancel=bridge.interrupted)
+                seed=seed, batch_size=batch_size, on_step=on_step, should_cancel=bridge.interrupted,
+                preset=quality_preset or None)
         except InvalidInputError:
             raise  # raised before any compute: nothing to release
         except GenerationCancelled as err:
@@ -70,6 +75,8 @@ class QwenImageGenerate:
             release_resident()  # error or ComfyUI interrupt: a cached node must not pin the model
             raise
         lines = [f"{result.width}x{result.height} x{result.images.shape[0]}, {result.steps} steps, seed {result.seed}, "
-                 f"{result.timings.get('total_s', 0.0):.1f} s", *result.warnings]
+                 f"{result.timings.get('total_s', 0.0):.1f} s"
+                 + (f" ({result.preset})" if result.preset else ""),
+                 *(f"LoRA {name}" for name in result.loras), *result.warnings]
         bridge.send_text(unique_id, lines[0])
         return {"ui": {"text": ["\n".join(lines)]}, "result": (result.images,)}

@@ -37,14 +37,15 @@ class QwenImagePixelGovernor:
                    "budget also caps the size so the estimated step fits the budget.")
     CATEGORY = "Qwen-Image/sizing"
     FUNCTION = "decide"
-    RETURN_TYPES = ("INT", "INT", "INT", "FLOAT", "STRING", "FLOAT")
-    RETURN_NAMES = ("width", "height", "steps", "true_cfg_scale", "message", "seconds_per_step")
+    RETURN_TYPES = ("INT", "INT", "INT", "FLOAT", "STRING", "FLOAT", "STRING")
+    RETURN_NAMES = ("width", "height", "steps", "true_cfg_scale", "message", "seconds_per_step", "quality_preset")
     OUTPUT_TOOLTIPS = ("Safe width (multiple of 16).", "Safe height (multiple of 16).",
                        "Steps of the quality preset.", "True CFG scale of the quality preset.",
                        "What the governor decided and why (the Safe Mode line when it reduced the size for "
                        "memory), then the estimated time per step.",
                        "Estimated seconds per denoising step at the chosen size (from figures measured on an "
-                       "H100; slower GPUs take longer); 0 when there is no basis for an estimate (CPU, fp32).")
+                       "H100; slower GPUs take longer); 0 when there is no basis for an estimate (CPU, fp32).",
+                       "The preset's name: connect it to Generate so its scheduler settings apply too (Lightning).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -55,7 +56,7 @@ class QwenImagePixelGovernor:
                 "width": ("INT", {"default": 1328, **size, "tooltip": "Requested width in pixels (ignored unless aspect_preset is 'custom')."}),
                 "height": ("INT", {"default": 1328, **size, "tooltip": "Requested height in pixels (ignored unless aspect_preset is 'custom')."}),
                 "aspect_preset": ([CUSTOM, *presets.aspect_presets], {"default": CUSTOM, "tooltip": "A native Qwen-Image size, or 'custom' to use width/height."}),
-                "quality_preset": (list(presets.quality_presets), {"default": "balanced", "tooltip": "Sets steps and true_cfg_scale. Presets named 'max N s/step' also cap the size so the estimated step takes at most N seconds; the others keep every size that fits in memory."}),
+                "quality_preset": (list(presets.quality_presets), {"default": "balanced", "tooltip": "fast / balanced / high: steps and true_cfg_scale. Presets named 'max N s/step' also cap the size so the estimated step takes at most N seconds; the others keep every size that fits in memory. lightning-8/4: 8/4 steps, CFG off and the Lightning scheduler (needs a Lightning LoRA in the pipe)."}),
             },
             "optional": {
                 "pipe": (QWEN_PIPE, {"tooltip": "The loaded model: its memory mode, dtype and VRAM reading set the limit (best)."}),
@@ -71,6 +72,12 @@ class QwenImagePixelGovernor:
             preset = presets.aspect(aspect_preset)
             width, height = preset.width, preset.height
         quality = presets.quality(quality_preset)
+        if pipe is not None:  # a Lightning preset needs a Lightning LoRA in the pipe (Generate checks again)
+            from qwen_core.lora.lightning import resolve_quality_preset
+
+            from .common import generator_for
+
+            quality = resolve_quality_preset(quality_preset, generator_for(pipe).loader.loras, pipe.path)
         decision = governor.clamp_image_size(width, height, time_budget_s=quality.max_seconds_per_step,
                                              two_pass=quality.true_cfg_scale > 1, **_limits(pipe, system))
         headline = decision.message or f"{decision.width}x{decision.height} fits ({decision.reason})"
@@ -80,4 +87,5 @@ class QwenImagePixelGovernor:
                 "height": decision.height, "max_pixels": decision.max_pixels, "seconds_per_step": seconds,
                 "limited_by": decision.limited_by}
         return {"ui": {"text": [message], "qwen_governor": [info]},
-                "result": (decision.width, decision.height, quality.steps, quality.true_cfg_scale, message, seconds)}
+                "result": (decision.width, decision.height, quality.steps, quality.true_cfg_scale, message, seconds,
+                           quality.name)}

@@ -33,6 +33,11 @@ def _add_sampling_args(parser: argparse.ArgumentParser, *, width: int, height: i
     parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; <= 1 turns it off (default 4.0)")
     parser.add_argument("--seed", type=int, default=0, help="seed; same seed -> same image on the same device")
     parser.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="apply a .safetensors LoRA (strength default 1); repeat to stack several")
+    parser.add_argument("--preset", default=None, metavar="NAME",
+                        help="quality preset (presets/quality_presets.yaml) whose steps, CFG and scheduler replace "
+                             "--steps/--cfg; lightning-8/lightning-4 need a Lightning --lora")  # fmt: skip
 
 
 def configure_demo(parser: argparse.ArgumentParser) -> None:
@@ -126,16 +131,21 @@ def _outputs(out: Path, count: int) -> list[Path]:
 
 
 def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batch: int, model_name: str) -> list[Path]:
-    progress = _Progress(args.steps)
+    from qwen_core.presets import load_presets
+
+    steps = load_presets().quality(args.preset).steps if args.preset else args.steps
+    progress = _Progress(steps)
     try:
         result = generator.generate(
             args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
-            true_cfg_scale=args.cfg, seed=args.seed, batch_size=batch, on_step=progress,
+            true_cfg_scale=args.cfg, seed=args.seed, batch_size=batch, on_step=progress, preset=args.preset,
         )  # fmt: skip
     finally:
         progress.close()
     for warning in result.warnings:
         print(f"  warning: {warning}")
+    for name in result.loras:
+        print(f"  LoRA {name}")
     t = result.timings
     print(f"  {result.width}x{result.height}, {result.steps} steps, seed {result.seed}, attention "
           f"{result.attention_backend}: load {t['load_s']:.2f} s, denoise {t['denoise_s']:.2f} s "
@@ -143,6 +153,10 @@ def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batc
     meta = {"prompt": args.prompt, "negative_prompt": args.negative, "seed": str(result.seed),
             "steps": str(result.steps), "true_cfg_scale": f"{result.true_cfg_scale:g}", "model": model_name,
             "software": "qwen_core"}  # fmt: skip
+    if result.loras:
+        meta["loras"] = "; ".join(result.loras)
+    if result.preset:
+        meta["preset"] = result.preset
     written = []
     for image, path in zip(result.images, _outputs(out, len(result.images)), strict=True):
         written.append(save_png(image, path, meta))
@@ -174,7 +188,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print("[1/4] tiny pipeline (random weights, built offline, cached)")
     model_dir = ensure_tiny_pipeline(args.cache_dir)
     print(f"  {model_dir} ({time.perf_counter() - started:.1f} s)")
-    generator = QwenImageGenerator(model_dir)
+    generator = QwenImageGenerator(model_dir, loras=args.lora)
     loader = generator.loader
     print(f"  loader: {loader.device_config.device}, {loader.dtype_name}, {loader.plan.memory_mode.value}; "
           "tokenizer + scheduler ready, weights load on first use")  # fmt: skip
@@ -196,7 +210,8 @@ def run_generate(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     started = time.perf_counter()
     generator = QwenImageGenerator(
-        args.model, dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention, device=args.device
+        args.model, dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention, device=args.device,
+        loras=args.lora,
     )
     loader = generator.loader
     print(f"model {loader.path} ({loader.family.display_name}): {loader.device_config.device}, {loader.dtype_name}, "

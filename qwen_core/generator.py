@@ -32,6 +32,7 @@ import torch
 from qwen_core import governor
 from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
 from qwen_core.loading import LIGHTER_MODE, SDPA, PipelineLoader, free_memory, is_oom
+from qwen_core.lora.fuse import lora_memory
 from qwen_core.session_log import get_session_log
 from qwen_core.validation import whole_number
 
@@ -60,6 +61,8 @@ class GenerationRequest:
     batch_size: int
     decision: governor.SizeDecision
     warnings: list[str] = field(default_factory=list)
+    preset: str = ""  # the quality preset that set steps/CFG/scheduler, if any
+    scheduler: Any = None  # the preset's scheduler for this run (None: the model's own)
 
 
 @dataclass
@@ -73,6 +76,8 @@ class GenerationResult:
     attention_backend: str
     retried_with_sdpa: bool = False
     warnings: list[str] = field(default_factory=list)
+    loras: tuple[str, ...] = ()  # "name @ strength" of each LoRA applied, in stack order
+    preset: str = ""
 
     @property
     def width(self) -> int:
@@ -199,6 +204,11 @@ class QwenImageGenerator:
     def unload(self) -> None:
         self.loader.unload()
 
+    def set_loras(self, loras: Any) -> None:
+        """The LoRA stack for the next runs (see ``PipelineLoader.set_loras``): checked now, fused on the next
+        generate, without reloading the model."""
+        self.loader.set_loras(loras)
+
     def switch_to_model(self, path: str | Path, *, load: bool = True, **loader_kwargs: Any) -> Any:
         """Release the current model's weights and switch to the model at ``path``.
 
@@ -212,6 +222,7 @@ class QwenImageGenerator:
         kwargs = {
             "dtype": self.loader.dtype_choice, "memory_mode": self.loader.memory_mode_choice,
             "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
+            "loras": self.loader.loras,
         } | loader_kwargs  # fmt: skip
         new_loader = PipelineLoader(path, **kwargs)
         old_key = self.loader.residency_key
@@ -235,14 +246,26 @@ class QwenImageGenerator:
         batch_size: int = 1,
         on_step: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        preset: str | None = None,
     ) -> GenerationResult:
-        """Generate ``batch_size`` images. Same seed, inputs and device -> the same images."""
+        """Generate ``batch_size`` images. Same seed, inputs and device -> the same images.
+
+        ``preset`` (a quality preset name) replaces ``steps`` and ``true_cfg_scale`` with the preset's and runs
+        with its scheduler settings; a Lightning preset is refused unless the LoRA stack has a Lightning LoRA
+        or the model is a pre-fused Lightning model (``lora.lightning.resolve_quality_preset``)."""
+        from qwen_core.lora.lightning import resolve_quality_preset, scheduler_for
+
         started = time.perf_counter()
+        quality = resolve_quality_preset(preset, self.loader.loras, self.loader.path) if preset else None
+        if quality is not None:
+            steps, true_cfg_scale = quality.steps, quality.true_cfg_scale
+        scheduler = scheduler_for(quality, self.loader.scheduler)
         request = validate_request(
             prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
             seed=seed, batch_size=batch_size, governor_kwargs=self.loader.governor_inputs(),
-            min_steps=min_steps_for(self.loader.scheduler),
+            min_steps=min_steps_for(scheduler or self.loader.scheduler),
         )  # fmt: skip
+        request.preset, request.scheduler = (quality.name if quality else ""), scheduler
         self._check_callables_and_kind(on_step, should_cancel)
         log = get_session_log()
         for warning in request.warnings:
@@ -261,14 +284,16 @@ class QwenImageGenerator:
         timings.update(run_timings)
         timings["total_s"] = time.perf_counter() - started
         d = request.decision
+        loras = tuple(spec.describe() for spec in self.loader.loras)
+        extras = (f", preset {request.preset}" if request.preset else "") + (f", {lora_memory(pipe).summary()}" if loras else "")
         log.info(
             f"generate: {d.width}x{d.height} x{request.batch_size}, {request.steps} steps, cfg {request.true_cfg_scale:g}, "
-            f"seed {request.seed}, attention {self.loader.attention_backend}: {timings['total_s']:.2f} s"
+            f"seed {request.seed}, attention {self.loader.attention_backend}{extras}: {timings['total_s']:.2f} s"
         )
         return GenerationResult(
             images=images, decision=d, seed=request.seed, steps=request.steps,
             true_cfg_scale=request.true_cfg_scale, timings=timings, attention_backend=self.loader.attention_backend,
-            retried_with_sdpa=retried, warnings=request.warnings,
+            retried_with_sdpa=retried, warnings=request.warnings, loras=loras, preset=request.preset,
         )  # fmt: skip
 
     def _run_with_sdpa_retry(
@@ -308,6 +333,9 @@ class QwenImageGenerator:
         pipe.set_progress_bar_config(disable=True)  # progress goes through on_step
         d = request.decision
         ok = False
+        model_scheduler = pipe.scheduler
+        if request.scheduler is not None:  # the preset's scheduler for this run only
+            pipe.scheduler = request.scheduler
         try:
             # The pipeline runs under no_grad itself. Not inference_mode: tensors an offload/streaming engine
             # allocates during the call would become inference tensors and break later in-place copies.
@@ -339,6 +367,7 @@ class QwenImageGenerator:
             images = self._decode_in_tiles(pipe, watch.latents, request, err)
             ok = True
         finally:
+            pipe.scheduler = model_scheduler
             if not ok:
                 # A run aborted mid-way (cancel, NaN, OOM, ComfyUI interrupt) skipped the pipeline's own
                 # maybe_free_model_hooks(): offload hooks would keep a model on the GPU.

@@ -50,6 +50,7 @@ from qwen_core.load_policy import (
     sdpa_forced,
     streaming_available,
 )
+from qwen_core.lora.spec import LoraSpec, as_specs
 from qwen_core.memory import get_residency_manager
 from qwen_core.model_source import FolderSource, ModelSource
 from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
@@ -101,6 +102,7 @@ class PipelineLoader:
         attention: str | AttentionChoice = "auto",
         device: str | None = None,
         retry: RetryPolicy | None = None,
+        loras: Any = (),
     ) -> None:
         self.dtype_choice = DtypeChoice.parse(dtype, "dtype")
         self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
@@ -122,6 +124,9 @@ class PipelineLoader:
         self.placement = ""
         self.attention_backend = ""
         self._lock = threading.RLock()
+        self.loras: tuple[LoraSpec, ...] = ()
+        self.lora_report: Any = None  # lora.fuse.LoraReport of the last change
+        self.set_loras(loras)
         get_session_log().info(
             f"loader: {self.path} ({self.family.display_name}) on {self.device_config.device}; plan "
             f"{self.plan.describe()} ({self.memory_mode_reason}); attention {self.device_config.attention_backend} "
@@ -174,8 +179,21 @@ class PipelineLoader:
     def dtype_name(self) -> str:
         return devices.dtype_name(self.plan.dtype)
 
+    def set_loras(self, loras: Any) -> None:
+        """The LoRA stack (``LoraSpec``s, ``(path, strength)`` pairs or ``FILE[:STRENGTH]``) the next ``load()``
+        gives the pipeline. Each file is checked now against this model's layer shapes from its header alone
+        (a pickle, another model's LoRA or a size mismatch is refused naming the first bad key). Not part of
+        the residency key: changing LoRAs re-fuses the touched layers of the resident model, it never reloads."""
+        from qwen_core.lora.targets import check_stack
+
+        specs = as_specs(loras)
+        if specs != self.loras:
+            check_stack(specs, self.family, self.configs.get("transformer"), self.family.display_name)
+        self.loras = specs
+
     def load(self) -> Any:
-        """The loaded pipeline, loading it now if needed (with retries and fallbacks)."""
+        """The loaded pipeline, loading it now if needed (with retries and fallbacks), carrying this loader's
+        LoRA stack."""
         with self._lock:
             pipe = get_residency_manager().acquire(self.residency_key, lambda: load_model_with_retry(self))
             state = state_of(pipe)
@@ -185,7 +203,16 @@ class PipelineLoader:
             if state.attention_backend != wanted:
                 state.attention_backend = apply_attention(pipe, wanted)
             self.attention_backend = state.attention_backend
+            self._sync_loras(pipe)
             return pipe
+
+    def _sync_loras(self, pipe: Any) -> None:
+        from qwen_core.lora.fuse import apply_loras
+
+        report = apply_loras(pipe, self.loras, self.family, model_name=self.family.display_name)
+        if report.changed_layers or report.restored_layers:
+            self.lora_report = report
+            get_session_log().info(f"loader: {report.summary()}")
 
     def load_once(self, plan: LoadPlan) -> Any:
         """One attempt: build the pipeline (weights in CPU RAM, in the plan's dtype), then placement (memory
@@ -256,7 +283,8 @@ class PipelineLoader:
 
     def describe(self) -> str:
         state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
-        return f"{self.family.display_name} at {self.path}: {state}; plan {self.plan.describe()}"
+        loras = f"; LoRAs {', '.join(s.describe() for s in self.loras)}" if self.loras else ""
+        return f"{self.family.display_name} at {self.path}: {state}; plan {self.plan.describe()}{loras}"
 
 
 def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None = None) -> Any:

@@ -18,14 +18,15 @@ from typing import Any
 @dataclass
 class PipelineState:
     """Typed state of one pipeline. ``load_plan`` is a ``load_policy.LoadPlan``, ``streaming`` a
-    ``streaming.StreamingHandle``, ``cfg_batcher`` a ``cfg_batch.CfgBatcher`` (typed ``Any`` here so this
-    leaf module imports none of them)."""
+    ``streaming.StreamingHandle``, ``cfg_batcher`` a ``cfg_batch.CfgBatcher``, ``loras`` a
+    ``lora.fuse.LoraState`` (typed ``Any`` here so this leaf module imports none of them)."""
 
     load_plan: Any = None
     placement: str = ""
     attention_backend: str = ""
     streaming: Any = None
     cfg_batcher: Any = None
+    loras: Any = None
 
 
 _states: weakref.WeakKeyDictionary[Any, PipelineState] = weakref.WeakKeyDictionary()

@@ -56,6 +56,13 @@ class QualityPreset:
     description: str = ""
     # A time budget: the governor caps the size so the estimated step fits it. None = no cap (size by memory only).
     max_seconds_per_step: float | None = None
+    # FlowMatchEulerDiscreteScheduler settings that replace the model's own for this preset (sorted pairs).
+    scheduler: tuple[tuple[str, Any], ...] = ()
+    requires: str = ""  # "lightning": only with a Lightning LoRA or a pre-fused Lightning model
+
+    @property
+    def scheduler_overrides(self) -> dict[str, Any]:
+        return dict(self.scheduler)
 
 
 @dataclass(frozen=True)
@@ -178,11 +185,44 @@ def _aspect(path: Path, name: str, raw: Any) -> AspectPreset:
                         _text(path, f"{key}.description", entry.get("description", "")))
 
 
+# Scheduler keys a quality preset may set: (kind, low, high). "bool"/"choice" kinds ignore the bounds.
+_SCHEDULER_KEYS: dict[str, tuple[str, Any, Any]] = {
+    "shift": ("number", 0.01, 100.0),
+    "base_shift": ("number", 0.0, 10.0),
+    "max_shift": ("number", 0.0, 10.0),
+    "base_image_seq_len": ("integer", 1, 1_000_000),
+    "max_image_seq_len": ("integer", 1, 1_000_000),
+    "shift_terminal": ("number_or_null", 0.0, 0.99),
+    "use_dynamic_shifting": ("bool", None, None),
+    "time_shift_type": ("choice", ("exponential", "linear"), None),
+}
+REQUIREMENTS = ("lightning",)
+
+
+def _scheduler(path: Path, key: str, raw: Any) -> tuple[tuple[str, Any], ...]:
+    entry = _entry(path, key, raw, set(_SCHEDULER_KEYS), set())
+    values = {}
+    for name, value in entry.items():
+        kind, low, high = _SCHEDULER_KEYS[name]
+        where = f"{key}.{name}"
+        if kind == "bool" and not isinstance(value, bool):
+            raise _fail(path, where, f"must be true or false (got {value!r}).")
+        if kind == "choice" and value not in low:
+            raise _fail(path, where, f"must be one of {', '.join(low)} (got {value!r}).")
+        if kind in ("number", "integer") or (kind == "number_or_null" and value is not None):
+            value = _number(path, where, value, low=low, high=high, integer=kind == "integer")
+        values[name] = value
+    return tuple(sorted(values.items()))
+
+
 def _quality(path: Path, name: str, raw: Any) -> QualityPreset:
     key = f"quality_presets.{name}"
-    entry = _entry(path, key, raw, {"steps", "true_cfg_scale", "description", "max_seconds_per_step"},
-                   {"steps", "true_cfg_scale"})
+    allowed = {"steps", "true_cfg_scale", "description", "max_seconds_per_step", "scheduler", "requires"}
+    entry = _entry(path, key, raw, allowed, {"steps", "true_cfg_scale"})
     budget = entry.get("max_seconds_per_step")
+    requires = entry.get("requires", "")
+    if requires not in ("", *REQUIREMENTS):
+        raise _fail(path, f"{key}.requires", f"must be one of {', '.join(REQUIREMENTS)} (got {requires!r}).")
     return QualityPreset(
         name=name,
         steps=int(_number(path, f"{key}.steps", entry["steps"], low=1, high=200, integer=True)),
@@ -190,6 +230,8 @@ def _quality(path: Path, name: str, raw: Any) -> QualityPreset:
         description=_text(path, f"{key}.description", entry.get("description", "")),
         max_seconds_per_step=None if budget is None else float(
             _number(path, f"{key}.max_seconds_per_step", budget, low=0.01, high=MAX_SECONDS_PER_STEP)),
+        scheduler=_scheduler(path, f"{key}.scheduler", entry["scheduler"]) if "scheduler" in entry else (),
+        requires=requires,
     )
 
 

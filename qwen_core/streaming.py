@@ -152,6 +152,7 @@ class ModuleStreamer:
         self.host: torch.Tensor | None = None
         self.slots: list[_Slot] = []
         self.stats = {"loads": 0, "sync_loads": 0}
+        self._entry_of: dict[int, tuple[int, _Entry]] = {}  # id(param) -> (module, entry), built on first use
         self._setup()
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -257,6 +258,27 @@ class ModuleStreamer:
                 e.param.data = slot.dequant[e.deq_off: e.deq_off + e.shape.numel()].view(e.shape)
             else:
                 e.param.data = slot.staging[e.host_off: e.host_off + e.nbytes].view(e.dtype).view(e.shape)
+
+    def host_tensor(self, param: torch.Tensor) -> tuple[int, torch.Tensor, bool, torch.Size] | None:
+        """(module index, the host bytes of ``param``, stored as fp8?, its shape) for a streamed parameter
+        (whose own ``data`` is a placeholder or a slot view), else None.
+
+        Writing new values into those bytes and then calling ``reload`` changes what every later pass
+        computes with (how LoRAs are fused into streamed blocks)."""
+        if not self._entry_of:
+            self._entry_of = {id(e.param): (i, e) for i in self.order for e in self._layouts[i].entries}
+        found = self._entry_of.get(id(param))
+        if found is None or self.host is None:
+            return None
+        i, e = found
+        start = self._layouts[i].host_base + e.host_off
+        return i, self.host[start: start + e.nbytes], e.fp8, e.shape
+
+    def reload(self, indices: set[int]) -> None:
+        """Copy modules ``indices`` from the host buffer again into the device slots that hold them."""
+        for s, slot in enumerate(self.slots):
+            if slot.holds in indices:
+                self._load(slot.holds, s)
 
     def prime(self, start: int = 0) -> None:
         """Load the streamed modules order[start:start+K] into the K slots (the next ones to run)."""

@@ -98,6 +98,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
     (diffusers / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
     # The second model sits in an extra_model_paths.yaml folder: the Loader must list it too.
     (extra / "qwen-image-tiny-b").symlink_to(tiny_model_dir_b, target_is_directory=True)
+    _write_tiny_loras(base / "models" / "loras", tiny_model_dir)
     (base / "extra_model_paths.yaml").write_text(f"qwen_live_test:\n    base_path: {base / 'extra'}\n    diffusers: diffusers\n")
     reports, log = base / "reports", base / "comfyui.log"
     files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
@@ -122,6 +123,20 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _write_tiny_loras(folder: Path, tiny_model_dir: Path) -> None:
+    """Every LoRA a workflow names, as a tiny LoRA that fits the tiny model (random factors, no PEFT needed)."""
+    from lora_helpers import random_factors, write_lora
+
+    from qwen_core.families import QWEN_IMAGE
+    from qwen_core.lora.targets import meta_shapes
+
+    shapes = meta_shapes(QWEN_IMAGE, json.loads((tiny_model_dir / "transformer" / "config.json").read_text()))
+    names = {n["widgets_values"][0] for p in WORKFLOWS for n in json.loads(p.read_text(encoding="utf-8"))["nodes"]
+             if n["type"] == "QwenImageLoRA"}
+    for seed, name in enumerate(sorted(names)):
+        write_lora(folder / name, random_factors(shapes, seed=seed), "lightning" if "Lightning" in name else "kohya")
 
 
 def _wait_until_up(server: Comfy, proc: subprocess.Popen) -> None:

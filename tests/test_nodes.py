@@ -159,8 +159,8 @@ class TestNodesOnTinyPipeline:
     def test_governor_then_generate_gives_comfy_images(self, models_home: Path) -> None:
         (handle,) = QwenImageLoader().load("qwen-image-tiny", "fp32", "auto", "sdpa")
         out = QwenImagePixelGovernor().decide(72, 48, "custom", "fast", pipe=handle)
-        width, height, steps, cfg, message, seconds = out["result"]  # seconds_per_step: added last
-        assert (width, height, steps, cfg) == (64, 48, 20, 1.0)
+        width, height, steps, cfg, message, seconds, preset = out["result"]  # seconds_per_step, quality_preset: added last
+        assert (width, height, steps, cfg, preset) == (64, 48, 20, 1.0, "fast")
         assert out["ui"]["qwen_governor"][0]["scaled"] is False and "72x48 -> 64x48" in message
         assert seconds == 0.0 and "no time estimate" in message  # CPU: no basis for an estimate
         result = QwenImageGenerate().generate(handle, "a red square", "", width, height, 1, cfg, 7, 2)
@@ -171,7 +171,7 @@ class TestNodesOnTinyPipeline:
 
     def test_governor_shows_safe_mode_when_it_reduces(self) -> None:
         out = QwenImagePixelGovernor().decide(1328, 1328, "16:9", "balanced", system=_FakeReport(500_000))
-        width, height, steps, cfg, message, _ = out["result"]
+        width, height, steps, cfg, message, _, preset = out["result"]
         assert width * height <= 500_000 and width % 16 == height % 16 == 0 and (steps, cfg) == (30, 4.0)
         assert message.startswith("Safe Mode: Reduced pixel window (1664x928 ->")
         assert out["ui"]["qwen_governor"][0]["scaled"] is True
@@ -180,7 +180,7 @@ class TestNodesOnTinyPipeline:
         # Issue 9: a 12 GB card's report recommends 'streamed' with room for ~12 MP: 1328x1328 stays.
         report = _FakeReport(12_000_000, memory_mode="streamed", vram_free_gb=12.0)
         out = QwenImagePixelGovernor().decide(1328, 1328, "custom", "high", system=report)
-        width, height, steps, _, message, seconds = out["result"]
+        width, height, steps, _, message, seconds, _ = out["result"]
         assert (width, height, steps) == (1328, 1328, 50) and "Safe Mode" not in message
         assert 0.6 < seconds < 0.75 and "est. " in message and "estimate" in message
         assert out["ui"]["qwen_governor"][0]["scaled"] is False
@@ -190,7 +190,7 @@ class TestNodesOnTinyPipeline:
         free = QwenImagePixelGovernor().decide(1328, 1328, "custom", "balanced", system=report)
         timed = QwenImagePixelGovernor().decide(1328, 1328, "custom", "balanced, max 0.5 s/step", system=report)
         assert free["result"][:2] == (1328, 1328)
-        width, height, _, _, message, seconds = timed["result"]
+        width, height, _, _, message, seconds, _ = timed["result"]
         assert width * height < 1328 * 1328 and seconds <= 0.5 and message.startswith("Time budget:")
         assert timed["ui"]["qwen_governor"][0]["limited_by"] == "time budget"
         assert timed["ui"]["qwen_governor"][0]["scaled"] is False  # no Safe Mode badge for a chosen budget

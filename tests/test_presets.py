@@ -61,7 +61,7 @@ class TestOverride:
         monkeypatch.setenv("QWEN_PRESETS", str(path))
         p = load_presets()
         assert list(p.aspect_presets) == ["only"]
-        assert len(p.quality_presets) == 5  # sections not given stay
+        assert len(p.quality_presets) == 7  # sections not given stay
 
     def test_retired_tier_sections_are_ignored_with_a_warning(self, monkeypatch, tmp_path, caplog):
         from qwen_core.governor import max_pixels

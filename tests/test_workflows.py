@@ -79,7 +79,9 @@ def check_widgets(node: dict[str, Any]) -> None:
 
 def test_workflows_exist_in_a_folder_comfyui_serves_as_templates() -> None:
     names = {p.stem for p in WORKFLOWS}
-    assert {"qwen_image_text_to_image", "qwen_image_low_vram", "qwen_image_model_switch", "qwen_image_tiny_cpu"} <= names
+    assert {"qwen_image_text_to_image", "qwen_image_low_vram", "qwen_image_model_switch", "qwen_image_tiny_cpu",
+            "qwen_image_lightning_8step", "qwen_image_two_loras", "qwen_image_lightning_tiny_cpu",
+            "qwen_image_two_loras_tiny_cpu"} <= names
     assert WORKFLOWS[0].parent.name in COMFY_TEMPLATE_FOLDERS
     for path in WORKFLOWS:  # the template browser shows <name>.jpg as the card's picture
         assert path.with_suffix(".jpg").read_bytes()[:3] == b"\xff\xd8\xff", f"{path.stem}.jpg thumbnail"
@@ -132,11 +134,15 @@ class TestWorkflow:
         repos = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageDownloader"}
         loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoader"}
         models = wf.get("models", [])
-        if path.stem == "qwen_image_tiny_cpu":
+        if path.stem.endswith("tiny_cpu"):
             assert not models and not repos and loaders == {"qwen-image-tiny"}  # made locally by make-tiny
             return
         assert models, "the frontend offers downloads from the top-level models list"
-        for entry in models:
+        loras = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoRA"}
+        for entry in [e for e in models if e["directory"] == "loras"]:  # a LoRA the workflow uses, from its Hub repo
+            assert entry["name"] in loras and entry["url"].startswith("https://huggingface.co/")
+            assert entry["url"].endswith(f"/resolve/main/{entry['name']}")
+        for entry in [e for e in models if e["directory"] != "loras"]:
             assert entry["directory"] == "diffusers" and entry["name"].endswith(".safetensors")
             assert entry["url"].startswith("https://huggingface.co/")
             repo = "/".join(entry["name"].split("/")[:2])
@@ -164,3 +170,19 @@ def test_validator_catches_a_shifted_widget_list() -> None:
     generate["widgets_values"].insert(7, "sometimes")  # right length, but not a control value
     with pytest.raises(AssertionError, match="seed:control_after_generate"):
         check_widgets(generate)
+
+
+def test_lora_workflows_chain_loras_and_pass_the_lightning_preset_to_generate() -> None:
+    for stem, count, preset in (("qwen_image_lightning_8step", 1, "lightning-8"), ("qwen_image_two_loras", 2, "lightning-8"),
+                                ("qwen_image_lightning_tiny_cpu", 1, "lightning-8"), ("qwen_image_two_loras_tiny_cpu", 2, "fast")):
+        wf = load(next(p for p in WORKFLOWS if p.stem == stem))
+        api = ui_to_api(wf, DEFS)
+        loras = [k for k, n in api.items() if n["class_type"] == "QwenImageLoRA"]
+        assert len(loras) == count
+        generate = next(n for n in api.values() if n["class_type"] == "QwenImageGenerate")
+        governor = next(k for k, n in api.items() if n["class_type"] == "QwenImagePixelGovernor")
+        assert api[governor]["inputs"]["quality_preset"] == preset
+        assert api[generate["inputs"]["pipe"][0]]["class_type"] == "QwenImageLoRA"  # the last LoRA feeds Generate
+        if preset.startswith("lightning"):
+            assert generate["inputs"]["quality_preset"] == [governor, 6]  # output 6: quality_preset (5 is seconds_per_step)
+            assert any("Lightning" in api[k]["inputs"]["lora_name"] for k in loras)
