@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qwen_core.download_http import HttpConfig
+from qwen_core.download import HttpConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "robust_download.py"

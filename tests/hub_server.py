@@ -52,6 +52,8 @@ class Faults:
     xet: bool = False  # advertise X-Xet-Hash on HEAD (we never serve the Xet protocol itself)
     range_416: int = 0  # answer the next N ranged GETs with 416 (a CDN that lost the object's size)
     redirect_lfs: bool = False  # LFS files: 302 to /cdn/... on the same host with X-Linked-Size/-Etag, as the Hub
+    api_redirect: str | None = None  # answer the API endpoints (info, tree) with a 302 to this Location
+    tree_next: str | None = None  # add `Link: <this>; rel="next"` to the tree listing (pagination)
 
 
 @dataclass
@@ -158,6 +160,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if tree or (m and "/tree/" not in path):
                 if self._api_fault():
                     return None
+                if hub.faults.api_redirect:
+                    return self._redirect(hub.faults.api_redirect)
                 return self._tree(*tree.groups()) if tree else self._info(m.group(1), m.group(2) or "main")
             if resolve:
                 return self._file(*resolve.groups(), head=head)
@@ -199,7 +203,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     if sha256:
                         entry["lfs"] = {"oid": sha256, "size": size, "pointerSize": 134}
                     entries.append(entry)
-                self._json(entries + repo.extra_tree)
+                extra = {"Link": f'<{hub.faults.tree_next}>; rel="next"'} if hub.faults.tree_next else None
+                self._json(entries + repo.extra_tree, extra)
 
         # -- files ------------------------------------------------------------------------------------
         def _file(self, repo_id: str, rev: str, path: str, *, head: bool, via_cdn: bool = False) -> None:
@@ -292,9 +297,17 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     fh.close()
 
         # -- small answers ----------------------------------------------------------------------------
-        def _json(self, obj: object) -> None:
+        def _redirect(self, location: str, status: int = 302) -> None:
+            self.send_response(status)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _json(self, obj: object, extra: dict | None = None) -> None:
             body = json.dumps(obj).encode()
             self.send_response(200)
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

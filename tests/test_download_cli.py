@@ -18,7 +18,8 @@ import pytest
 from download_helpers import FAST_CLI, ROOT, blob, cli_env, run_cli, start_cli
 from hub_server import HubServer
 
-from qwen_core.download_http import EXIT_AUTH, EXIT_DISK, EXIT_NOT_FOUND, EXIT_OFFLINE_MISSING, Staging
+from qwen_core.download.layout import Staging
+from qwen_core.download.types import EXIT_AUTH, EXIT_DISK, EXIT_NOT_FOUND, EXIT_OFFLINE_MISSING
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
 pytest_plugins = ["download_fixtures"]

@@ -31,8 +31,8 @@ import pytest
 import requests
 from download_helpers import FAST
 
-from qwen_core.download import download_repo
-from qwen_core.download_http import Staging
+from qwen_core.download import DownloadHooks, DownloadOptions, download_repo, resolve_endpoint
+from qwen_core.download.layout import Staging
 
 pytest_plugins = ["download_fixtures"]
 
@@ -123,7 +123,8 @@ class TestOlahMirror:
         url, src = olah
         out = tmp_path / "model"
         # olah answers /api/models/{repo} without a revision with 401: always pass revision="main".
-        result = download_repo(REPO, revision="main", endpoint=url, local_dir=out, token=False, config=FAST)
+        options = DownloadOptions(revision="main", endpoint=resolve_endpoint(url), local_dir=out, token=False, http=FAST)
+        result = download_repo(REPO, options)
         _same_tree(src, out)
         assert result.bytes_fetched == result.bytes_total > 0
 
@@ -137,8 +138,7 @@ class TestOlahMirror:
         blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         stage.sidecar.write_text(f'{{"path": "{big}", "size": {len(data)}, "sha256": null, "etag": "{blob_id}"}}')
         messages: list[str] = []
-        download_repo(REPO, revision="main", endpoint=url, local_dir=out, token=False, config=FAST,
-                      on_message=messages.append)
+        download_repo(REPO, options, DownloadHooks(on_message=messages.append))
         assert any("resuming" in m for m in messages) and any("ignores Range" in m for m in messages)
         _same_tree(src, out)
 

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_core.download_http import STAGING_DIR
-from qwen_core.file_lock import FileLock
+from qwen_core.download.file_lock import FileLock
+from qwen_core.download.layout import STAGING_DIR
 from qwen_core.paths import hf_hub_cache
 
 

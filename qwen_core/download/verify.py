@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from qwen_core.download_http import RemoteFile, Staging
+from qwen_core.download.layout import Staging, write_json_atomic
+from qwen_core.download.types import RemoteFile
 
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
 
@@ -69,7 +66,7 @@ def record_matches(remote: RemoteFile, final: Path, stage: Staging) -> bool:
 
 def write_record(remote: RemoteFile, final: Path, stage: Staging, commit: str) -> None:
     st = final.stat()
-    _atomic_write_json(stage.record, {"identity": remote.identity(), "mtime_ns": st.st_mtime_ns, "commit": commit})
+    write_json_atomic(stage.record, {"identity": remote.identity(), "mtime_ns": st.st_mtime_ns, "commit": commit})
 
 
 def verify_existing(remote: RemoteFile, final: Path) -> bool:
@@ -79,14 +76,7 @@ def verify_existing(remote: RemoteFile, final: Path) -> bool:
     return hasher is None or hasher.hexdigest() == expected_digest(remote)
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class _HashPipe:
+class HashPipe:
     """Hash chunks on a helper thread while the worker reads the next ones from the socket.
 
     sha256 costs about as much CPU as receiving the bytes; overlapping the two keeps a lone stream (the last big

@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qwen_core.download.types import EXIT_LOCKED
 from qwen_core.errors import DownloadError
-
-EXIT_LOCKED = 9  # exit code of the download CLI (download_http.py lists them all)
 
 if os.name == "nt":  # pragma: no cover - exercised on Windows only
     import msvcrt

@@ -1,41 +1,44 @@
 """The ranged HTTP engine: one file from a Hub-compatible server into ``<root>/<path>``, resumable across kills.
 
-Layout under the download root (the model folder)::
-
-    <root>/<path>                          the verified file (a real file, never a symlink)
-    <root>/.qwen_download/<path>.part      bytes received so far
-    <root>/.qwen_download/<path>.part.json sidecar: url, size, sha256/etag, commit of what the .part holds
-    <root>/.qwen_download/<path>.lock      inter-process lock (see file_lock.py)
-    <root>/.qwen_download/<path>.ok        verified record: size, hash, mtime of the final file
-
-Resume rule: a ``.part`` is continued only when its sidecar describes the same content (size + sha256 for LFS
-files, size + git blob id otherwise); its bytes are re-hashed before new ones are appended, and the whole file
-is verified before ``os.replace``. Everything else (changed source, unreadable sidecar, bad hash) is discarded
-with a log line and fetched again. The ``.ok`` record lets a later run skip a 40 GB re-hash while still noticing
-a file whose size or mtime changed.
+Files live as layout.py describes. Resume rule: a ``.part`` is continued only when its sidecar describes the
+same content (size + sha256 for LFS files, size + git blob id otherwise); its bytes are re-hashed before new
+ones are appended, and the whole file is verified before ``os.replace``. Everything else (changed source,
+unreadable sidecar, bad hash) is discarded with a log line and fetched again. The ``.ok`` record lets a later
+run skip a 40 GB re-hash while still noticing a file whose size or mtime changed.
 """
 
 from __future__ import annotations
 
-import email.utils
 import errno
 import hashlib
 import json
 import os
-import random
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import quote
 
 import requests
 
-from qwen_core.download_verify import (
-    _atomic_write_json,
-    _HashPipe,
+from qwen_core.download.file_lock import FileLock, read_holder
+from qwen_core.download.layout import Staging, write_json_atomic
+from qwen_core.download.retry import backoff_delay, parse_retry_after, sleep_unless_cancelled
+from qwen_core.download.transport import HubClient
+from qwen_core.download.types import (
+    EXIT_AUTH,
+    EXIT_DISK,
+    EXIT_ERROR,
+    EXIT_NETWORK,
+    EXIT_NOT_FOUND,
+    EXIT_VERIFY,
+    DiskFullError,
+    FileOutcome,
+    HttpConfig,
+    RemoteFile,
+)
+from qwen_core.download.verify import (
+    HashPipe,
     expected_digest,
     hash_file,
     new_hasher,
@@ -43,56 +46,8 @@ from qwen_core.download_verify import (
     verify_existing,
     write_record,
 )
-from qwen_core.errors import DownloadCancelled, DownloadError, QwenError
-from qwen_core.file_lock import EXIT_LOCKED, FileLock, read_holder  # noqa: F401 - EXIT_LOCKED listed with the others
+from qwen_core.errors import DownloadCancelled, DownloadError
 from qwen_core.paths import safe_join
-
-STAGING_DIR = ".qwen_download"
-
-# Exit codes of `robust_download.py` / `python -m qwen_core download` (README "Downloads" documents them).
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_AUTH = 3
-EXIT_NOT_FOUND = 4
-EXIT_NETWORK = 5
-EXIT_VERIFY = 6
-EXIT_DISK = 7
-EXIT_UNSAFE = 8
-# EXIT_LOCKED = 9 comes from file_lock.py, which raises it
-EXIT_OFFLINE_MISSING = 10
-EXIT_CANCELLED = 130
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of the resolved repo. ``path`` is already validated (relative, posix, no `..`)."""
-
-    path: str
-    size: int
-    sha256: str | None = None  # LFS files: the content hash we verify
-    etag: str | None = None  # non-LFS files: the git blob id (sha1 of "blob <size>\0" + content)
-
-    def identity(self) -> dict:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "etag": self.etag}
-
-
-@dataclass(frozen=True)
-class HttpConfig:
-    """Knobs of the engine; tests shrink the timeouts and backoff."""
-
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0  # no byte for this long = a stalled server -> retry, never a hang
-    chunk_size: int = 1024 * 1024
-    retries: int = 3  # attempts after the first that made no progress; attempts that received bytes are free
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
-    retry_after_max: float = 300.0
-    lock_timeout: float = 120.0  # seconds without progress of another holder before we give up
-    pipeline_hash: bool = True  # hash on a helper thread, overlapping the next socket read
-
-
-class DiskFullError(DownloadError):
-    """ENOSPC/EFBIG while writing: partials are kept; the orchestrator adds how much space is needed."""
 
 
 @dataclass
@@ -100,72 +55,31 @@ class Job:
     """State shared by the workers of one download_repo call."""
 
     root: Path
-    endpoint: str
+    client: HubClient
     repo_id: str
     commit: str
-    token: str | None = field(repr=False)  # never in a repr: tracebacks with locals would print it
-    config: HttpConfig
     log: Callable[[str], None]
-    redirect_guard: Callable[[str], None] | None = None  # raises to refuse a redirect target
     cancel: threading.Event = field(default_factory=threading.Event)
     done_bytes: int = 0  # bytes that count toward the progress bar (resumed + fetched + present)
     fetched_bytes: int = 0  # bytes received over the network in this run
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _local: threading.local = field(default_factory=threading.local)
+
+    @property
+    def config(self) -> HttpConfig:
+        return self.client.config
 
     def add(self, done: int, fetched: int = 0) -> None:
         with self._lock:
             self.done_bytes += done
             self.fetched_bytes += fetched
 
-    def session(self) -> requests.Session:
-        # One Session (connection pool) per worker thread: requests.Session is not thread-safe.
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-            s.headers["User-Agent"] = "qwen-image-robust-download/0.1"
-            if self.redirect_guard is not None:
-                s.hooks["response"].append(self._check_redirect)
-        return s
-
-    def _check_redirect(self, resp: requests.Response, *args: Any, **kwargs: Any) -> None:
-        # requests runs response hooks on every hop, before following it: refuse the hop, not its answer.
-        if resp.is_redirect and self.redirect_guard is not None:
-            target = urljoin(resp.url, resp.headers.get("Location", ""))
-            try:
-                self.redirect_guard(target)
-            except QwenError as err:
-                resp.close()
-                raise DownloadError(f"{resp.url.split('?')[0]} redirected to a refused address: {err}",
-                                    fix="Use a mirror that serves files itself, or set it in HF_ENDPOINT.",
-                                    exit_code=EXIT_UNSAFE) from err
-
     def url(self, path: str) -> str:
-        return f"{self.endpoint.rstrip('/')}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
+        endpoint = self.client.endpoint.url.rstrip("/")
+        return f"{endpoint}/{self.repo_id}/resolve/{quote(self.commit, safe='')}/{quote(path)}"
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():
             raise DownloadCancelled("Download cancelled; partial files are kept and the next run resumes them.")
-
-
-@dataclass(frozen=True)
-class Staging:
-    part: Path
-    sidecar: Path
-    lock: Path
-    record: Path
-
-    @classmethod
-    def for_file(cls, root: Path, path: str) -> Staging:
-        base = safe_join(root / STAGING_DIR, path)
-        return cls(*(base.with_name(base.name + ext) for ext in (".part", ".part.json", ".lock", ".ok")))
-
-
-@dataclass(frozen=True)
-class FileOutcome:
-    path: str
-    status: str  # "present" (verified earlier/now, nothing fetched) | "downloaded" | "resumed"
-    fetched: int
 
 
 # -- one file ------------------------------------------------------------------------------------------
@@ -227,7 +141,7 @@ def _open_part(remote: RemoteFile, stage: Staging, job: Job) -> _PartState:
         job.log(f"{remote.path}: discarding partial download ({reason}); fetching from the start")
         stage.part.unlink()
     stage.part.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(stage.sidecar, {**remote.identity(), "commit": job.commit, "url": job.url(remote.path)})
+    write_json_atomic(stage.sidecar, {**remote.identity(), "commit": job.commit, "url": job.url(remote.path)})
     stage.part.touch()
     return _PartState(0, new_hasher(remote))
 
@@ -292,46 +206,19 @@ def _transfer(remote: RemoteFile, stage: Staging, state: _PartState, job: Job) -
                     f"{remote.path}: giving up after {cfg.retries + 1} attempts without progress ({err}).",
                     fix="Check the network/endpoint and run the same command again: it resumes where it stopped.",
                     exit_code=EXIT_NETWORK) from err
-            delay = err.retry_after if err.retry_after is not None else _backoff(failures, cfg)
+            delay = err.retry_after if err.retry_after is not None else backoff_delay(failures, cfg)
             job.log(f"{remote.path}: {err}; retrying in {delay:.1f} s (at {state.offset / 1e6:.1f} MB)")
-            _sleep(delay, job)
-
-
-def _backoff(failures: int, cfg: HttpConfig) -> float:
-    # Exponential with full jitter: many clients hitting the same server don't retry in lockstep.
-    return min(cfg.backoff_max, cfg.backoff_base * 2 ** max(failures - 1, 0)) * random.uniform(0.5, 1.0)
-
-
-def _sleep(seconds: float, job: Job) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        job.check_cancel()
-        time.sleep(min(0.1, max(end - time.monotonic(), 0)))
-
-
-def parse_retry_after(value: str | None, cap: float) -> float | None:
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), cap)
+            sleep_unless_cancelled(delay, job.check_cancel)
 
 
 def _attempt(remote: RemoteFile, stage: Staging, state: _PartState, job: Job) -> None:
     cfg = job.config
-    headers = {"Accept-Encoding": "identity"}
-    if job.token:
-        headers["Authorization"] = f"Bearer {job.token}"
+    headers = job.client.headers({"Accept-Encoding": "identity"})
     if state.offset:
         headers["Range"] = f"bytes={state.offset}-"
     start = state.offset
     try:
-        with job.session().get(job.url(remote.path), headers=headers, stream=True,
+        with job.client.session().get(job.url(remote.path), headers=headers, stream=True,
                                timeout=(cfg.connect_timeout, cfg.read_timeout)) as resp:
             _check_status(resp, remote, state, job)
             if resp.status_code == 416:
@@ -384,7 +271,7 @@ def _stream(resp: requests.Response, stage: Staging, state: _PartState, job: Job
     # short file ourselves and resume from exactly what arrived.
     if hasattr(resp.raw, "enforce_content_length"):
         resp.raw.enforce_content_length = False
-    pipe = _HashPipe(state.hasher) if job.config.pipeline_hash and state.hasher is not None else None
+    pipe = HashPipe(state.hasher) if job.config.pipeline_hash and state.hasher is not None else None
     try:
         _stream_into(resp, stage, state, job, pipe)
     finally:
@@ -392,7 +279,7 @@ def _stream(resp: requests.Response, stage: Staging, state: _PartState, job: Job
             pipe.close()  # the hasher has seen exactly the bytes on disk again, also after an error
 
 
-def _stream_into(resp: requests.Response, stage: Staging, state: _PartState, job: Job, pipe: _HashPipe | None) -> None:
+def _stream_into(resp: requests.Response, stage: Staging, state: _PartState, job: Job, pipe: HashPipe | None) -> None:
     with stage.part.open("r+b", buffering=0) as f:
         f.seek(state.offset)
         f.truncate()
