@@ -235,7 +235,7 @@ class TestFaults:
 
     def test_stalled_server_times_out_and_retries(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub)
-        hub.faults.stall_after, hub.faults.stall_count, hub.faults.stall_seconds = 200_000, 1, 3.0
+        hub.faults.stall_after, hub.faults.stall_count, hub.faults.stall_seconds = 200_000, 1, 3 * FAST.read_timeout
         _, messages = get(hub, tmp_path, workers=1)
         assert_tree(tmp_path, files)
         assert any("stalled" in m or "connection error" in m for m in messages)

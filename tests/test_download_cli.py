@@ -11,11 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from download_helpers import FAST_CLI, ROOT, blob, cli_env, run_cli, start_cli
+from download_helpers import FAST_CLI, ROOT, blob, cli_env, run_cli, scaled, start_cli, wait_for
 from hub_server import HubServer
 
 from qwen_core.download.layout import Staging
@@ -44,15 +43,6 @@ def same(path: Path, data: bytes) -> bool:
     return path.is_file() and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
-def wait_for(pred, timeout: float = 30.0) -> bool:  # noqa: ANN001
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def part_size(out: Path) -> int:
     p = Staging.for_file(out, BIG).part
     return p.stat().st_size if p.exists() else 0
@@ -67,7 +57,7 @@ class TestKillAndResume:
             assert wait_for(lambda: part_size(tmp_path / "m") >= 2 * CHUNK), "download never started"
             proc.send_signal(signal.SIGKILL)
         finally:
-            proc.wait(10)
+            proc.wait(scaled(10))
         kept = part_size(tmp_path / "m")
         assert 0 < kept < len(files[BIG]) and not (tmp_path / "m" / BIG).exists()
         hub.reset_counters()
@@ -89,7 +79,7 @@ class TestKillAndResume:
         try:
             assert wait_for(lambda: part_size(tmp_path) >= CHUNK), "download never started"
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=10)
+            _, err = proc.communicate(timeout=scaled(10))
         finally:
             proc.kill()
         assert proc.returncode == 130 and "run the same command again to resume" in err
@@ -133,25 +123,28 @@ class TestProcesses:
         files = make_repo(hub)
         hub.faults.rate_bps = 12 * MB
         procs = [start_cli(args(hub, tmp_path)) for _ in range(2)]
-        outs = [p.communicate(timeout=60) for p in procs]
+        outs = [p.communicate(timeout=scaled(60)) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
         for path, data in files.items():
             assert same(tmp_path / path, data)
         assert hub.bytes_served[BIG] <= len(files[BIG]) + CHUNK, "the lock must stop a double download"
 
-    def test_file_size_limit_is_a_clean_disk_full_stop_then_resume(self, hub: HubServer, tmp_path: Path) -> None:
+    def test_file_size_limit_is_a_clean_stop_not_called_disk_full_then_resume(self, hub: HubServer,
+                                                                               tmp_path: Path) -> None:
+        """Regression (issue 14): EFBIG (a file-size limit) was reported as "Disk full ... Free at least 0 B"."""
         files = make_repo(hub, size=5 * MB)
 
         import resource  # POSIX only, like this whole module
 
         def small_disk() -> None:
-            # SIGXFSZ would kill the process; ignored, write() fails with EFBIG like a full disk.
+            # SIGXFSZ would kill the process; ignored, write() fails with EFBIG (a limit, not a full disk).
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (2 * MB, 2 * MB))
 
         full = run_cli(args(hub, tmp_path, "--workers", "1"), preexec_fn=small_disk)
         assert full.returncode == EXIT_DISK, full.stderr
-        assert "Disk full" in full.stderr and "still needed" in full.stderr and "Traceback" not in full.stderr
+        assert "file-size limit" in full.stderr and "ulimit" in full.stderr and "Traceback" not in full.stderr
+        assert "Disk full" not in full.stderr and "at least 0 B" not in full.stderr
         kept = part_size(tmp_path)
         assert 0 < kept <= 2 * MB
         again = run_cli(args(hub, tmp_path))
@@ -170,7 +163,7 @@ class TestCommands:
     def test_python_m_qwen_core_download_and_cleanup(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub, size=2 * MB)
         cmd = [sys.executable, "-m", "qwen_core", "download", *args(hub, tmp_path, "--allow", "*.json")]
-        done = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=scaled(60))
         assert done.returncode == 0, done.stderr
         assert same(tmp_path / "model_index.json", files["model_index.json"]) and not (tmp_path / BIG).exists()
         stage = Staging.for_file(tmp_path, BIG)

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from qwen_core.download.cleanup import cleanup_partials
@@ -18,6 +19,7 @@ from qwen_core.download.repo import download_repo
 from qwen_core.download.types import (
     EXIT_CANCELLED,
     EXIT_CODES_HELP,
+    EXIT_ERROR,
     EXIT_USAGE,
     DownloadHooks,
     DownloadOptions,
@@ -28,6 +30,7 @@ from qwen_core.download.types import (
     fmt_bytes,
 )
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
+from qwen_core.session_log import get_session_log
 
 
 def configure_download(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +52,9 @@ def configure_download(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=[e.value for e in Engine], default=Engine.AUTO.value,
                         help="auto/http: resumable ranged HTTP; xet: huggingface_hub + hf_xet where offered")
     parser.add_argument("--offline", action="store_true", help="verify the local copy only (same as HF_HUB_OFFLINE=1)")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every file already present (sha256 / git blob id) instead of trusting its "
+                        "size+mtime record; damaged files are fetched again")
     parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds without a byte = stalled (default 30)")
     parser.add_argument("--connect-timeout", type=float, default=10.0)
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each time)")
@@ -59,40 +65,56 @@ def configure_download(parser: argparse.ArgumentParser) -> None:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    """Run the command; every failure is one message (with its fix) on stderr, a session-log line and an exit
+    code, never a traceback."""
+    printer = _Printer(args.progress_interval)
+    try:
+        return _run(args, printer)
+    except InvalidInputError as err:
+        return _fail(f"error: {err}", EXIT_USAGE)
+    except DownloadCancelled as err:
+        return _fail(f"cancelled: {err}", EXIT_CANCELLED)
+    except KeyboardInterrupt:
+        return _fail("interrupted: partial files are kept; run the same command again to resume", EXIT_CANCELLED)
+    except DownloadError as err:
+        return _fail(f"error: {err}", err.exit_code)
+    except Exception as err:  # outside download_repo (which turns its own surprises into DownloadError)
+        get_session_log().error(f"download: unexpected {type(err).__name__}: {err}\n{traceback.format_exc()}")
+        return _fail(f"error: unexpected {type(err).__name__}: {err}. Fix: run it again; if it repeats, report it "
+                     f"with the session log, which has the details.", EXIT_ERROR)
+    finally:
+        printer.close()
+
+
+def _run(args: argparse.Namespace, printer: _Printer) -> int:
     from qwen_core.paths import repo_folder
 
     # Tokens only come from HF_TOKEN / `hf auth login`: a --token flag would show in `ps` and shell history.
     try:
         target = args.out_dir if args.out_dir is not None else repo_folder(args.repo_id)
-        if args.cleanup:
-            return _cleanup(target)
-        printer = _Printer(args.progress_interval)
         cfg = HttpConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                          backoff_base=args.backoff, lock_timeout=args.lock_timeout, retries=args.retries)
         options = DownloadOptions(
             revision=args.revision, local_dir=target, allow_patterns=args.allow, ignore_patterns=args.ignore,
             endpoint=resolve_endpoint(args.endpoint, source="user"), workers=args.workers, engine=args.engine,
-            offline=True if args.offline else None, dry_run=args.dry_run, http=cfg)
-        result = download_repo(args.repo_id, options, DownloadHooks(progress=printer.progress,
-                                                                    on_message=printer.message))
-        printer.close()
+            offline=True if args.offline else None, dry_run=args.dry_run, verify=args.verify, http=cfg)
     except InvalidInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except DownloadCancelled as err:
-        print(f"cancelled: {err}", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("interrupted: partial files are kept; run the same command again to resume", file=sys.stderr)
-        return EXIT_CANCELLED
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        get_session_log().log_exception(err, context="download")  # download_repo logs its own errors
+        raise
+    if args.cleanup:
+        return _cleanup(target)
+    result = download_repo(args.repo_id, options, DownloadHooks(progress=printer.progress, on_message=printer.message))
     if result.dry_run:
         _print_dry_run(result, target)
     else:
         print(result.local_dir)
     return 0
+
+
+def _fail(text: str, code: int) -> int:
+    print(text, file=sys.stderr)
+    print(f"(exit {code}; logged in {get_session_log().path})", file=sys.stderr)
+    return code
 
 
 def _cleanup(target: Path) -> int:

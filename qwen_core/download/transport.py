@@ -1,5 +1,7 @@
 """HTTP to one endpoint, for the listing and the file engine alike: one place that adds the token (only where
-the endpoint decision allows it) and checks every redirect hop before it is followed.
+the endpoint decision allows it) and checks every redirect hop before it is followed: a malformed or non-http
+``Location`` and a target the endpoint's guard refuses end the request with exit 8 before any connection to
+it; more than MAX_REDIRECTS hops is a redirect loop (requests.TooManyRedirects, retried like a network error).
 
 huggingface_hub's HfApi follows redirects with a process-wide httpx client we cannot hook without changing it
 for every other user in the process (ComfyUI), so the listing goes through these sessions too.
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
@@ -17,6 +19,7 @@ from qwen_core.download.types import EXIT_UNSAFE, Endpoint, HttpConfig
 from qwen_core.errors import DownloadError, QwenError
 
 USER_AGENT = "qwen-image-robust-download/0.1"
+MAX_REDIRECTS = 10  # the Hub needs 1-2 (resolve -> CDN); requests' default of 30 only delays a loop's end
 
 
 class HubClient:
@@ -41,6 +44,7 @@ class HubClient:
         if s is None:
             s = self._local.session = requests.Session()
             s.headers["User-Agent"] = USER_AGENT
+            s.max_redirects = MAX_REDIRECTS
             s.hooks["response"].append(self._check_redirect)
         return s
 
@@ -68,9 +72,31 @@ class HubClient:
     def _check_redirect(self, resp: requests.Response, *args: Any, **kwargs: Any) -> None:
         # requests runs response hooks on every hop, before following it: refuse the hop, not its answer.
         if resp.is_redirect:
-            target = urljoin(resp.url, resp.headers.get("Location", ""))
             try:
+                target = redirect_target(resp.url, resp.headers.get("Location", ""), self.endpoint.host)
                 self.check_url(target, resp.url)
             except DownloadError:
                 resp.close()
                 raise
+
+
+def redirect_target(from_url: str, location: str, host: str) -> str:
+    """The absolute http(s) URL a ``Location`` header points to; DownloadError (exit 8) when it is malformed or
+    not http(s) (``file:``, ``ftp:``, ``javascript:`` ...)."""
+    shown = location if len(location) <= 200 else location[:200] + "..."
+    try:
+        if any(ord(ch) < 33 for ch in location):
+            raise ValueError("spaces or control characters")
+        target = urljoin(from_url, location)
+        parts = urlsplit(target)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+        if parts.scheme in ("http", "https") and not parts.hostname:
+            raise ValueError("no host")
+    except ValueError as err:
+        raise DownloadError(f"{host} answered a malformed redirect (Location: {shown!r}: {err}).",
+                            fix="Use another endpoint/mirror; this one's redirects are broken.",
+                            exit_code=EXIT_UNSAFE) from err
+    if parts.scheme not in ("http", "https"):
+        raise DownloadError(f"{host} redirected to a non-http address ({shown!r}); refused.",
+                            fix="Use another endpoint/mirror; a Hub only redirects to http(s).", exit_code=EXIT_UNSAFE)
+    return target

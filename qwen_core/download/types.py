@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from qwen_core.errors import DownloadError, InvalidInputError
 from qwen_core.paths import validate_revision
@@ -31,11 +32,15 @@ EXIT_LOCKED = 9
 EXIT_OFFLINE_MISSING = 10
 EXIT_CANCELLED = 130
 
+PROGRESS_MIN = 64 * 1024  # new bytes an attempt must add to count as progress (a server can't trickle forever)
+
 EXIT_CODES_HELP = (
-    "exit codes: 0 ok, 1 error, 2 bad arguments, 3 access denied (set HF_TOKEN), 4 not found, "
-    "5 network kept failing (rerun to resume), 6 verification failed, 7 disk full / not writable, "
-    "8 unsafe filename from server, 9 file locked by another download, 10 offline and files missing, "
-    "130 interrupted (partials kept). The token is read from HF_TOKEN or `hf auth login` only."
+    "exit codes: 0 ok, 1 unexpected error, 2 bad arguments, 3 access denied (set HF_TOKEN), 4 not found, "
+    "5 network kept failing (rerun to resume), 6 verification failed or the server sent something else than the "
+    "file, 7 disk full / file-size limit / target not writable, 8 unsafe or malformed answer from the server "
+    "(filename, redirect, listing), 9 file locked by another download, 10 offline and files missing, "
+    "130 interrupted (partials kept). The token is read from HF_TOKEN or `hf auth login` only. "
+    "Every error is also written, with its fix, to the session log (reports/last_session.log)."
 )
 
 # A resolver maps (host, port) to IP address strings; tests inject a fake DNS.
@@ -72,6 +77,38 @@ class Endpoint:
     # public-address check let this endpoint in: a public host could otherwise 302 us to 169.254.169.254.
     redirect_guard: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
+    @property
+    def host(self) -> str:
+        """``host[:port]`` for messages (never a user name or password)."""
+        return urlsplit(self.url).netloc.rpartition("@")[2]
+
+
+@dataclass(frozen=True)
+class Words:
+    """How messages name the user's controls: CLI flags, or the Downloader node's fields."""
+
+    revision: str = "--revision"
+    endpoint: str = "--endpoint (or HF_ENDPOINT)"
+    target: str = "--out-dir"
+    ignore: str = "--ignore"
+    offline: str = "unset HF_HUB_OFFLINE (or drop --offline)"
+    verify: str = "--verify"
+    retries: str = "--retries"
+    rerun: str = "run the same command again"
+
+
+CLI_WORDS = Words()
+NODE_WORDS = Words(
+    revision="the `revision` field",
+    endpoint="the `endpoint` field (or HF_ENDPOINT in the environment that starts ComfyUI)",
+    target="ComfyUI's models folder (another disk: extra_model_paths.yaml)",
+    ignore="the `ignore_patterns` field",
+    offline="unset HF_HUB_OFFLINE in the environment that starts ComfyUI",
+    verify="the `verify` option",
+    retries="(retries are automatic)",
+    rerun="queue the workflow again",
+)
+
 
 @dataclass(frozen=True)
 class HttpConfig:
@@ -80,7 +117,9 @@ class HttpConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0  # no byte for this long = a stalled server -> retry, never a hang
     chunk_size: int = 1024 * 1024
-    retries: int = 3  # attempts after the first that made no progress; attempts that received bytes are free
+    # Failed attempts allowed per file after the first, with backoff. An attempt fails unless it adds new bytes
+    # (at least PROGRESS_MIN, or the file's end) beyond the most this file has held in this run.
+    retries: int = 3
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     retry_after_max: float = 300.0
@@ -117,7 +156,9 @@ class DownloadOptions:
     engine: Engine = Engine.AUTO
     offline: bool | None = None
     dry_run: bool = False
+    verify: bool = False  # re-hash every present file (sha256 / git blob id) instead of trusting its record
     http: HttpConfig = field(default_factory=HttpConfig)
+    words: Words = CLI_WORDS  # NODE_WORDS when the Downloader node calls
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -210,7 +251,11 @@ class DownloadResult:
 
 
 class DiskFullError(DownloadError):
-    """ENOSPC/EFBIG while writing: partials are kept; the orchestrator adds how much space is needed."""
+    """ENOSPC/EDQUOT while writing: partials are kept; the orchestrator adds how much space is needed."""
+
+
+class FileSizeLimitError(DownloadError):
+    """EFBIG: a file-size limit (RLIMIT_FSIZE, FAT32) stopped a write; free space would not help."""
 
 
 def fmt_bytes(n: float) -> str:

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from qwen_core.download.engine import Job
+from qwen_core.download.job import Job
 from qwen_core.download.plan import DownloadPlan
 from qwen_core.download.types import DownloadHooks, DownloadProgress, FileOutcome, RemoteFile
 from qwen_core.errors import DownloadCancelled

@@ -9,12 +9,13 @@ counts as done, because hf_xet once reported a short file as success.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import requests
 
-from qwen_core.download.engine import Job
 from qwen_core.download.file_lock import FileLock
-from qwen_core.download.layout import Staging
+from qwen_core.download.job import Job
+from qwen_core.download.layout import Staging, fs_error
 from qwen_core.download.plan import DownloadPlan
 from qwen_core.download.types import (
     EXIT_AUTH,
@@ -44,14 +45,23 @@ def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
 
 
 def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
+    final = safe_join(job.root, remote.path)
+    try:
+        return _fetch_file_xet(remote, final, job)
+    except InterruptedError:
+        raise
+    except OSError as err:
+        raise fs_error(err, final, job.words) from err
+
+
+def _fetch_file_xet(remote: RemoteFile, final: Path, job: Job) -> FileOutcome:
     from huggingface_hub import hf_hub_download
 
     # Read by hf_xet when it starts: more parallel chunk fetches, more memory. The user's own value wins.
     os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
     job.check_cancel()
-    final = safe_join(job.root, remote.path)
     stage = Staging.for_file(job.root, remote.path)
-    if record_matches(remote, final, stage):
+    if not job.verify and record_matches(remote, final, stage):
         job.add(remote.size)
         return FileOutcome(remote.path, "present", 0)
     lock = FileLock(stage.lock, timeout=job.config.lock_timeout, should_stop=job.cancel.is_set)
