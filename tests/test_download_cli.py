@@ -171,3 +171,94 @@ class TestCommands:
         stage.part.write_bytes(b"x" * 1234)
         cleaned = run_cli([REPO, "--out-dir", str(tmp_path), "--cleanup"])
         assert cleaned.returncode == 0 and "freed" in cleaned.stdout and not stage.part.exists()
+
+
+def _redirect_loop(hub: HubServer) -> None:
+    hub.faults.file_redirect = "{self}"
+
+
+def _non_http_redirect(hub: HubServer) -> None:
+    hub.faults.file_redirect = "file:///etc/passwd"
+
+
+def _malformed_location(hub: HubServer) -> None:
+    hub.faults.file_redirect = "http://[::1/x"
+
+
+def _name_too_long(hub: HubServer) -> None:
+    files = {path: hub.read(REPO, path) for path in hub.repos[REPO].files}
+    hub.add_repo(REPO, {**files, "transformer/" + "n" * 300 + ".bin": b"x" * 2000})
+
+
+def _file_and_folder(hub: HubServer) -> None:
+    hub.repos[REPO].extra_tree.append({"type": "file", "path": "transformer", "size": 4, "oid": "0" * 40})
+
+
+def _portal_listing(hub: HubServer) -> None:
+    hub.faults.api_body = b"<html><body>Log in to the Wi-Fi</body></html>"
+
+
+def _gated(hub: HubServer) -> None:
+    hub.faults.require_token = "hf_SomeoneElsesToken123"
+
+
+def _html_page(hub: HubServer) -> None:
+    hub.faults.body_override, hub.faults.body_type = b"<!doctype html><p>blocked by proxy</p>", "text/html"
+
+
+class TestEveryErrorIsCodeMessageFixAndLogLine:
+    """Issue 14: the CLI ends every failure with its documented exit code, one message with a fix on stderr, and
+    an ERROR line with that fix in the session log; never a traceback (before: redirect loops, non-http or
+    malformed redirects, long names, file/folder clashes and a portal's listing page were tracebacks, exit 1,
+    and an auth error left only "session started" in the log)."""
+
+    @pytest.mark.parametrize(("fault", "code", "said"), [
+        (_redirect_loop, 5, "redirect loop"),
+        (_non_http_redirect, 8, "non-http"),
+        (_malformed_location, 8, "malformed redirect"),
+        (_name_too_long, 7, "too long for the file system"),
+        (_file_and_folder, 8, "both as a file and as a folder"),
+        (_portal_listing, 5, "is not JSON"),
+        (_gated, 3, "gated"),
+        (_html_page, 6, "HTML page"),
+    ], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+    def test_fault(self, hub: HubServer, tmp_path: Path, fault, code: int, said: str) -> None:  # noqa: ANN001
+        make_repo(hub, size=2 * MB)
+        fault(hub)
+        done = run_cli(args(hub, tmp_path / "m", "--retries", "1"))
+        assert done.returncode == code, done.stderr
+        assert said in done.stderr and "Fix:" in done.stderr and "Traceback" not in done.stderr
+        log = (Path(os.environ["QWEN_REPORTS_DIR"]) / "last_session.log").read_text()
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert any(said in line and "Fix:" in line for line in errors), log
+
+
+class TestVerifyAndFullDisk:
+    def test_verify_flag_re_hashes_and_repairs(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub, size=2 * MB)
+        assert run_cli(args(hub, tmp_path)).returncode == 0
+        big = tmp_path / BIG
+        st = big.stat()
+        data = bytearray(big.read_bytes())
+        data[123] ^= 0x40
+        big.write_bytes(bytes(data))
+        os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only a re-hash can tell
+        done = run_cli(args(hub, tmp_path, "--verify"))
+        assert done.returncode == 0, done.stderr
+        assert "does not match" in done.stderr and same(big, files[BIG])
+
+    def test_a_complete_model_needs_no_writes(self, hub: HubServer, tmp_path: Path) -> None:
+        """Before: the rerun of a branch wrote a probe and plan.json; with no room to write (here a file-size
+        limit of 0 bytes) it ended in a traceback. Now nothing is written and it succeeds."""
+        import resource
+
+        make_repo(hub, size=2 * MB)
+        assert run_cli(args(hub, tmp_path)).returncode == 0
+
+        def nothing_can_grow() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+        again = run_cli(args(hub, tmp_path), preexec_fn=nothing_can_grow)
+        assert again.returncode == 0, again.stderr
+        assert "already present and verified" in again.stderr and again.stdout.strip() == str(tmp_path)

@@ -118,13 +118,13 @@ def _check_headers(resp: requests.Response, remote: RemoteFile, state: PartState
         expected = int(m.group(2)) - int(m.group(1)) + 1
         if expected <= 0 or int(m.group(2)) >= remote.size:
             raise Retryable(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
+    kind = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if kind in ("text/html", "application/xhtml+xml") and not remote.path.lower().endswith(_HTML_NAMES):
+        raise _wrong_body(job, remote, "an HTML page")
     length = resp.headers.get("Content-Length")
     encoded = resp.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
     if length is not None and not encoded and (not length.strip().isdigit() or int(length) != expected):
         raise _wrong_body(job, remote, f"a body of {length} bytes (expected {expected:,})")
-    kind = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
-    if kind in ("text/html", "application/xhtml+xml") and not remote.path.lower().endswith(_HTML_NAMES):
-        raise _wrong_body(job, remote, "an HTML page")
 
 
 def _restart(state: PartState, remote: RemoteFile, job: Job) -> None:
