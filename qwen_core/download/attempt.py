@@ -58,6 +58,8 @@ def attempt(remote: RemoteFile, stage: Staging, state: PartState, job: Job) -> N
         raise Retryable(f"{kind}: {type(err).__name__}") from err
     except requests.RequestException as err:  # what else requests raises: never a traceback
         raise Retryable(f"request failed: {type(err).__name__}: {err}") from err
+    except (ConnectionError, TimeoutError) as err:  # a socket error that reached us unwrapped: not the disk's
+        raise Retryable(f"connection error: {type(err).__name__}") from err
 
 
 def _wrong_body(job: Job, remote: RemoteFile, what: str) -> Retryable:

@@ -92,8 +92,6 @@ class Words:
     target: str = "--out-dir"
     ignore: str = "--ignore"
     offline: str = "unset HF_HUB_OFFLINE (or drop --offline)"
-    verify: str = "--verify"
-    retries: str = "--retries"
     rerun: str = "run the same command again"
 
 
@@ -104,8 +102,6 @@ NODE_WORDS = Words(
     target="ComfyUI's models folder (another disk: extra_model_paths.yaml)",
     ignore="the `ignore_patterns` field",
     offline="unset HF_HUB_OFFLINE in the environment that starts ComfyUI",
-    verify="the `verify` option",
-    retries="(retries are automatic)",
     rerun="queue the workflow again",
 )
 
