@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,15 +64,29 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _child_setup(extra=None):  # noqa: ANN001, ANN202
+    """A CLI child with Python's own Ctrl-C handling: a test run started as a background job (a CI runner, `cmd &`)
+    has SIGINT ignored, the child inherits that, and then Python installs no KeyboardInterrupt handler at all."""
+    if os.name != "posix":
+        return extra
+
+    def setup() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if extra is not None:
+            extra()
+
+    return setup
+
+
 def start_cli(args: list[str], *, env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.Popen:  # noqa: ANN001
     return subprocess.Popen([sys.executable, str(TOOL), *args], env=env or cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_child_setup(preexec_fn))
 
 
 def run_cli(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 60,
             preexec_fn=None) -> subprocess.CompletedProcess:  # noqa: ANN001
     return subprocess.run([sys.executable, str(TOOL), *args], env=env or cli_env(), capture_output=True, text=True,
-                          timeout=scaled(timeout), preexec_fn=preexec_fn)
+                          timeout=scaled(timeout), preexec_fn=_child_setup(preexec_fn))
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> bool:  # noqa: ANN001
