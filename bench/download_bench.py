@@ -57,11 +57,11 @@ def make_files(folder: Path, count: int, size: int) -> dict[str, Path]:
 
 
 def run_ours(url: str, out: Path, workers: int, allow: str | None = None, pipeline_hash: bool = True) -> float:
-    from qwen_core.download import HttpConfig, download_repo
+    from qwen_core.download import DownloadOptions, HttpConfig, download_repo, resolve_endpoint
 
     t0 = time.perf_counter()
-    download_repo(REPO, endpoint=url, local_dir=out, workers=workers, token=False, allow_patterns=allow,
-                  config=HttpConfig(pipeline_hash=pipeline_hash))
+    download_repo(REPO, DownloadOptions(endpoint=resolve_endpoint(url), local_dir=out, workers=workers, token=False,
+                                        allow_patterns=allow, http=HttpConfig(pipeline_hash=pipeline_hash)))
     return time.perf_counter() - t0
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_core.download import DownloadProgress, download_repo
-from qwen_core.endpoint_policy import check_endpoint
+from qwen_core.download import (
+    NODE_WORDS,
+    DownloadHooks,
+    DownloadOptions,
+    DownloadProgress,
+    download_repo,
+    resolve_endpoint,
+)
 from qwen_core.errors import DownloadCancelled
 from qwen_core.paths import repo_folder
 
@@ -34,14 +40,15 @@ class QwenImageDownloader:
                 "ignore_patterns": ("STRING", {"default": "", "tooltip": "Skip files matching these globs (comma or newline separated)."}),
                 "workers": ("INT", {"default": 8, "min": 1, "max": 32, "step": 1, "tooltip": "Files downloaded in parallel."}),
                 "endpoint": ("STRING", {"default": "", "tooltip": "Mirror URL (http/https). Empty = HF_ENDPOINT or huggingface.co. Private/loopback hosts only if the same host is set in HF_ENDPOINT; the token goes only to that host or huggingface.co."}),
+                "verify": ("BOOLEAN", {"default": False, "tooltip": "Re-hash every file already on disk (sha256) instead of trusting its size and date; a damaged file is fetched again. Takes about a minute per 10 GB."}),
             },
             "optional": {"system": (QWEN_SYSTEM, {"tooltip": "Optional Preflight report: runs the download after the checks."})},
             "hidden": HIDDEN,
         }
 
     def download(self, repo_id: str, revision: str, allow_patterns: str, ignore_patterns: str, workers: int,
-                 endpoint: str, system: Any = None, unique_id: str | None = None) -> dict[str, Any]:
-        decision = check_endpoint(endpoint)
+                 endpoint: str, verify: bool = False, system: Any = None, unique_id: str | None = None) -> dict[str, Any]:
+        decision = resolve_endpoint(endpoint, source="workflow")
         target = repo_folder(repo_id, root=bridge.register_models_dirs()[0])
         bar = bridge.Progress(1, unique_id)
 
@@ -52,11 +59,10 @@ class QwenImageDownloader:
             bar.update(p.bytes_done, p.bytes_total or 1)  # inside ComfyUI this raises on Cancel
 
         try:
-            result = download_repo(repo_id, revision=revision, local_dir=target, workers=workers,
-                                   allow_patterns=allow_patterns or None, ignore_patterns=ignore_patterns or None,
-                                   endpoint=decision.url if decision.source == "workflow" else None,
-                                   token=None if decision.send_token else False,
-                                   redirect_guard=decision.redirect_guard(), progress=progress, should_cancel=bridge.interrupted)
+            options = DownloadOptions(revision=revision, local_dir=target, workers=workers, endpoint=decision,
+                                      allow_patterns=allow_patterns or None, ignore_patterns=ignore_patterns or None,
+                                      verify=bool(verify), words=NODE_WORDS)
+            result = download_repo(repo_id, options, DownloadHooks(progress=progress, should_cancel=bridge.interrupted))
         except DownloadCancelled as err:
             bridge.send_status(unique_id, "download", {"state": "cancelled", "done_bytes": bar.value})
             bridge.raise_as_interrupt(err)

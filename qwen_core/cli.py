@@ -17,7 +17,7 @@ from qwen_core.errors import QwenError
 # command -> (module, function suffix, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "preflight": ("qwen_core.preflight", "preflight", "check GPU, VRAM, RAM, disk and versions; recommend a profile"),
-    "download": ("qwen_core.download", "download", "resumable, verified download of a model repo"),
+    "download": ("qwen_core.download.cli", "download", "resumable, verified download of a model repo"),
     "make-tiny": ("qwen_core.tiny", "make_tiny", "build a tiny random Qwen-Image pipeline offline"),
     "generate": ("qwen_core.demo", "generate", "generate an image with a local Qwen-Image model"),
     "demo": ("qwen_core.demo", "demo", "tiny offline pipeline -> preflight -> governor -> image"),

@@ -73,8 +73,11 @@ class SessionLog:
             if self._file.closed:
                 return
             self._follow_rotation()
-            self._file.write(text)
-            self._file.flush()
+            try:
+                self._file.write(text)
+                self._file.flush()
+            except OSError:  # a full disk must not turn a logged error into a traceback; the line is lost
+                pass
 
     def _follow_rotation(self) -> None:
         """Another process sharing the reports folder (a CLI download beside ComfyUI, a test's subprocess) may

@@ -52,6 +52,20 @@ class Faults:
     xet: bool = False  # advertise X-Xet-Hash on HEAD (we never serve the Xet protocol itself)
     range_416: int = 0  # answer the next N ranged GETs with 416 (a CDN that lost the object's size)
     redirect_lfs: bool = False  # LFS files: 302 to /cdn/... on the same host with X-Linked-Size/-Etag, as the Hub
+    api_redirect: str | None = None  # answer the API endpoints (info, tree) with a 302 to this Location
+    tree_next: str | None = None  # add `Link: <this>; rel="next"` to the tree listing (pagination)
+    api_body: bytes | None = None  # answer the API endpoints with 200 and this body (a portal's HTML page)
+    # File GETs (the resolve URL, not the CDN): the first matching fault wins.
+    file_redirect: str | None = None  # 302 to this Location ("{self}" = the request's own path: a loop)
+    file_redirect_status: int = 302  # ... or e.g. 307; with file_redirect="" the 3xx has no Location at all
+    body_override: bytes | None = None  # 200 with this body instead of the file (a proxy/portal/pointer) ...
+    body_type: str = "text/plain"  # ... with this Content-Type ...
+    body_length: bool = True  # ... and a Content-Length (False: no length, the body ends when the socket closes)
+    corrupt: bool = False  # the file's bytes with one byte flipped in every body (right length, wrong content)
+    endless: bool = False  # 200 without Content-Length: the file, then filler until `endless_cap` bytes, then close
+    endless_cap: int = 32 * 1024 * 1024
+    endless_garbage: bool = False  # with `endless`: filler from the first byte (no file at all)
+    content_range_total: int | None = None  # 206 answers claim this total size in Content-Range
 
 
 @dataclass
@@ -158,6 +172,10 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if tree or (m and "/tree/" not in path):
                 if self._api_fault():
                     return None
+                if hub.faults.api_redirect:
+                    return self._redirect(hub.faults.api_redirect)
+                if hub.faults.api_body is not None:
+                    return self._raw(200, hub.faults.api_body, "text/html", length=True)
                 return self._tree(*tree.groups()) if tree else self._info(m.group(1), m.group(2) or "main")
             if resolve:
                 return self._file(*resolve.groups(), head=head)
@@ -199,7 +217,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     if sha256:
                         entry["lfs"] = {"oid": sha256, "size": size, "pointerSize": 134}
                     entries.append(entry)
-                self._json(entries + repo.extra_tree)
+                extra = {"Link": f'<{hub.faults.tree_next}>; rel="next"'} if hub.faults.tree_next else None
+                self._json(entries + repo.extra_tree, extra)
 
         # -- files ------------------------------------------------------------------------------------
         def _file(self, repo_id: str, rev: str, path: str, *, head: bool, via_cdn: bool = False) -> None:
@@ -215,6 +234,8 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 extra = {"Retry-After": f.retry_after} if f.retry_after else {}
                 return self._error(f.burst_status, None, "injected failure", extra)
             size, etag, sha256 = hub.meta(repo_id, path)
+            if not head and not via_cdn and self._file_fault(repo_id, path, size):
+                return None
             if f.redirect_lfs and sha256 and not via_cdn:
                 self.send_response(302)
                 self.send_header("Location", f"/cdn/{repo_id}/{commit}/{quote(path)}")
@@ -246,12 +267,53 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if f.xet and sha256:
                 self.send_header("X-Xet-Hash", sha256)
             if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                self.send_header("Content-Range", f"bytes {start}-{end}/{f.content_range_total or size}")
             self.send_header("Content-Length", str(end - start + 1))
             self.end_headers()
             if not head:
                 self._send_body(repo_id, path, start, end + 1)
             return None
+
+        def _file_fault(self, repo_id: str, path: str, size: int) -> bool:
+            """Answer a file GET with the switched-on fault, if any; True when answered."""
+            f = hub.faults
+            with hub._lock:
+                hub.bytes_served.setdefault(path, 0)
+            if f.file_redirect is not None:
+                location = f.file_redirect.replace("{self}", self.path)
+                self.send_response(f.file_redirect_status)
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
+            if f.body_override is not None:
+                self._raw(200, f.body_override, f.body_type, length=f.body_length, count_as=path)
+                return True
+            if f.corrupt:
+                data = bytearray(hub.read(repo_id, path))
+                data[len(data) // 2] ^= 0xFF
+                self._raw(200, bytes(data), "application/octet-stream", length=True, count_as=path)
+                return True
+            if f.endless:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                head = b"" if f.endless_garbage else hub.read(repo_id, path)
+                sent = 0
+                try:
+                    while sent < f.endless_cap:
+                        block = head[sent : sent + 65536] if sent < len(head) else b"\xa5" * 65536
+                        self.wfile.write(block)
+                        sent += len(block)
+                        with hub._lock:
+                            hub.bytes_served[path] += len(block)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                return True
+            return False
 
         def _send_body(self, repo_id: str, path: str, start: int, stop: int) -> None:
             f = hub.faults
@@ -292,9 +354,34 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                     fh.close()
 
         # -- small answers ----------------------------------------------------------------------------
-        def _json(self, obj: object) -> None:
+        def _raw(self, status: int, body: bytes, content_type: str, *, length: bool, count_as: str | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            if length:
+                self.send_header("Content-Length", str(len(body)))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            if count_as is not None:
+                with hub._lock:
+                    hub.bytes_served[count_as] = hub.bytes_served.get(count_as, 0) + len(body)
+
+        def _redirect(self, location: str, status: int = 302) -> None:
+            self.send_response(status)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _json(self, obj: object, extra: dict | None = None) -> None:
             body = json.dumps(obj).encode()
             self.send_response(200)
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

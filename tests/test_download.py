@@ -5,17 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from download_helpers import FAST, blob
 from hub_server import HubServer
 
-from qwen_core.download import DownloadProgress, download_repo
-from qwen_core.download_cleanup import cleanup_partials
-from qwen_core.download_http import (
+from qwen_core.download import (
+    DownloadHooks,
+    DownloadOptions,
+    DownloadProgress,
+    Endpoint,
+    download_repo,
+    resolve_endpoint,
+)
+from qwen_core.download.cleanup import cleanup_partials
+from qwen_core.download.file_lock import FileLock
+from qwen_core.download.layout import STAGING_DIR, Staging
+from qwen_core.download.types import (
     EXIT_AUTH,
     EXIT_DISK,
     EXIT_LOCKED,
@@ -23,11 +34,8 @@ from qwen_core.download_http import (
     EXIT_NOT_FOUND,
     EXIT_OFFLINE_MISSING,
     EXIT_UNSAFE,
-    STAGING_DIR,
-    Staging,
 )
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
-from qwen_core.file_lock import FileLock
 
 pytest_plugins = ["download_fixtures"]  # the `hub` and `online` fixtures
 MB = 1_000_000
@@ -42,9 +50,18 @@ def make_repo(hub: HubServer, size: int = 3 * MB, seed: int = 0) -> dict[str, by
 
 
 def get(hub: HubServer, target: Path, **kw):  # noqa: ANN201
+    """download_repo of REPO from `hub` into `target`; keyword arguments are DownloadOptions fields, plus the hooks
+    (progress, should_cancel), `config` (the HttpConfig, FAST by default), `retries` and `redirect_guard`."""
     messages: list[str] = []
-    kw.setdefault("config", FAST)
-    result = download_repo(REPO, endpoint=hub.url, local_dir=target, on_message=messages.append, **kw)
+    hooks = DownloadHooks(progress=kw.pop("progress", None), should_cancel=kw.pop("should_cancel", None),
+                          on_message=messages.append)
+    http = kw.pop("config", FAST)
+    if "retries" in kw:
+        http = replace(http, retries=kw.pop("retries"))
+    endpoint = resolve_endpoint(hub.url)
+    if "redirect_guard" in kw:
+        endpoint = replace(endpoint, redirect_guard=kw.pop("redirect_guard"))
+    result = download_repo(REPO, DownloadOptions(endpoint=endpoint, local_dir=target, http=http, **kw), hooks)
     return result, messages
 
 
@@ -67,6 +84,16 @@ def seed_partial(hub: HubServer, target: Path, path: str, data: bytes, n: int) -
 
 
 class TestBasics:
+    def test_download_repo_takes_a_typed_options_object(self) -> None:
+        import inspect
+
+        params = inspect.signature(download_repo).parameters
+        assert list(params) == ["repo_id", "options", "hooks"] and len(params) <= 4
+        with pytest.raises(InvalidInputError, match="engine"):
+            DownloadOptions(engine="turbo")
+        assert DownloadOptions(allow_patterns="a.json\n b/*, ").allow_patterns == ("a.json", "b/*")
+        assert "hf_" not in repr(DownloadOptions(token="hf_SecretTokenValue12345"))
+
     def test_downloads_real_verified_files_and_never_refetches(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub)
         seen: list[DownloadProgress] = []
@@ -108,8 +135,6 @@ class TestResume:
     @pytest.mark.parametrize("pipeline_hash", [True, False], ids=["hash-thread", "hash-inline"])
     def test_valid_partial_is_resumed_fetching_only_the_tail(self, hub: HubServer, tmp_path: Path,
                                                              pipeline_hash: bool) -> None:
-        from dataclasses import replace
-
         files = make_repo(hub)
         data = files["transformer/w.safetensors"]
         seed_partial(hub, tmp_path, "transformer/w.safetensors", data, 2 * MB)
@@ -210,7 +235,7 @@ class TestFaults:
 
     def test_stalled_server_times_out_and_retries(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub)
-        hub.faults.stall_after, hub.faults.stall_count, hub.faults.stall_seconds = 200_000, 1, 3.0
+        hub.faults.stall_after, hub.faults.stall_count, hub.faults.stall_seconds = 200_000, 1, 3 * FAST.read_timeout
         _, messages = get(hub, tmp_path, workers=1)
         assert_tree(tmp_path, files)
         assert any("stalled" in m or "connection error" in m for m in messages)
@@ -243,7 +268,7 @@ class TestLocalFirst:
     def test_hf_endpoint_env_is_used(self, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         files = make_repo(hub)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        download_repo(REPO, local_dir=tmp_path, config=FAST)
+        download_repo(REPO, DownloadOptions(local_dir=tmp_path, http=FAST))
         assert_tree(tmp_path, files)
 
 
@@ -296,7 +321,7 @@ class TestClearErrors:
     @pytest.mark.parametrize("workers", [0, 65, 2.5, True, "8"])
     def test_bad_worker_count_is_named(self, tmp_path: Path, workers: object) -> None:
         with pytest.raises(InvalidInputError, match="workers"):
-            download_repo(REPO, local_dir=tmp_path, workers=workers, offline=True)
+            download_repo(REPO, DownloadOptions(local_dir=tmp_path, workers=workers, offline=True))
 
     def test_unwritable_target(self, hub: HubServer, tmp_path: Path) -> None:
         make_repo(hub)
@@ -330,6 +355,66 @@ class TestRedirectGuard:
         assert info.value.exit_code == EXIT_UNSAFE
         assert not any(path.startswith("/cdn/") for _, path, _ in hub.requests)  # the hop was never taken
         assert not (tmp_path / "transformer" / "w.safetensors").exists()
+
+
+class TestListingRedirectGuard:
+    """Regression (issue 9): the repo listing went through huggingface_hub's client, which follows redirects
+    unchecked, so a workflow-only endpoint could 302 the listing call to the LAN or the metadata address."""
+
+    @staticmethod
+    def workflow_endpoint(hub: HubServer) -> Endpoint:
+        # The test server stands in for a public mirror typed into a workflow: a fake DNS says "localhost" is public.
+        port = hub.url.rsplit(":", 1)[1]
+        return resolve_endpoint(f"http://localhost:{port}", source="workflow", env={},
+                                resolver=lambda host, port: {"localhost": ["93.184.216.34"]}[host])
+
+    @staticmethod
+    def spy_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+        connected: list[object] = []
+        real_connect = socket.socket.connect
+
+        def connect(sock: socket.socket, address: object) -> object:
+            connected.append(address)
+            if address[0] not in ("127.0.0.1", "::1"):  # never let the test itself reach another host
+                raise ConnectionRefusedError(f"test: connection to {address} blocked")
+            return real_connect(sock, address)
+
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        return connected
+
+    @pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/api/models/x",
+                                        "http://127.0.0.1:9/api/models/x"])
+    def test_listing_302_to_a_private_address_is_refused_before_connecting(
+            self, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str) -> None:
+        make_repo(hub)
+        hub.faults.api_redirect = target
+        connected = self.spy_connections(monkeypatch)
+        with pytest.raises(DownloadError) as info:
+            download_repo(REPO, DownloadOptions(endpoint=self.workflow_endpoint(hub), local_dir=tmp_path / "m",
+                                                http=FAST))
+        assert info.value.exit_code == EXIT_UNSAFE and "refused address" in str(info.value)
+        assert not (tmp_path / "m").exists(), "nothing may be written"
+        assert all(address[0] in ("127.0.0.1", "::1") for address in connected), connected
+        assert [path for _, path, _ in hub.requests] == [f"/api/models/{REPO}/revision/main"]
+
+    def test_next_page_link_to_a_private_address_is_refused(self, hub: HubServer, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+        make_repo(hub)
+        hub.faults.tree_next = "http://169.254.169.254/latest/meta-data/"
+        connected = self.spy_connections(monkeypatch)
+        with pytest.raises(DownloadError) as info:
+            download_repo(REPO, DownloadOptions(endpoint=self.workflow_endpoint(hub), local_dir=tmp_path / "m",
+                                                http=FAST))
+        assert info.value.exit_code == EXIT_UNSAFE
+        assert not (tmp_path / "m").exists() and all(a[0] in ("127.0.0.1", "::1") for a in connected)
+
+    def test_the_same_workflow_endpoint_downloads_when_it_does_not_redirect(self, hub: HubServer,
+                                                                           tmp_path: Path) -> None:
+        files = make_repo(hub)
+        endpoint = self.workflow_endpoint(hub)
+        assert endpoint.redirect_guard is not None and not endpoint.send_token
+        download_repo(REPO, DownloadOptions(endpoint=endpoint, local_dir=tmp_path, http=FAST))
+        assert_tree(tmp_path, files)
 
 
 class TestCancelAndLocks:
@@ -370,8 +455,6 @@ class TestCancelAndLocks:
         assert_tree(tmp_path, files)
 
     def test_live_lock_without_progress_times_out_with_message(self, hub: HubServer, tmp_path: Path) -> None:
-        from dataclasses import replace
-
         make_repo(hub)
         holder = FileLock(Staging.for_file(tmp_path, "vae/w.safetensors").lock)
         assert holder.try_acquire()
@@ -462,21 +545,22 @@ class TestEngines:
         assert_tree(tmp_path, files)
 
     def test_xet_is_detected_from_the_x_xet_hash_header(self, hub: HubServer, tmp_path: Path) -> None:
-        from qwen_core.download_http import Job
-        from qwen_core.download_plan import resolve_plan
-        from qwen_core.download_xet import server_offers_xet
+        from qwen_core.download.engine import Job
+        from qwen_core.download.listing import resolve_plan
+        from qwen_core.download.transport import HubClient
+        from qwen_core.download.xet import server_offers_xet
 
         make_repo(hub)
-        plan = resolve_plan(REPO, "main", tmp_path, endpoint=hub.url, token=None, allow_patterns=None,
-                            ignore_patterns=None, config=FAST, log=print)
-        job = Job(root=tmp_path, endpoint=hub.url, repo_id=REPO, commit=plan.commit, token=None, config=FAST, log=print)
+        client = HubClient(resolve_endpoint(hub.url), None, FAST)
+        plan = resolve_plan(client, REPO, tmp_path, DownloadOptions(), print)
+        job = Job(root=tmp_path, client=client, repo_id=REPO, commit=plan.commit, log=print)
         assert not server_offers_xet(plan, job)
         hub.faults.xet = True
         assert server_offers_xet(plan, job)
 
     def test_xet_engine_path_verifies_what_huggingface_hub_wrote(self, hub: HubServer, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-        import qwen_core.download_xet as xet
+        import qwen_core.download.xet as xet
 
         files = make_repo(hub)
         monkeypatch.setattr(xet, "server_offers_xet", lambda plan, job: True)
@@ -502,7 +586,7 @@ class TestEngines:
     def test_xet_cancel_while_waiting_for_a_lock_is_a_cancel(self, hub: HubServer, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
         """Regression: the xet engine let the lock wait's InterruptedError out instead of DownloadCancelled."""
-        import qwen_core.download_xet as xet
+        import qwen_core.download.xet as xet
 
         make_repo(hub)
         monkeypatch.setattr(xet, "server_offers_xet", lambda plan, job: True)
@@ -518,7 +602,7 @@ class TestEngines:
     def test_disk_full_is_a_clean_stop(self, hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         import errno
 
-        import qwen_core.download_http as engine
+        import qwen_core.download.engine as engine
 
         files = make_repo(hub)
         real_open = Path.open

@@ -11,14 +11,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from download_helpers import FAST_CLI, ROOT, blob, cli_env, run_cli, start_cli
+from download_helpers import FAST_CLI, ROOT, blob, cli_env, run_cli, scaled, start_cli, wait_for
 from hub_server import HubServer
 
-from qwen_core.download_http import EXIT_AUTH, EXIT_DISK, EXIT_NOT_FOUND, EXIT_OFFLINE_MISSING, Staging
+from qwen_core.download.layout import Staging
+from qwen_core.download.types import EXIT_AUTH, EXIT_DISK, EXIT_NOT_FOUND, EXIT_OFFLINE_MISSING
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and rlimits")
 pytest_plugins = ["download_fixtures"]
@@ -43,15 +43,6 @@ def same(path: Path, data: bytes) -> bool:
     return path.is_file() and hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
-def wait_for(pred, timeout: float = 30.0) -> bool:  # noqa: ANN001
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def part_size(out: Path) -> int:
     p = Staging.for_file(out, BIG).part
     return p.stat().st_size if p.exists() else 0
@@ -66,7 +57,7 @@ class TestKillAndResume:
             assert wait_for(lambda: part_size(tmp_path / "m") >= 2 * CHUNK), "download never started"
             proc.send_signal(signal.SIGKILL)
         finally:
-            proc.wait(10)
+            proc.wait(scaled(10))
         kept = part_size(tmp_path / "m")
         assert 0 < kept < len(files[BIG]) and not (tmp_path / "m" / BIG).exists()
         hub.reset_counters()
@@ -88,7 +79,7 @@ class TestKillAndResume:
         try:
             assert wait_for(lambda: part_size(tmp_path) >= CHUNK), "download never started"
             proc.send_signal(signal.SIGINT)
-            _, err = proc.communicate(timeout=10)
+            _, err = proc.communicate(timeout=scaled(10))
         finally:
             proc.kill()
         assert proc.returncode == 130 and "run the same command again to resume" in err
@@ -132,25 +123,28 @@ class TestProcesses:
         files = make_repo(hub)
         hub.faults.rate_bps = 12 * MB
         procs = [start_cli(args(hub, tmp_path)) for _ in range(2)]
-        outs = [p.communicate(timeout=60) for p in procs]
+        outs = [p.communicate(timeout=scaled(60)) for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
         for path, data in files.items():
             assert same(tmp_path / path, data)
         assert hub.bytes_served[BIG] <= len(files[BIG]) + CHUNK, "the lock must stop a double download"
 
-    def test_file_size_limit_is_a_clean_disk_full_stop_then_resume(self, hub: HubServer, tmp_path: Path) -> None:
+    def test_file_size_limit_is_a_clean_stop_not_called_disk_full_then_resume(self, hub: HubServer,
+                                                                               tmp_path: Path) -> None:
+        """Regression (issue 14): EFBIG (a file-size limit) was reported as "Disk full ... Free at least 0 B"."""
         files = make_repo(hub, size=5 * MB)
 
         import resource  # POSIX only, like this whole module
 
         def small_disk() -> None:
-            # SIGXFSZ would kill the process; ignored, write() fails with EFBIG like a full disk.
+            # SIGXFSZ would kill the process; ignored, write() fails with EFBIG (a limit, not a full disk).
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (2 * MB, 2 * MB))
 
         full = run_cli(args(hub, tmp_path, "--workers", "1"), preexec_fn=small_disk)
         assert full.returncode == EXIT_DISK, full.stderr
-        assert "Disk full" in full.stderr and "still needed" in full.stderr and "Traceback" not in full.stderr
+        assert "file-size limit" in full.stderr and "ulimit" in full.stderr and "Traceback" not in full.stderr
+        assert "Disk full" not in full.stderr and "at least 0 B" not in full.stderr
         kept = part_size(tmp_path)
         assert 0 < kept <= 2 * MB
         again = run_cli(args(hub, tmp_path))
@@ -169,7 +163,7 @@ class TestCommands:
     def test_python_m_qwen_core_download_and_cleanup(self, hub: HubServer, tmp_path: Path) -> None:
         files = make_repo(hub, size=2 * MB)
         cmd = [sys.executable, "-m", "qwen_core", "download", *args(hub, tmp_path, "--allow", "*.json")]
-        done = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(cmd, env=cli_env(), cwd=ROOT, capture_output=True, text=True, timeout=scaled(60))
         assert done.returncode == 0, done.stderr
         assert same(tmp_path / "model_index.json", files["model_index.json"]) and not (tmp_path / BIG).exists()
         stage = Staging.for_file(tmp_path, BIG)
@@ -177,3 +171,94 @@ class TestCommands:
         stage.part.write_bytes(b"x" * 1234)
         cleaned = run_cli([REPO, "--out-dir", str(tmp_path), "--cleanup"])
         assert cleaned.returncode == 0 and "freed" in cleaned.stdout and not stage.part.exists()
+
+
+def _redirect_loop(hub: HubServer) -> None:
+    hub.faults.file_redirect = "{self}"
+
+
+def _non_http_redirect(hub: HubServer) -> None:
+    hub.faults.file_redirect = "file:///etc/passwd"
+
+
+def _malformed_location(hub: HubServer) -> None:
+    hub.faults.file_redirect = "http://[::1/x"
+
+
+def _name_too_long(hub: HubServer) -> None:
+    files = {path: hub.read(REPO, path) for path in hub.repos[REPO].files}
+    hub.add_repo(REPO, {**files, "transformer/" + "n" * 300 + ".bin": b"x" * 2000})
+
+
+def _file_and_folder(hub: HubServer) -> None:
+    hub.repos[REPO].extra_tree.append({"type": "file", "path": "transformer", "size": 4, "oid": "0" * 40})
+
+
+def _portal_listing(hub: HubServer) -> None:
+    hub.faults.api_body = b"<html><body>Log in to the Wi-Fi</body></html>"
+
+
+def _gated(hub: HubServer) -> None:
+    hub.faults.require_token = "hf_SomeoneElsesToken123"
+
+
+def _html_page(hub: HubServer) -> None:
+    hub.faults.body_override, hub.faults.body_type = b"<!doctype html><p>blocked by proxy</p>", "text/html"
+
+
+class TestEveryErrorIsCodeMessageFixAndLogLine:
+    """Issue 14: the CLI ends every failure with its documented exit code, one message with a fix on stderr, and
+    an ERROR line with that fix in the session log; never a traceback (before: redirect loops, non-http or
+    malformed redirects, long names, file/folder clashes and a portal's listing page were tracebacks, exit 1,
+    and an auth error left only "session started" in the log)."""
+
+    @pytest.mark.parametrize(("fault", "code", "said"), [
+        (_redirect_loop, 5, "redirect loop"),
+        (_non_http_redirect, 8, "non-http"),
+        (_malformed_location, 8, "malformed redirect"),
+        (_name_too_long, 7, "too long for the file system"),
+        (_file_and_folder, 8, "both as a file and as a folder"),
+        (_portal_listing, 5, "is not JSON"),
+        (_gated, 3, "gated"),
+        (_html_page, 6, "HTML page"),
+    ], ids=lambda v: v.__name__.strip("_") if callable(v) else None)
+    def test_fault(self, hub: HubServer, tmp_path: Path, fault, code: int, said: str) -> None:  # noqa: ANN001
+        make_repo(hub, size=2 * MB)
+        fault(hub)
+        done = run_cli(args(hub, tmp_path / "m", "--retries", "1"))
+        assert done.returncode == code, done.stderr
+        assert said in done.stderr and "Fix:" in done.stderr and "Traceback" not in done.stderr
+        log = (Path(os.environ["QWEN_REPORTS_DIR"]) / "last_session.log").read_text()
+        errors = [line for line in log.splitlines() if " ERROR " in line]
+        assert any(said in line and "Fix:" in line for line in errors), log
+
+
+class TestVerifyAndFullDisk:
+    def test_verify_flag_re_hashes_and_repairs(self, hub: HubServer, tmp_path: Path) -> None:
+        files = make_repo(hub, size=2 * MB)
+        assert run_cli(args(hub, tmp_path)).returncode == 0
+        big = tmp_path / BIG
+        st = big.stat()
+        data = bytearray(big.read_bytes())
+        data[123] ^= 0x40
+        big.write_bytes(bytes(data))
+        os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only a re-hash can tell
+        done = run_cli(args(hub, tmp_path, "--verify"))
+        assert done.returncode == 0, done.stderr
+        assert "does not match" in done.stderr and same(big, files[BIG])
+
+    def test_a_complete_model_needs_no_writes(self, hub: HubServer, tmp_path: Path) -> None:
+        """Before: the rerun of a branch wrote a probe and plan.json; with no room to write (here a file-size
+        limit of 0 bytes) it ended in a traceback. Now nothing is written and it succeeds."""
+        import resource
+
+        make_repo(hub, size=2 * MB)
+        assert run_cli(args(hub, tmp_path)).returncode == 0
+
+        def nothing_can_grow() -> None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+        again = run_cli(args(hub, tmp_path), preexec_fn=nothing_can_grow)
+        assert again.returncode == 0, again.stderr
+        assert "already present and verified" in again.stderr and again.stdout.strip() == str(tmp_path)

@@ -25,18 +25,22 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import requests
-from download_helpers import FAST
+from download_helpers import FAST, scaled
 
-from qwen_core.download import download_repo
-from qwen_core.download_http import Staging
+from qwen_core.download import DownloadHooks, DownloadOptions, download_repo, resolve_endpoint
+from qwen_core.download.layout import Staging
 
 pytest_plugins = ["download_fixtures"]
 
 REPO = "org/tiny-qwen"
+# olah builds answers from git on the fly (Python, FastAPI): on a loaded 2-core box a response can take seconds.
+# Nothing here tests stalls, so the read timeout is generous (a stall test would set it short on purpose).
+OLAH_HTTP = replace(FAST, connect_timeout=scaled(10.0), read_timeout=scaled(30.0), retries=5)
 
 
 def _olah_python() -> Path | None:
@@ -92,20 +96,26 @@ offline = true
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        deadline = time.monotonic() + scaled(60)
+        while True:  # readiness: poll the endpoint the test needs, never a fixed sleep
             try:
-                if requests.get(f"{url}/api/models/{REPO}/revision/main", timeout=1).ok:
+                if requests.get(f"{url}/api/models/{REPO}/revision/main", timeout=scaled(2)).ok:
                     break
             except requests.RequestException:
                 pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.skip("olah did not start")
-            time.sleep(0.2)
+            if proc.poll() is not None:
+                pytest.skip(f"olah exited at start (exit {proc.returncode})")
+            if time.monotonic() > deadline:
+                pytest.fail(f"olah did not answer within {scaled(60):.0f} s")
+            time.sleep(0.1)
         yield url, base / "mirrors" / "models" / REPO
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(scaled(10))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _same_tree(src: Path, out: Path) -> None:
@@ -123,7 +133,9 @@ class TestOlahMirror:
         url, src = olah
         out = tmp_path / "model"
         # olah answers /api/models/{repo} without a revision with 401: always pass revision="main".
-        result = download_repo(REPO, revision="main", endpoint=url, local_dir=out, token=False, config=FAST)
+        options = DownloadOptions(revision="main", endpoint=resolve_endpoint(url), local_dir=out, token=False,
+                                  http=OLAH_HTTP)
+        result = download_repo(REPO, options)
         _same_tree(src, out)
         assert result.bytes_fetched == result.bytes_total > 0
 
@@ -137,8 +149,7 @@ class TestOlahMirror:
         blob_id = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         stage.sidecar.write_text(f'{{"path": "{big}", "size": {len(data)}, "sha256": null, "etag": "{blob_id}"}}')
         messages: list[str] = []
-        download_repo(REPO, revision="main", endpoint=url, local_dir=out, token=False, config=FAST,
-                      on_message=messages.append)
+        download_repo(REPO, options, DownloadHooks(on_message=messages.append))
         assert any("resuming" in m for m in messages) and any("ignores Range" in m for m in messages)
         _same_tree(src, out)
 

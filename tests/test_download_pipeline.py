@@ -8,7 +8,7 @@ import pytest
 from download_helpers import FAST
 from hub_server import HubServer
 
-from qwen_core.download import download_repo
+from qwen_core.download import DownloadOptions, download_repo, resolve_endpoint
 
 pytest_plugins = ["download_fixtures"]
 
@@ -20,7 +20,7 @@ def test_downloaded_tiny_pipeline_loads_offline(hub: HubServer, tiny_model_dir: 
     hub.add_repo("org/tiny-qwen", files)
     hub.faults.drop_after, hub.faults.drop_count = 1_000_000, 2  # and survive two dropped connections
     out = tmp_path / "tiny-qwen"
-    result = download_repo("org/tiny-qwen", endpoint=hub.url, local_dir=out, config=FAST)
+    result = download_repo("org/tiny-qwen", DownloadOptions(endpoint=resolve_endpoint(hub.url), local_dir=out, http=FAST))
     assert set(result.files) == set(files)
 
     import huggingface_hub.constants as hub_constants

@@ -73,6 +73,8 @@ class TestInputTypes:
                     assert not (isinstance(opts["default"], float) and math.isnan(opts["default"]))
                 elif kind == "STRING":
                     assert opts.get("forceInput") or isinstance(opts.get("default"), str)
+                elif kind == "BOOLEAN":
+                    assert isinstance(opts.get("default"), bool), f"{name}.{field} default is not a bool"
                 else:
                     assert kind.isupper() and kind not in WIDGET_SCALARS  # a socket type
 

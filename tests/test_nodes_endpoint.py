@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from qwen_core.endpoint_policy import DEFAULT_ENDPOINT, check_endpoint, ensure_public_host
+from qwen_core.download import DEFAULT_ENDPOINT, Endpoint, resolve_endpoint
+from qwen_core.download.endpoint import ensure_public_host
 from qwen_core.errors import InvalidInputError
+
+
+def check_endpoint(value: str, **kwargs: object) -> Endpoint:
+    """The decision for an endpoint typed into a workflow (the Downloader node's field)."""
+    return resolve_endpoint(value, source="workflow", **kwargs)
 
 
 def public(host: str, port: int) -> list[str]:
@@ -92,31 +98,35 @@ class TestToken:
 
         seen: dict[str, object] = {}
 
-        def fake_download(repo_id: str, **kwargs: object) -> object:
-            seen.update(kwargs)
+        def fake_download(repo_id: str, options: object, hooks: object) -> object:
+            seen["endpoint"] = options.endpoint
             raise RuntimeError("stop here")
 
         monkeypatch.setenv("QWEN_HOME", str(tmp_path))
-        monkeypatch.setattr(node, "check_endpoint", lambda e: check_endpoint(e, env={}, resolver=public))
+        monkeypatch.delenv("HF_ENDPOINT", raising=False)
+        monkeypatch.setattr(node, "resolve_endpoint",
+                            lambda e, source: resolve_endpoint(e, source=source, env={}, resolver=public))
         monkeypatch.setattr(node, "download_repo", fake_download)
         with pytest.raises(RuntimeError, match="stop here"):
             node.QwenImageDownloader().download("org/m", "main", "", "", 1, "https://mirror.example")
-        assert seen["endpoint"] == "https://mirror.example" and seen["token"] is False
-        assert seen["redirect_guard"] is ensure_public_host  # its redirects face the same check
+        endpoint = seen["endpoint"]
+        assert endpoint.url == "https://mirror.example" and endpoint.send_token is False
+        assert endpoint.redirect_guard.func is ensure_public_host  # its redirects face the same check
         with pytest.raises(RuntimeError, match="stop here"):
             node.QwenImageDownloader().download("org/m", "main", "", "", 1, "")
-        assert seen["endpoint"] is None and seen["token"] is None  # HF_TOKEN / `hf auth login` as usual
-        assert seen["redirect_guard"] is None  # the user's own HF_ENDPOINT / the hub may redirect freely
+        endpoint = seen["endpoint"]
+        assert endpoint.url == DEFAULT_ENDPOINT and endpoint.send_token  # HF_TOKEN / `hf auth login` as usual
+        assert endpoint.redirect_guard is None  # the user's own HF_ENDPOINT / the hub may redirect freely
 
     def test_redirect_guard_refuses_a_hop_to_the_metadata_address(self) -> None:
         decision = check_endpoint("https://mirror.example", env={}, resolver=public)
-        guard = decision.redirect_guard()
+        guard = decision.redirect_guard
         assert guard is not None
         with pytest.raises(InvalidInputError, match="non-public"):
             guard("http://169.254.169.254/latest/meta-data/")  # a literal address: no DNS needed
         with pytest.raises(InvalidInputError, match="non-public"):
             guard("http://127.0.0.1:8188/api")
-        assert check_endpoint("", env={}).redirect_guard() is None
+        assert check_endpoint("", env={}).redirect_guard is None
 
     def test_private_host_allowed_when_the_user_configured_it(self) -> None:
         decision = check_endpoint("http://LOCALHOST:9000/", env={"HF_ENDPOINT": "http://localhost:9000"},

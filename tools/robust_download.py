@@ -4,7 +4,7 @@
     python tools/robust_download.py Qwen/Qwen-Image --out-dir models/Qwen-Image --retries 3 --workers 8
 
 Kill it at any point (Ctrl-C, SIGKILL, a reboot) and run the same command again: it resumes every file
-where it stopped. Same as `python -m qwen_core download ...`; exit codes in qwen_core/download_cli.py.
+where it stopped. Same as `python -m qwen_core download ...`; exit codes in `--help` and qwen_core/download/types.py.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from pathlib import Path
 # Runnable straight from a checkout: put the repo root (the folder holding qwen_core/) on sys.path.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen_core.download_cli import configure, run  # noqa: E402
-from qwen_core.download_http import EXIT_CANCELLED  # noqa: E402
+from qwen_core.download.cli import configure_download, run_download  # noqa: E402
+from qwen_core.download.types import EXIT_CANCELLED  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="robust_download.py", description=__doc__.splitlines()[0])
-    configure(parser)
+    configure_download(parser)
     try:
-        return run(parser.parse_args(argv))
+        return run_download(parser.parse_args(argv))
     except KeyboardInterrupt:
         print("interrupted: partial files are kept; run the same command again to resume", file=sys.stderr)
         return EXIT_CANCELLED

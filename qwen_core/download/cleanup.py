@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_core.download_http import STAGING_DIR
-from qwen_core.file_lock import FileLock
+from qwen_core.download.file_lock import FileLock
+from qwen_core.download.layout import STAGING_DIR, Staging
+from qwen_core.download.plan import DamagedPlan, load_plan
 from qwen_core.paths import hf_hub_cache
 
 
@@ -32,17 +33,16 @@ class CleanupReport:
 
 def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_age_s: float = 60.0) -> CleanupReport:
     report = CleanupReport()
-    if target is not None and (target / STAGING_DIR).is_dir():
-        for part in sorted((target / STAGING_DIR).rglob("*.part")):
-            lock = FileLock(part.with_name(part.name[: -len(".part")] + ".lock"), timeout=0)
-            if not lock.try_acquire():
-                report.skipped_in_use.append(part)
-                continue
-            try:
-                _remove(part, report)
-                _remove(part.with_name(part.name + ".json"), report, count=False)
-            finally:
-                lock.release()
+    for stage in _our_partials(target) if target is not None else []:
+        lock = FileLock(stage.lock, timeout=0)
+        if not lock.try_acquire():
+            report.skipped_in_use.append(stage.part)
+            continue
+        try:
+            _remove(stage.part, report)
+            _remove(stage.sidecar, report, count=False)
+        finally:
+            lock.release()
     cutoff = time.time() - min_age_s
     roots = [hub_cache if hub_cache is not None else hf_hub_cache()]
     if target is not None:
@@ -59,6 +59,26 @@ def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_
             except OSError:
                 continue
     return report
+
+
+def _our_partials(target: Path) -> list[Staging]:
+    """Partials in the bookkeeping folder, plus those of listed files staged in a component folder on another
+    disk (layout.py)."""
+    found: dict[Path, Staging] = {}
+    if (target / STAGING_DIR).is_dir():
+        for part in sorted((target / STAGING_DIR).rglob("*.part")):
+            base = part.with_name(part.name[: -len(".part")])
+            found[part] = Staging(part, part.with_name(part.name + ".json"), base.with_name(base.name + ".lock"),
+                                  base.with_name(base.name + ".ok"))
+    try:
+        plan = load_plan(target)
+    except DamagedPlan:
+        plan = None
+    for f in plan.listing if plan is not None else ():
+        stage = Staging.for_file(target, f.path)
+        if stage.part.exists():
+            found[stage.part] = stage
+    return list(found.values())
 
 
 def _remove(path: Path, report: CleanupReport, count: bool = True) -> None:

@@ -9,29 +9,25 @@ counts as done, because hf_xet once reported a short file as success.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import requests
 
-from qwen_core.download_http import (
+from qwen_core.download.file_lock import FileLock
+from qwen_core.download.job import Job
+from qwen_core.download.layout import Staging, fs_error
+from qwen_core.download.plan import DownloadPlan
+from qwen_core.download.types import (
     EXIT_AUTH,
     EXIT_NETWORK,
     EXIT_NOT_FOUND,
     EXIT_VERIFY,
     FileOutcome,
-    Job,
     RemoteFile,
-    Staging,
-    record_matches,
-    verify_existing,
-    write_record,
 )
+from qwen_core.download.verify import record_matches, verify_existing, write_record
 from qwen_core.errors import DownloadError
-from qwen_core.file_lock import FileLock
 from qwen_core.paths import safe_join
-
-if TYPE_CHECKING:
-    from qwen_core.download_plan import DownloadPlan
 
 
 def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
@@ -40,9 +36,8 @@ def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
     if not lfs:
         return False
     target = max(lfs, key=lambda f: f.size)
-    headers = {"Authorization": f"Bearer {job.token}"} if job.token else {}
     try:
-        resp = job.session().head(job.url(target.path), headers=headers, allow_redirects=False,
+        resp = job.client.session().head(job.url(target.path), headers=job.client.headers(), allow_redirects=False,
                                   timeout=(job.config.connect_timeout, job.config.read_timeout))
     except requests.RequestException:
         return False
@@ -50,14 +45,23 @@ def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
 
 
 def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
+    final = safe_join(job.root, remote.path)
+    try:
+        return _fetch_file_xet(remote, final, job)
+    except InterruptedError:
+        raise
+    except OSError as err:
+        raise fs_error(err, final, job.words) from err
+
+
+def _fetch_file_xet(remote: RemoteFile, final: Path, job: Job) -> FileOutcome:
     from huggingface_hub import hf_hub_download
 
     # Read by hf_xet when it starts: more parallel chunk fetches, more memory. The user's own value wins.
     os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
     job.check_cancel()
-    final = safe_join(job.root, remote.path)
     stage = Staging.for_file(job.root, remote.path)
-    if record_matches(remote, final, stage):
+    if not job.verify and record_matches(remote, final, stage):
         job.add(remote.size)
         return FileOutcome(remote.path, "present", 0)
     lock = FileLock(stage.lock, timeout=job.config.lock_timeout, should_stop=job.cancel.is_set)
@@ -73,7 +77,7 @@ def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
             return FileOutcome(remote.path, "present", 0)
         try:
             got = hf_hub_download(job.repo_id, remote.path, revision=job.commit, local_dir=job.root,
-                                  endpoint=job.endpoint, token=job.token or False)
+                                  endpoint=job.client.endpoint.url, token=job.client.token or False)
         except Exception as err:  # huggingface_hub/hf_xet errors -> our exit codes, with the http way out
             raise _as_download_error(remote, err) from err
         if os.path.realpath(got) != os.path.realpath(final) or not verify_existing(remote, final):

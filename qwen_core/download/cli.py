@@ -1,9 +1,6 @@
 """Command line of the downloader: ``python -m qwen_core download`` and ``tools/robust_download.py``.
 
-Exit codes (also in the README "Downloads" section): 0 ok, 1 other error, 2 bad arguments, 3 auth (gated or
-private repo: set HF_TOKEN), 4 repo/revision/file not found, 5 network kept failing, 6 verification failed
-twice, 7 disk full or target not writable, 8 unsafe filename from the server, 9 lock held by another live
-download, 10 offline and files missing, 130 interrupted (partials kept; rerun to resume).
+Exit codes (also in the README "Downloads" section and ``--help``): the EXIT_* constants of types.py.
 """
 
 from __future__ import annotations
@@ -13,19 +10,30 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from qwen_core.download import ENGINES, DownloadProgress, DownloadResult
-from qwen_core.download_http import EXIT_CANCELLED, EXIT_USAGE, HttpConfig
+from qwen_core.download.cleanup import cleanup_partials
+from qwen_core.download.endpoint import resolve_endpoint
+from qwen_core.download.repo import download_repo
+from qwen_core.download.types import (
+    EXIT_CANCELLED,
+    EXIT_CODES_HELP,
+    EXIT_ERROR,
+    EXIT_USAGE,
+    DownloadHooks,
+    DownloadOptions,
+    DownloadProgress,
+    DownloadResult,
+    Engine,
+    HttpConfig,
+    fmt_bytes,
+)
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
-
-EXIT_CODES_HELP = ("exit codes: 0 ok, 1 error, 2 bad arguments, 3 access denied (set HF_TOKEN), 4 not found, "
-                   "5 network kept failing (rerun to resume), 6 verification failed, 7 disk full / not writable, "
-                   "8 unsafe filename from server, 9 file locked by another download, 10 offline and files missing, "
-                   "130 interrupted (partials kept). The token is read from HF_TOKEN or `hf auth login` only.")
+from qwen_core.session_log import get_session_log
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
+def configure_download(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
     parser.add_argument("repo_id", help="Hub repo id, e.g. Qwen/Qwen-Image")
     parser.add_argument("--out-dir", type=Path, default=None,
@@ -41,9 +49,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list files, total size and the disk check; fetch nothing")
     parser.add_argument("--cleanup", action="store_true",
                         help="delete abandoned partial downloads (ours in the target, huggingface_hub's *.incomplete)")
-    parser.add_argument("--engine", choices=ENGINES, default="auto",
+    parser.add_argument("--engine", choices=[e.value for e in Engine], default=Engine.AUTO.value,
                         help="auto/http: resumable ranged HTTP; xet: huggingface_hub + hf_xet where offered")
     parser.add_argument("--offline", action="store_true", help="verify the local copy only (same as HF_HUB_OFFLINE=1)")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every file already present (sha256 / git blob id) instead of trusting its "
+                        "size+mtime record; damaged files are fetched again")
     parser.add_argument("--read-timeout", type=float, default=30.0, help="seconds without a byte = stalled (default 30)")
     parser.add_argument("--connect-timeout", type=float, default=10.0)
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles each time)")
@@ -53,36 +64,46 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seconds between plain progress lines when not on a terminal")
 
 
-def run(args: argparse.Namespace) -> int:
-    from qwen_core.download import download_repo
+def run_download(args: argparse.Namespace) -> int:
+    """Run the command; every failure is one message (with its fix) on stderr, a session-log line and an exit
+    code, never a traceback."""
+    printer = _Printer(args.progress_interval)
+    try:
+        return _run(args, printer)
+    except InvalidInputError as err:
+        return _fail(f"error: {err}", EXIT_USAGE)
+    except DownloadCancelled as err:
+        return _fail(f"cancelled: {err}", EXIT_CANCELLED)
+    except KeyboardInterrupt:
+        return _fail("interrupted: partial files are kept; run the same command again to resume", EXIT_CANCELLED)
+    except DownloadError as err:
+        return _fail(f"error: {err}", err.exit_code)
+    except Exception as err:  # outside download_repo (which turns its own surprises into DownloadError)
+        get_session_log().error(f"download: unexpected {type(err).__name__}: {err}\n{traceback.format_exc()}")
+        return _fail(f"error: unexpected {type(err).__name__}: {err}. Fix: run it again; if it repeats, report it "
+                     f"with the session log, which has the details.", EXIT_ERROR)
+    finally:
+        printer.close()
+
+
+def _run(args: argparse.Namespace, printer: _Printer) -> int:
     from qwen_core.paths import repo_folder
 
     # Tokens only come from HF_TOKEN / `hf auth login`: a --token flag would show in `ps` and shell history.
     try:
         target = args.out_dir if args.out_dir is not None else repo_folder(args.repo_id)
-        if args.cleanup:
-            return _cleanup(target)
-        printer = _Printer(args.progress_interval)
         cfg = HttpConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
-                         backoff_base=args.backoff, lock_timeout=args.lock_timeout)
-        result = download_repo(
-            args.repo_id, revision=args.revision, local_dir=target, allow_patterns=args.allow,
-            ignore_patterns=args.ignore, endpoint=args.endpoint, workers=args.workers, retries=args.retries,
-            engine=args.engine, offline=True if args.offline else None, dry_run=args.dry_run,
-            progress=printer.progress, on_message=printer.message, config=cfg)
-        printer.close()
+                         backoff_base=args.backoff, lock_timeout=args.lock_timeout, retries=args.retries)
+        options = DownloadOptions(
+            revision=args.revision, local_dir=target, allow_patterns=args.allow, ignore_patterns=args.ignore,
+            endpoint=resolve_endpoint(args.endpoint, source="user"), workers=args.workers, engine=args.engine,
+            offline=True if args.offline else None, dry_run=args.dry_run, verify=args.verify, http=cfg)
     except InvalidInputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except DownloadCancelled as err:
-        print(f"cancelled: {err}", file=sys.stderr)
-        return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("interrupted: partial files are kept; run the same command again to resume", file=sys.stderr)
-        return EXIT_CANCELLED
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
+        get_session_log().log_exception(err, context="download")  # download_repo logs its own errors
+        raise
+    if args.cleanup:
+        return _cleanup(target)
+    result = download_repo(args.repo_id, options, DownloadHooks(progress=printer.progress, on_message=printer.message))
     if result.dry_run:
         _print_dry_run(result, target)
     else:
@@ -90,24 +111,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cleanup(target: Path) -> int:
-    from qwen_core.download_cleanup import cleanup_partials
+def _fail(text: str, code: int) -> int:
+    print(text, file=sys.stderr)
+    print(f"(exit {code}; logged in {get_session_log().path})", file=sys.stderr)
+    return code
 
+
+def _cleanup(target: Path) -> int:
     print(cleanup_partials(target).text())
     return 0
 
 
 def _print_dry_run(result: DownloadResult, target: Path) -> None:
-    from qwen_core.download import _fmt_bytes
-
     print(f"{result.repo_id} @ {result.revision} = commit {result.commit}")
-    print(f"{len(result.files)} files, {_fmt_bytes(result.bytes_total)} total -> {target}")
+    print(f"{len(result.files)} files, {fmt_bytes(result.bytes_total)} total -> {target}")
     for note in result.notes:
         print(f"note: {note}")
-    free_at = _existing_parent(target)
-    free = shutil.disk_usage(free_at).free
+    free_at = existing_parent(target)
+    free = free_bytes(target)
     verdict = "ok" if free >= result.bytes_total else "NOT ENOUGH"
-    print(f"disk: {_fmt_bytes(free)} free at {free_at}, up to {_fmt_bytes(result.bytes_total)} needed: {verdict}")
+    print(f"disk: {fmt_bytes(free)} free at {free_at}, up to {fmt_bytes(result.bytes_total)} needed: {verdict}")
     line = _preflight_disk_line(target, result.repo_id, result.bytes_total)
     if line:
         print(f"preflight: {line}")
@@ -116,18 +139,23 @@ def _print_dry_run(result: DownloadResult, target: Path) -> None:
 def _preflight_disk_line(target: Path, repo_id: str, total_bytes: int) -> str | None:
     """The preflight disk check (its safety margin included) for this exact listing, when available."""
     try:
-        from qwen_core.preflight import _free_bytes, check_disk
+        from qwen_core.preflight import check_disk
     except ImportError:
         return None
-    check = check_disk(target, repo_id, total_bytes / 1e9, False, True, _free_bytes)
+    check = check_disk(target, repo_id, total_bytes / 1e9, False, True, free_bytes)
     return f"disk {check.status}: {check.measured}; needs {check.needed}. {check.message} {check.recommendation}".strip()
 
 
-def _existing_parent(path: Path) -> Path:
+def existing_parent(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the disk ``path`` is (or will be created) on."""
+    return shutil.disk_usage(existing_parent(path)).free
 
 
 def _columns() -> int:

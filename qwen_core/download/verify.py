@@ -9,17 +9,15 @@ size or mtime changed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import threading
+import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from qwen_core.download_http import RemoteFile, Staging
+from qwen_core.download.layout import Staging, read_json_object, write_json_atomic
+from qwen_core.download.types import RemoteFile
 
 _SHA1_RE = re.compile(r"[0-9a-f]{40}")
 
@@ -54,22 +52,29 @@ def hash_file(path: Path, remote: RemoteFile, hasher: hashlib._Hash | None = Non
 
 
 def record_matches(remote: RemoteFile, final: Path, stage: Staging) -> bool:
-    """True when `final` was verified earlier and is unchanged since (size + mtime), without re-hashing."""
+    """True when `final` was verified earlier and is unchanged since (size + mtime), without re-hashing.
+
+    Reads only: a complete model is reported complete without writing anything (a full disk is fine)."""
+    rec = read_json_object(stage.record)  # damaged or of the wrong shape: not a match, never an error
+    if rec is None:
+        return False
     try:
-        rec = json.loads(stage.record.read_text())
-        st = final.stat()
-    except (OSError, ValueError):
+        st = os.lstat(final)
+    except OSError:
         return False
     return (
-        rec.get("identity") == remote.identity()
+        stat.S_ISREG(st.st_mode)
+        and rec.get("identity") == remote.identity()
         and st.st_size == remote.size
         and rec.get("mtime_ns") == st.st_mtime_ns
     )
 
 
 def write_record(remote: RemoteFile, final: Path, stage: Staging, commit: str) -> None:
-    st = final.stat()
-    _atomic_write_json(stage.record, {"identity": remote.identity(), "mtime_ns": st.st_mtime_ns, "commit": commit})
+    """Record ``final`` as verified; no write when the same record is already there (a full disk is fine)."""
+    record = {"identity": remote.identity(), "mtime_ns": final.stat().st_mtime_ns, "commit": commit}
+    if read_json_object(stage.record) != record:
+        write_json_atomic(stage.record, record)
 
 
 def verify_existing(remote: RemoteFile, final: Path) -> bool:
@@ -79,14 +84,7 @@ def verify_existing(remote: RemoteFile, final: Path) -> bool:
     return hasher is None or hasher.hexdigest() == expected_digest(remote)
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-class _HashPipe:
+class HashPipe:
     """Hash chunks on a helper thread while the worker reads the next ones from the socket.
 
     sha256 costs about as much CPU as receiving the bytes; overlapping the two keeps a lone stream (the last big

@@ -1,0 +1,129 @@
+"""Where the downloader keeps its bookkeeping inside a model folder, how it writes it, and how file-system
+errors become messages.
+
+Layout under the download root (the model folder)::
+
+    <root>/<path>                          the verified file (a real file, never a symlink)
+    <root>/.qwen_download/plan.json        the last listing (repo, revision, commit, files): offline checks
+    <root>/.qwen_download/<path>.part      bytes received so far
+    <root>/.qwen_download/<path>.part.json sidecar: url, size, sha256/etag, commit of what the .part holds
+    <root>/.qwen_download/<path>.lock      inter-process lock (see file_lock.py)
+    <root>/.qwen_download/<path>.ok        verified record: size, hash, mtime of the final file
+
+The ``.part`` must be on the file system of its final file, or the closing rename fails (EXDEV): when a
+component folder is a symlink onto another disk, its parts live in ``<root>/<folder>/.qwen_download/`` instead.
+Names longer than 200 bytes are shortened (with a hash) in the bookkeeping folder, so ``.part.json`` still fits
+a 255-byte file-name limit when the file's own name does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen_core.download.types import EXIT_DISK, DiskFullError, FileSizeLimitError, Words
+from qwen_core.errors import DownloadError
+from qwen_core.paths import safe_join
+
+STAGING_DIR = ".qwen_download"
+PLAN_FILE = "plan.json"
+STAGED_NAME_MAX = 200  # bytes; ".part.json" adds 10, and 255 is the usual file-name limit
+
+
+def plan_path(root: Path) -> Path:
+    return root / STAGING_DIR / PLAN_FILE
+
+
+def staged_name(name: str) -> str:
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= STAGED_NAME_MAX:
+        return name
+    head = raw[:120].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def on_other_device(folder: Path, root: Path) -> bool:
+    try:
+        return os.stat(folder).st_dev != os.stat(root).st_dev
+    except OSError:
+        return False  # not created yet: it will be created on root's file system
+
+
+@dataclass(frozen=True)
+class Staging:
+    part: Path
+    sidecar: Path
+    lock: Path
+    record: Path
+
+    @classmethod
+    def for_file(cls, root: Path, path: str) -> Staging:
+        final = safe_join(root, path)
+        base = safe_join(root / STAGING_DIR, path)
+        base = base.with_name(staged_name(base.name))
+        part_base = base
+        if on_other_device(final.parent, root):
+            part_base = final.parent / STAGING_DIR / staged_name(final.name)
+        return cls(part=part_base.with_name(part_base.name + ".part"),
+                   sidecar=part_base.with_name(part_base.name + ".part.json"),
+                   lock=base.with_name(base.name + ".lock"), record=base.with_name(base.name + ".ok"))
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write ``obj`` to ``path`` through a temp file and a rename; on any error the temp file is removed and the
+    OSError raised (callers turn it into a message with ``fs_error``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when missing, unreadable, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def fs_error(err: OSError, path: Path | str, words: Words) -> DownloadError:
+    """A DownloadError (exit 7) that says what the file system refused, where, and what to do."""
+    where = err.filename or path
+    why = err.strerror or str(err)
+    code = err.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return DiskFullError(f"No space left on the disk while writing {where} ({why}).",
+                             fix=f"Free some space on that disk (or choose another {words.target}) and {words.rerun}: "
+                             f"it resumes.", exit_code=EXIT_DISK)
+    if code == errno.EFBIG:
+        return FileSizeLimitError(
+            f"A file-size limit stopped writing {where} ({why}). This is not a full disk: the limit is the process's "
+            f"(`ulimit -f`) or the file system's largest file (FAT32: 4 GiB).",
+            fix=f"Raise the limit (`ulimit -f unlimited`) or choose a target on a file system for large files (ext4, "
+            f"NTFS, APFS) as {words.target}, then {words.rerun}: it resumes.", exit_code=EXIT_DISK)
+    if code == errno.ENAMETOOLONG:
+        return DownloadError(f"The name {where} is too long for the file system it goes to ({why}).",
+                             fix=f"Skip that file with {words.ignore}, or choose {words.target} on a file system "
+                             f"that allows longer names.", exit_code=EXIT_DISK)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return DownloadError(f"{where} cannot be written ({why}).",
+                             fix=f"Fix the folder's permissions, or choose another {words.target}.", exit_code=EXIT_DISK)
+    if code in (errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY):
+        return DownloadError(f"Something is in the way at {where} ({why}): a folder where the download needs a file, "
+                             f"or a file where it needs a folder.",
+                             fix=f"Move it out of the model folder (it is not part of this repo), then {words.rerun}.",
+                             exit_code=EXIT_DISK)
+    return DownloadError(f"Writing {where} failed ({why}).",
+                         fix=f"Check the disk that holds {words.target}, then {words.rerun}.", exit_code=EXIT_DISK)
