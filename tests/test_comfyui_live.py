@@ -157,8 +157,9 @@ def saved_images(entry: dict) -> list[dict]:
 
 
 def test_pack_imports_and_all_six_nodes_are_registered(comfy: Comfy) -> None:
-    log = comfy.log_tail() + comfy.log.read_text(errors="replace")[:20000]
-    assert "IMPORT FAILED" not in log and "Cannot import" not in log
+    failed = [line for line in comfy.log.read_text(errors="replace").splitlines()
+              if ("IMPORT FAILED" in line or "Cannot import" in line) and PACK in line]
+    assert not failed, failed  # ComfyUI's own optional nodes (e.g. audio without torchaudio) may fail here
     info = comfy.get("/object_info")
     assert set(nodes.NODE_CLASS_MAPPINGS) <= set(info)
     loader = info["QwenImageLoader"]["input"]["required"]["model"]
