@@ -130,7 +130,7 @@ class TestWorkflow:
     def test_models_entry_points_at_what_the_downloader_fetches(self, path: Path) -> None:
         wf = load(path)
         repos = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageDownloader"}
-        loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoader"}
+        loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("QwenImageLoader", "QwenImageSwitchModel")}
         models = wf.get("models", [])
         if path.stem == "qwen_image_tiny_cpu":
             assert not models and not repos and loaders == {"qwen-image-tiny"}  # made locally by make-tiny
@@ -142,6 +142,42 @@ class TestWorkflow:
             repo = "/".join(entry["name"].split("/")[:2])
             assert entry["url"] == f"https://huggingface.co/{repo}/resolve/main/{entry['name'][len(repo) + 1:]}"
             assert repo in (repos | loaders)
+
+
+# What a first-time user sees without scrolling: the canvas of a 1600x1000 window, less ComfyUI's side and top bars.
+VISIBLE = (1530, 900)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_instructions_and_save_image_open_on_screen(path: Path) -> None:
+    """Regression: the templates opened with their instructions note above the view and Save Image to the right."""
+    wf = load(path)
+    ds = wf.get("extra", {}).get("ds", {})
+    scale, (dx, dy) = ds.get("scale", 1), ds.get("offset", [0, 0])
+    for node in wf["nodes"]:
+        if node["type"] not in ("MarkdownNote", "Note", "SaveImage"):
+            continue
+        left, top = (node["pos"][0] + dx) * scale, (node["pos"][1] - 30 + dy) * scale  # 30: the title bar
+        right, bottom = left + node["size"][0] * scale, top + (node["size"][1] + 30) * scale
+        assert left >= 0 and top >= 0 and right <= VISIBLE[0] and bottom <= VISIBLE[1], (node["type"], node["pos"])
+
+
+def test_tiny_cpu_template_is_small_enough_to_finish_in_seconds() -> None:
+    """Regression: 1328x1328 x 30 steps on the tiny model took 400-650 s on a CPU."""
+    wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_tiny_cpu"))
+    governor = next(n for n in wf["nodes"] if n["type"] == "QwenImagePixelGovernor")
+    width, height, aspect, quality = governor["widgets_values"]
+    assert aspect == "custom" and width * height <= 256 * 256 and quality == "fast"
+    generate = next(n for n in wf["nodes"] if n["type"] == "QwenImageGenerate")
+    assert generate["widgets_values"][2] * generate["widgets_values"][3] <= 256 * 256
+
+
+def test_model_switch_template_switches_between_real_models() -> None:
+    """Regression: it switched from Qwen/Qwen-Image to the random tiny model."""
+    wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_model_switch"))
+    models = {n["type"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("QwenImageLoader", "QwenImageSwitchModel")}
+    assert models["QwenImageLoader"].startswith("Qwen/") and models["QwenImageSwitchModel"].startswith("Qwen/")
+    assert "tiny" not in models["QwenImageSwitchModel"] and models["QwenImageLoader"] != models["QwenImageSwitchModel"]
 
 
 def test_seeds_have_a_control_value_right_after_them() -> None:

@@ -15,10 +15,13 @@ export const NODES = {
   governor: "QwenImagePixelGovernor",
 };
 const STATUS_COLOURS = { ok: "#3c9a4a", warn: "#c99a1d", fail: "#c0392b" };
-// overflow-wrap:anywhere: a long path or version string wraps inside its cell, so every column stays visible.
-const CELL = "padding:2px 4px;border-bottom:1px solid #444;vertical-align:top;text-align:left;overflow-wrap:anywhere";
+const CELL = "padding:2px 4px;border-bottom:1px solid #444;vertical-align:top;text-align:left";
+// Check and Status stay on one line; a long path or version string in the other columns wraps inside its
+// cell (overflow-wrap:anywhere), so the table never grows wider than the node and Notes stays visible.
+const KEY = `${CELL};white-space:nowrap`;
+const WRAP = `${CELL};overflow-wrap:anywhere`;
 const TABLE = "width:100%;border-collapse:collapse;font-size:10px;table-layout:auto";
-export const PREFLIGHT_MIN_WIDTH = 640; // px: five columns, Notes readable
+export const PREFLIGHT_MIN_WIDTH = 460; // px: five columns, Notes readable
 const PANEL_MAX_HEIGHT = { preflight: 2000, download: 260, governor: 160 };
 
 export function escapeHtml(value) {
@@ -89,10 +92,10 @@ export function preflightHtml(report) {
   const rows = preflightRows(report)
     .map(
       (r) =>
-        `<tr><td style="${CELL}">${escapeHtml(r.name)}</td>` +
-        `<td style="${CELL};color:${STATUS_COLOURS[r.status]};font-weight:bold">${r.status.toUpperCase()}</td>` +
-        `<td style="${CELL}">${escapeHtml(r.measured)}</td><td style="${CELL}">${escapeHtml(r.needed)}</td>` +
-        `<td style="${CELL}">${escapeHtml(r.message)}</td></tr>`,
+        `<tr><td style="${KEY}">${escapeHtml(r.name)}</td>` +
+        `<td style="${KEY};color:${STATUS_COLOURS[r.status]};font-weight:bold">${r.status.toUpperCase()}</td>` +
+        `<td style="${WRAP}">${escapeHtml(r.measured)}</td><td style="${WRAP}">${escapeHtml(r.needed)}</td>` +
+        `<td style="${WRAP}">${escapeHtml(r.message)}</td></tr>`,
     )
     .join("");
   return (
@@ -100,7 +103,7 @@ export function preflightHtml(report) {
     `Verdict: ${verdict.toUpperCase()}</div>` +
     (profileText ? `<div class="qwen-preflight-profile">${profileText}</div>` : "") +
     `<table class="qwen-preflight-table" style="${TABLE}"><thead><tr>` +
-    ["Check", "Status", "Measured", "Needed", "Notes"].map((h) => `<th style="${CELL}">${h}</th>`).join("") +
+    ["Check", "Status", "Measured", "Needed", "Notes"].map((h) => `<th style="${KEY}">${h}</th>`).join("") +
     `</tr></thead><tbody>${rows}</tbody></table>`
   );
 }
