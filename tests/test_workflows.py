@@ -25,6 +25,8 @@ from comfy_workflow import (
 
 import nodes
 
+pytest_plugins = ["download_fixtures"]  # the `hub` fixture (a Hub stand-in on 127.0.0.1) for the pin tool
+
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 # ComfyUI's app/custom_node_manager.py serves a pack's templates from the first of these folders it finds.
 COMFY_TEMPLATE_FOLDERS = ["example_workflows", "example", "examples", "workflow", "workflows"]
@@ -140,8 +142,12 @@ class TestWorkflow:
             assert entry["directory"] == "diffusers" and entry["name"].endswith(".safetensors")
             assert entry["url"].startswith("https://huggingface.co/")
             repo = "/".join(entry["name"].split("/")[:2])
-            assert entry["url"] == f"https://huggingface.co/{repo}/resolve/main/{entry['name'][len(repo) + 1:]}"
+            revision = entry["url"].split("/resolve/")[1].split("/")[0]
+            assert entry["url"] == f"https://huggingface.co/{repo}/resolve/{revision}/{entry['name'][len(repo) + 1:]}"
             assert repo in (repos | loaders)
+            if "hash" in entry:  # written by tools/pin_workflow_models.py, with the url at the matching commit
+                assert entry["hash_type"] == "SHA256" and len(entry["hash"]) == 64 and int(entry["hash"], 16) >= 0
+                assert entry["url"].split("/resolve/")[1].split("/")[0] != "main"
 
 
 # What a first-time user sees without scrolling: the canvas of a 1600x1000 window, less ComfyUI's side and top bars.
@@ -200,3 +206,21 @@ def test_validator_catches_a_shifted_widget_list() -> None:
     generate["widgets_values"].insert(7, "sometimes")  # right length, but not a control value
     with pytest.raises(AssertionError, match="seed:control_after_generate"):
         check_widgets(generate)
+
+
+def test_pin_tool_writes_the_files_sha256_and_a_commit_url(hub: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import pin_workflow_models
+
+    vae = b"vae weights " * 500
+    repo = hub.add_repo("Qwen/Qwen-Image", {"vae/diffusion_pytorch_model.safetensors": vae, "model_index.json": b"{}"})
+    copy = Path(shutil.copy(next(p for p in WORKFLOWS if p.stem == "qwen_image_text_to_image"), tmp_path / "wf.json"))
+    assert pin_workflow_models.main([str(copy), "--endpoint", hub.url]) == 0
+    (entry,) = load(copy)["models"]
+    assert entry["hash"] == hashlib.sha256(vae).hexdigest() and entry["hash_type"] == "SHA256"
+    assert entry["url"] == f"https://huggingface.co/Qwen/Qwen-Image/resolve/{repo.commit}/vae/diffusion_pytorch_model.safetensors"
