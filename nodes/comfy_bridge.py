@@ -1,18 +1,27 @@
 """The one door to ComfyUI. Every ComfyUI import is optional, so the nodes also run headless (tests, CLI).
 
-What goes through here: model folders (folder_paths, incl. extra_model_paths.yaml), memory hand-over
-(comfy.model_management.free_memory before our weights load, soft_empty_cache after), the interrupt flag
-(Cancel in the UI), progress bars (comfy.utils.ProgressBar), text/progress messages to the web extension
-(server.PromptServer) and a hook on ComfyUI's "unload models" (/free) so our resident model goes too.
+What goes through here: model folders (folder_paths, incl. extra_model_paths.yaml), the session log's folder
+(ComfyUI's user folder), memory hand-over both ways (``free_comfy_memory`` before our weights load;
+``install_memory_hooks`` so ComfyUI's /free, its loads and its RAM-pressure cache can release our model,
+only when that is what frees the memory: ``memory_policy``), the interrupt flag (Cancel in the UI), progress
+bars (comfy.utils.ProgressBar) and text/progress messages to the web extension (server.PromptServer).
+
+Features are detected, never version numbers: ComfyUI 0.3.64 and 0.33 (dynamic VRAM, RAM-pressure cache,
+``unload_model_and_clones``) both work; a hook that cannot be installed is named once in the log.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from . import memory_policy as policy
 
 log = logging.getLogger("qwen_image.nodes")
 
@@ -29,6 +38,18 @@ except ImportError as err:  # pragma: no cover - depends on the host
     if not (err.name or "").startswith("comfy"):
         raise
     model_management = comfy_utils = None
+try:  # ComfyUI >= 0.33: the RAM-pressure cache's release hook (comfy.memory_management)
+    import comfy.memory_management as memory_management  # type: ignore[import-not-found]
+except ImportError as err:  # pragma: no cover - depends on the host
+    if not (err.name or "").startswith("comfy"):
+        raise
+    memory_management = None
+try:  # ComfyUI's output cache; RAMPressureCache exists from 0.33 on
+    from comfy_execution import caching as comfy_caching  # type: ignore[import-not-found]
+except ImportError as err:  # pragma: no cover - depends on the host
+    if not (err.name or "").startswith("comfy_execution"):
+        raise
+    comfy_caching = None
 try:
     from server import PromptServer  # type: ignore[import-not-found]
 except ImportError as err:  # pragma: no cover - depends on the host
@@ -116,13 +137,59 @@ def resolve_model_folder(name: str) -> Path:
     return paths.safe_join(models_dirs()[0], name)
 
 
+def register_reports_dir() -> Path | None:
+    """Inside ComfyUI the session log goes to ``<ComfyUI user folder>/qwen-image/last_session.log``.
+
+    Not the pack's own folder: a registry install may be read-only and is replaced on update. The user
+    folder (``--user-directory``, ``--base-directory``) is ComfyUI's place for files a user keeps; it is not
+    served over HTTP outside its per-user subfolders. QWEN_REPORTS_DIR still wins.
+    """
+    if folder_paths is None:
+        return None
+    getter = getattr(folder_paths, "get_user_directory", None) or folder_paths.get_output_directory
+    from qwen_core import paths
+
+    folder = Path(getter()) / "qwen-image"
+    paths.register_reports_dir(folder)
+    return folder
+
+
 def free_comfy_memory(bytes_needed: int) -> None:
-    """Before our weights load: ask ComfyUI to unload its own models until ``bytes_needed`` is free."""
+    """Before our weights load: ComfyUI unloads its own models until ``bytes_needed`` is free on its device,
+    and (0.33's RAM-pressure cache) drops cached outputs of earlier workflows until as much RAM is free.
+
+    Not ``for_dynamic``: our weights are ordinary allocations that ComfyUI's dynamic VRAM cannot page out,
+    so its dynamic models must really give the memory back.
+    """
     if model_management is None:
         return
     device = model_management.get_torch_device()
     model_management.free_memory(bytes_needed, device)
+    release_ram = getattr(memory_management, "extra_ram_release", None)
+    if release_ram is not None:
+        headroom = int(getattr(memory_management, "RAM_CACHE_HEADROOM", 0) or 0)
+        release_ram(headroom + int(bytes_needed))  # inactive entries only: the running workflow keeps its data
     model_management.soft_empty_cache()
+
+
+def memory_is_short() -> bool:
+    """After a Cancel: would keeping our model resident starve the next run? ComfyUI's own yardstick (its
+    minimum inference memory) against the free memory of its device and of RAM; 1 GiB headless."""
+    import psutil
+
+    floor = float(1024**3)
+    if model_management is not None:
+        minimum = getattr(model_management, "minimum_inference_memory", None)
+        floor = float(minimum()) if minimum is not None else floor
+        if model_management.get_free_memory(model_management.get_torch_device()) < floor:
+            return True
+    return psutil.virtual_memory().available < floor
+
+
+def is_interrupt(err: BaseException) -> bool:
+    """ComfyUI's Cancel (an Exception in 0.3.x, a BaseException from 0.33 on)."""
+    cls = getattr(model_management, "InterruptProcessingException", None)
+    return cls is not None and isinstance(err, cls)
 
 
 def interrupted() -> bool:
@@ -177,11 +244,51 @@ def send_text(node_id: str | None, text: str) -> None:
         server.send_progress_text(text, str(node_id))
 
 
-_free_hooks: list[Callable[[], None]] = []
-_pressure_hooks: list[Callable[[], object]] = []
+@dataclass
+class _Owner:
+    """Our side of the memory hand-over: drop every resident model; bytes of ours on a device."""
+
+    release: Callable[[], object]
+    footprint: Callable[[Any], int]
 
 
-def on_unload_models(callback: Callable[[], None]) -> bool:
+_owner: _Owner | None = None
+_free_hooks: list[Callable[[], object]] = []
+_targeted = threading.local()  # set while ComfyUI's unload_model_and_clones runs
+_said: set[str] = set()
+
+
+def _say_once(key: str, level: int, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.log(level, message)
+
+
+def install_memory_hooks(release: Callable[[], object], footprint: Callable[[Any], int]) -> dict[str, bool]:
+    """Let ComfyUI release our resident model, each time only when that is what frees the memory.
+
+    ``release()`` drops our resident models; ``footprint(device)`` is how many bytes of ours sit on a
+    device ("cpu" for RAM). Installed once per process (idempotent); returns which hooks are active. Each
+    hook wraps a ComfyUI function found by name; one that is missing (older or newer ComfyUI) is named
+    once in the log and the pack keeps working without it.
+    """
+    global _owner
+    _owner = _Owner(release, footprint)
+    active = {
+        "unload_all_models (/free)": on_unload_models(release),
+        "free_memory (ComfyUI loads)": _wrap_free_memory(),
+        "unload_model_and_clones (targeted unloads)": _wrap_targeted_unload(),
+        "RAMPressureCache.ram_release (RAM pressure)": _wrap_ram_release(),
+    }
+    if model_management is not None:
+        missing = [name for name, ok in active.items() if not ok]
+        level = logging.WARNING if not all(list(active.values())[:2]) else logging.INFO
+        _say_once("hooks", level, "Qwen-Image memory hooks: " + ", ".join(n for n, ok in active.items() if ok)
+                  + (f"; not in this ComfyUI (skipped): {', '.join(missing)}" if missing else ""))
+    return active
+
+
+def on_unload_models(callback: Callable[[], object]) -> bool:
     """Run ``callback`` whenever ComfyUI unloads all its models (the /free button, OOM recovery).
 
     ComfyUI has no public event for this; main.py calls ``model_management.unload_all_models()`` for
@@ -205,41 +312,155 @@ def on_unload_models(callback: Callable[[], None]) -> bool:
                 except Exception:  # a failing release must never break ComfyUI's own unload
                     log.exception("Qwen-Image: releasing the resident model on /free failed")
 
-    unload_all_models._qwen_image_hook = True  # type: ignore[attr-defined]
-    model_management.unload_all_models = unload_all_models
+    _mark_and_set(model_management, "unload_all_models", unload_all_models)
     return True
 
 
-def on_memory_pressure(release: Callable[[], object]) -> bool:
-    """Let ComfyUI's own loads evict our model when unloading its models was not enough.
+def _mark_and_set(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
+    wrapper._qwen_image_hook = True  # type: ignore[attr-defined]
+    wrapper.__wrapped__ = getattr(owner, name)  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
 
-    ComfyUI's model management does not know our pipeline, so before loading one of its models (an
-    upscaler after our Generate, say) it could only unload its own and then run out of memory. We wrap
-    ``model_management.free_memory`` once: after ComfyUI freed what it could, if the device still lacks
-    the memory asked for, ``release()`` drops our resident model too. Returns False headless.
-    """
+
+def _arguments(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name, defaults filled in (empty if the signature does not fit)."""
+    if signature is None:
+        return {}
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return {}
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+
+
+def _wrap_free_memory() -> bool:
+    """``free_memory(memory_required, device, keep_loaded, [for_dynamic, pins_required, ram_required])`` is
+    what ComfyUI calls before loading one of its models. After it freed its own, ours may go too."""
     original = getattr(model_management, "free_memory", None)
-    get_free = getattr(model_management, "get_free_memory", None)
-    if original is None or get_free is None:
+    if original is None or getattr(model_management, "get_free_memory", None) is None:
         return False
-    if release not in _pressure_hooks:
-        _pressure_hooks.append(release)
     if getattr(original, "_qwen_image_hook", False):
         return True
+    signature = _signature(original)
 
-    def free_memory(memory_required: float, device: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(memory_required, device, *args, **kwargs)
+    def free_memory(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
         try:
-            if get_free(device) < memory_required:
-                for hook in list(_pressure_hooks):
-                    hook()
+            _after_free_memory(_arguments(signature, args, kwargs))
         except Exception:  # never break ComfyUI's own memory management
             log.exception("Qwen-Image: releasing the resident model under memory pressure failed")
         return result
 
-    free_memory._qwen_image_hook = True  # type: ignore[attr-defined]
-    model_management.free_memory = free_memory
+    _mark_and_set(model_management, "free_memory", free_memory)
     return True
+
+
+def _after_free_memory(call: dict[str, Any]) -> None:
+    device = call.get("device")
+    if _owner is None or device is None or "memory_required" not in call:
+        return
+    ours = _owner.footprint(device)
+    if ours <= 0:  # nothing of ours there: don't even read the free memory
+        return
+    for_dynamic = bool(call.get("for_dynamic", False))
+    request = policy.DeviceRequest(
+        required=float(call["memory_required"]),
+        free_after=float(model_management.get_free_memory(device)),
+        reclaimable=_dynamic_loaded_bytes(device, call.get("keep_loaded") or ()) if for_dynamic else 0.0,
+        ours_on_device=ours,
+        targeted=bool(getattr(_targeted, "active", False)),
+    )
+    if policy.release_for_device(request):
+        log.info("Qwen-Image: ComfyUI needs %.2f GiB more on %s; releasing our model (%.2f GiB there)",
+                 request.shortfall / 1024**3, device, ours / 1024**3)
+        _owner.release()
+
+
+def _dynamic_loaded_bytes(device: Any, keep_loaded: Any) -> float:
+    """VRAM that ComfyUI's dynamic-VRAM models hold on ``device`` and page out on demand (0.33)."""
+    total = 0.0
+    want = policy.device_key(device)
+    for loaded in list(getattr(model_management, "current_loaded_models", [])):
+        patcher = getattr(loaded, "model", None)
+        is_dynamic = getattr(patcher, "is_dynamic", None)
+        if patcher is None or not callable(is_dynamic) or not is_dynamic():
+            continue
+        if policy.device_key(getattr(loaded, "device", None)) != want or loaded in keep_loaded:
+            continue
+        total += float(patcher.loaded_size())
+    return total
+
+
+def _wrap_targeted_unload() -> bool:
+    """``unload_model_and_clones(model)`` (0.33) frees one model and its clones through free_memory(1e30,
+    device, keep_loaded=<all others>): that call is not a request for memory, so ours stays."""
+    original = getattr(model_management, "unload_model_and_clones", None)
+    if original is None:
+        return False
+    if getattr(original, "_qwen_image_hook", False):
+        return True
+
+    def unload_model_and_clones(*args: Any, **kwargs: Any) -> Any:
+        outer = getattr(_targeted, "active", False)
+        _targeted.active = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _targeted.active = outer
+
+    _mark_and_set(model_management, "unload_model_and_clones", unload_model_and_clones)
+    return True
+
+
+def _wrap_ram_release() -> bool:
+    """0.33's default output cache frees cached outputs when RAM runs short (``ram_release``, called after
+    each node and before pinning memory). After its last tier, if RAM is still short, ours goes too.
+
+    Wrapped on the class: the executor binds ``caches.outputs.ram_release`` at the start of each prompt,
+    so the pack must be imported (it is, at ComfyUI's start) before the first prompt runs.
+    """
+    cache_class = getattr(comfy_caching, "RAMPressureCache", None)
+    original = getattr(cache_class, "ram_release", None)
+    if original is None:
+        return False
+    if getattr(original, "_qwen_image_hook", False):
+        return True
+    signature = _signature(original)
+
+    def ram_release(*args: Any, **kwargs: Any) -> Any:
+        freed = original(*args, **kwargs)
+        try:
+            freed = (freed or 0) + _after_ram_release(_arguments(signature, args, kwargs))
+        except Exception:  # never break ComfyUI's cache
+            log.exception("Qwen-Image: releasing the resident model under RAM pressure failed")
+        return freed
+
+    _mark_and_set(cache_class, "ram_release", ram_release)
+    return True
+
+
+def _after_ram_release(call: dict[str, Any]) -> int:
+    import psutil
+
+    if _owner is None or "target" not in call:
+        return 0
+    ours = _owner.footprint("cpu")
+    if not policy.release_for_ram(float(call["target"]), psutil.virtual_memory().available,
+                                  free_active=bool(call.get("free_active", False)),
+                                  min_entry_size=float(call.get("min_entry_size", 0) or 0), ours_in_ram=ours):
+        return 0
+    log.info("Qwen-Image: RAM still short after ComfyUI emptied its cache; releasing our model (%.2f GiB RAM)",
+             ours / 1024**3)
+    _owner.release()
+    return ours
 
 
 # ---- LoRA files (models/loras) ---------------------------------------------------------------------------

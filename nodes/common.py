@@ -165,13 +165,44 @@ def release_resident() -> list[Any]:
     return get_residency_manager().release_all()
 
 
+def resident_bytes(device: Any) -> int:
+    """Bytes of our resident models' weights and buffers on ``device`` ("cpu" = RAM), for the bridge's memory
+    hooks. Shared tensors count once; nothing resident costs no torch import."""
+    from qwen_core.memory import get_residency_manager
+
+    from .memory_policy import device_key
+
+    manager = get_residency_manager()
+    keys = manager.resident_keys()
+    if not keys:
+        return 0
+    import torch
+
+    want, seen, total = device_key(device), set(), 0
+    for key in keys:
+        obj = manager.get(key)
+        components = getattr(obj, "components", None)
+        modules = components.values() if isinstance(components, dict) else [obj]
+        for module in modules:
+            if not isinstance(module, torch.nn.Module):
+                continue
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if id(tensor) in seen or device_key(tensor.device) != want:
+                    continue
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 _hooks_lock = threading.Lock()
 _hooks_installed = False
 
 
 def install_comfy_hooks() -> None:
-    """Once per process: free ComfyUI's models before ours load; release ours on ComfyUI's /free and when
-    ComfyUI needs memory for its own models that unloading its models did not give it."""
+    """Once per process: ComfyUI frees its models before ours load (qwen_core's before-load hook), and
+    ComfyUI's /free, its own loads and its RAM-pressure cache may release ours when that is what frees the
+    memory (the bridge's hooks). Called when the pack is imported inside ComfyUI, and again (no-op) by the
+    nodes, so a headless use of the nodes installs them too."""
     global _hooks_installed
     with _hooks_lock:
         if _hooks_installed:
@@ -179,6 +210,5 @@ def install_comfy_hooks() -> None:
         from qwen_core import loading
 
         loading.add_before_load_hook(bridge.free_comfy_memory)
-        bridge.on_unload_models(release_resident)
-        bridge.on_memory_pressure(release_resident)
+        bridge.install_memory_hooks(release_resident, resident_bytes)
         _hooks_installed = True

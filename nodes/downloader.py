@@ -12,17 +12,22 @@ from qwen_core.download import (
     download_repo,
     resolve_endpoint,
 )
-from qwen_core.errors import DownloadCancelled
+from qwen_core.errors import DownloadCancelled, InvalidInputError
 from qwen_core.paths import repo_folder
 
 from . import comfy_bridge as bridge
+from .cache_keys import FolderKeys
 from .common import HIDDEN, QWEN_SYSTEM
+
+_FOLDER_KEYS = FolderKeys()  # IS_CHANGED: the target folder as our last run left it -> that run's key
 
 
 class QwenImageDownloader:
     DESCRIPTION = ("Downloads a Qwen-Image repo into ComfyUI's models/diffusers/<org>/<name> as plain files: "
                    "parallel, resumable after Cancel or a crash, every file verified (sha256). A complete repo "
-                   "returns at once. The token comes from HF_TOKEN or `hf auth login`, never from the workflow.")
+                   "returns at once. The token comes from HF_TOKEN or `hf auth login`, never from the workflow. "
+                   "Re-queueing an unchanged graph does not ask the Hub again (ComfyUI's cache); a file added, "
+                   "removed or resized in the folder, or a changed input, runs the check again.")
     CATEGORY = "Qwen-Image/setup"
     FUNCTION = "download"
     RETURN_TYPES = ("STRING", "STRING")
@@ -46,6 +51,14 @@ class QwenImageDownloader:
             "hidden": HIDDEN,
         }
 
+    @classmethod
+    def IS_CHANGED(cls, repo_id: str = "", **_: Any) -> str:
+        try:
+            target = repo_folder(repo_id, root=bridge.register_models_dirs()[0])
+        except InvalidInputError:
+            return f"invalid repo id {repo_id!r}"  # the run itself names the error
+        return _FOLDER_KEYS.key(target)
+
     def download(self, repo_id: str, revision: str, allow_patterns: str, ignore_patterns: str, workers: int,
                  endpoint: str, verify: bool = False, system: Any = None, unique_id: str | None = None) -> dict[str, Any]:
         decision = resolve_endpoint(endpoint, source="workflow")
@@ -64,14 +77,23 @@ class QwenImageDownloader:
                                       verify=bool(verify), words=NODE_WORDS)
             result = download_repo(repo_id, options, DownloadHooks(progress=progress, should_cancel=bridge.interrupted))
         except DownloadCancelled as err:
-            bridge.send_status(unique_id, "download", {"state": "cancelled", "done_bytes": bar.value})
+            _send_cancelled(unique_id, bar)
             bridge.raise_as_interrupt(err)
-        except Exception as err:
-            bridge.send_status(unique_id, "download", {"state": "error", "message": str(err)[:300]})
+        except BaseException as err:
+            if bridge.is_interrupt(err):  # Cancel raised by ComfyUI's progress hook (a BaseException in 0.33)
+                _send_cancelled(unique_id, bar)
+            else:
+                bridge.send_status(unique_id, "download", {"state": "error", "message": str(err)[:300]})
             raise
         report = (f"{result.repo_id}@{result.commit[:12]} -> {result.local_dir}\n{decision.message}\n"
                   f"{len(result.files)} files, {result.bytes_total:,} bytes: {result.bytes_fetched:,} fetched, "
                   f"{result.files_present} already present, {result.files_resumed} resumed, {result.elapsed_s:.1f} s")
         done = {"state": "complete", "total_bytes": result.bytes_total}
         bridge.send_status(unique_id, "download", done)
+        _FOLDER_KEYS.settle(target)
         return {"ui": {"text": [report], "qwen_download": [done]}, "result": (str(result.local_dir), report)}
+
+
+def _send_cancelled(unique_id: str | None, bar: bridge.Progress) -> None:
+    """The web panel's final line after Cancel, whichever way the cancel arrived."""
+    bridge.send_status(unique_id, "download", {"state": "cancelled", "done_bytes": bar.value})

@@ -10,11 +10,21 @@ from qwen_core.presets import MAX_SIDE
 from . import comfy_bridge as bridge
 from .common import HIDDEN, QWEN_PIPE, generator_for, install_comfy_hooks, release_resident, validate_float
 
+MIN_STEPS = 2  # Qwen-Image's scheduler (shift_terminal) turns a 1-step schedule into NaN
+
+
+def _after_cancel() -> None:
+    """Cancel keeps the model resident, so the next run skips a 40 GB reload; it goes only when memory is
+    short now (ComfyUI's /free, its loads and its RAM-pressure cache can still release it later)."""
+    if bridge.memory_is_short():
+        release_resident()
+
 
 class QwenImageGenerate:
     DESCRIPTION = ("Generates images with the real diffusers QwenImagePipeline. The size passes the pixel governor "
-                   "again (never above what fits), progress shows per step, Cancel stops within one step without "
-                   "decoding, and errors or Cancel release the model's memory.")
+                   "again (never above what fits), progress shows per step, and Cancel stops within one step without "
+                   "decoding. After Cancel the model stays loaded for the next run unless memory is short; an error "
+                   "releases it.")
     CATEGORY = "Qwen-Image/sampling"
     FUNCTION = "generate"
     RETURN_TYPES = ("IMAGE",)
@@ -34,7 +44,7 @@ class QwenImageGenerate:
                 "negative_prompt": ("STRING", {"multiline": True, "default": "", "tooltip": "What to avoid; used when true_cfg_scale > 1."}),
                 "width": ("INT", {"default": 1328, **size, "tooltip": "Image width (multiple of 16); connect the PixelGovernor."}),
                 "height": ("INT", {"default": 1328, **size, "tooltip": "Image height (multiple of 16); connect the PixelGovernor."}),
-                "steps": ("INT", {"default": 30, "min": 1, "max": MAX_STEPS, "tooltip": "Denoising steps (50 = model card quality)."}),
+                "steps": ("INT", {"default": 30, "min": MIN_STEPS, "max": MAX_STEPS, "tooltip": "Denoising steps (50 = model card quality; at least 2: Qwen-Image's scheduler turns 1 step into NaN)."}),
                 "true_cfg_scale": ("FLOAT", {"default": 4.0, "min": CFG_RANGE[0], "max": CFG_RANGE[1], "step": 0.1, "round": 0.01, "tooltip": "Prompt strength; <= 1 turns true CFG off (half the compute)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True, "tooltip": "Same seed + settings + device = same image."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "tooltip": "Images per run (costs VRAM)."}),
@@ -69,10 +79,13 @@ class QwenImageGenerate:
         except InvalidInputError:
             raise  # raised before any compute: nothing to release
         except GenerationCancelled as err:
-            release_resident()
+            _after_cancel()
             bridge.raise_as_interrupt(err)
-        except BaseException:
-            release_resident()  # error or ComfyUI interrupt: a cached node must not pin the model
+        except BaseException as err:
+            if bridge.is_interrupt(err):  # Cancel raised by ComfyUI's progress hook (a BaseException in 0.33)
+                _after_cancel()
+            else:
+                release_resident()  # an error: nothing half-used may stay pinned
             raise
         lines = [f"{result.width}x{result.height} x{result.images.shape[0]}, {result.steps} steps, seed {result.seed}, "
                  f"{result.timings.get('total_s', 0.0):.1f} s"

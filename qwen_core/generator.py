@@ -353,12 +353,13 @@ class QwenImageGenerator:
             )
             images = _to_comfy(output.images)
             ok = True
-        except Exception as err:
+        except BaseException as err:
             # The finished pipeline frames in the traceback hold latents, embeddings and (for an OOM) the
             # activations that did fit: drop their locals so a stored exception (ComfyUI keeps the last
-            # one) pins no device memory. File/line information stays.
+            # one) pins no device memory. File/line information stays. BaseException: a host's cancel may
+            # be one (ComfyUI >= 0.33 raises InterruptProcessingException(BaseException) from on_step).
             traceback.clear_frames(err.__traceback__)
-            if not is_oom(err):
+            if not isinstance(err, Exception) or not is_oom(err):
                 raise
             if len(watch.step_ends) < request.steps or watch.latents is None:
                 raise self._oom_error(request, err) from err

@@ -27,6 +27,7 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 
 _lock = threading.Lock()
 _registered: list[Path] = []
+_registered_reports: list[Path] = []  # at most one: the host's folder for the session log (ComfyUI's user folder)
 
 
 def register_models_dirs(dirs: list[Path] | list[str]) -> None:
@@ -146,7 +147,19 @@ def repo_folder(repo_id: str, root: str | os.PathLike | None = None) -> Path:
     return safe_join(Path(root) if root is not None else models_root(), repo)
 
 
+def register_reports_dir(folder: Path | str | None) -> None:
+    """Called by the ComfyUI bridge: inside ComfyUI the session log goes to its user folder (None: forget)."""
+    with _lock:
+        _registered_reports[:] = [] if folder is None else [Path(folder).expanduser()]
+
+
 def reports_dir() -> Path:
-    """QWEN_REPORTS_DIR, else <repo>/reports. Not created here."""
+    """QWEN_REPORTS_DIR, else the folder a host registered (ComfyUI's user folder), else <repo>/reports.
+    Not created here."""
     env = os.environ.get("QWEN_REPORTS_DIR", "").strip()
-    return Path(env).expanduser() if env else REPO_ROOT / "reports"
+    if env:
+        return Path(env).expanduser()
+    with _lock:
+        if _registered_reports:
+            return _registered_reports[0]
+    return REPO_ROOT / "reports"

@@ -95,9 +95,9 @@ class TestInputTypes:
         spec = QwenImageGenerate.INPUT_TYPES()["required"]["seed"]
         assert spec[0] == "INT" and spec[1]["control_after_generate"] is True and spec[1]["max"] == 2**64 - 1
 
-    def test_preflight_reruns_every_queue(self) -> None:
-        changed = QwenImagePreflight.IS_CHANGED(model="x")
-        assert changed != changed  # NaN: ComfyUI never treats it as unchanged
+    def test_steps_widget_starts_at_two(self) -> None:
+        """Regression: the widget accepted 1, which Qwen-Image's scheduler turns into NaN (error at run time)."""
+        assert QwenImageGenerate.INPUT_TYPES()["required"]["steps"][1]["min"] == 2
 
     def test_pack_root_imports_without_comfyui(self, tmp_path: Path) -> None:
         """Loaded the way ComfyUI loads a pack (by file, under its folder name), from an unrelated cwd; no torch yet."""
@@ -242,6 +242,49 @@ class TestNodesOnTinyPipeline:
         with pytest.raises(InvalidInputError, match="prompt"):
             QwenImageGenerate().generate(handle, "   ", "", 32, 32, 1, 1.0, 0, 1)
         assert common.generator_for(handle).loader.residency_key in get_residency_manager().resident_keys()
+
+
+class TestCacheKeys:
+    """IS_CHANGED: equal on a re-queue of an unchanged graph (ComfyUI's cache works), different after a real change.
+
+    Regression: Preflight returned NaN, so every queue re-ran the whole graph and the Downloader asked the Hub.
+    """
+
+    def test_preflight_key_is_stable_and_follows_the_model_folder(self, tmp_path: Path, tiny_model_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        import shutil
+
+        home = tmp_path / "diffusers"
+        model = Path(shutil.copytree(tiny_model_dir, home / "qwen-image-tiny"))
+        monkeypatch.setenv("QWEN_HOME", str(home))
+        first = QwenImagePreflight.IS_CHANGED(model="qwen-image-tiny")
+        assert first == first and first == QwenImagePreflight.IS_CHANGED(model="qwen-image-tiny")
+        (model / "transformer" / "extra.safetensors").write_bytes(b"x")
+        second = QwenImagePreflight.IS_CHANGED(model="qwen-image-tiny")
+        assert second != first, "a new file in the model folder re-runs the check"
+        (model / "transformer" / "extra.safetensors").write_bytes(b"xy")
+        assert QwenImagePreflight.IS_CHANGED(model="qwen-image-tiny") != second, "so does a new size"
+
+    def test_preflight_key_for_a_repo_id_is_the_disk_verdict(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("QWEN_HOME", str(tmp_path / "store"))
+        key = QwenImagePreflight.IS_CHANGED(model="Qwen/Qwen-Image")
+        assert key == QwenImagePreflight.IS_CHANGED(model="Qwen/Qwen-Image")
+        assert key.split()[-1] in ("ok", "warn", "fail")
+
+    @pytest.mark.slow
+    def test_downloader_key_survives_its_own_download_but_not_a_damaged_folder(
+            self, hub: Any, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("QWEN_HOME", str(tmp_path / "store"))
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
+        hub.add_repo("local/tiny", files)
+        before = QwenImageDownloader.IS_CHANGED(repo_id="local/tiny", revision="main")
+        path = QwenImageDownloader().download("local/tiny", "main", "", "", 4, "")["result"][0]
+        assert QwenImageDownloader.IS_CHANGED(repo_id="local/tiny", revision="main") == before, \
+            "the folder is as our run left it: the re-queue comes from ComfyUI's cache"
+        (Path(path) / "model_index.json").unlink()
+        assert QwenImageDownloader.IS_CHANGED(repo_id="local/tiny") != before, "a damaged folder is checked again"
+        assert QwenImageDownloader.IS_CHANGED(repo_id="not a repo") != before
 
 
 class _FakeReport:

@@ -25,6 +25,8 @@ from comfy_workflow import (
 
 import nodes
 
+pytest_plugins = ["download_fixtures"]  # the `hub` fixture (a Hub stand-in on 127.0.0.1) for the pin tool
+
 WORKFLOWS = sorted((Path(__file__).resolve().parent.parent / "workflows").glob("*.json"))
 # ComfyUI's app/custom_node_manager.py serves a pack's templates from the first of these folders it finds.
 COMFY_TEMPLATE_FOLDERS = ["example_workflows", "example", "examples", "workflow", "workflows"]
@@ -132,7 +134,7 @@ class TestWorkflow:
     def test_models_entry_points_at_what_the_downloader_fetches(self, path: Path) -> None:
         wf = load(path)
         repos = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageDownloader"}
-        loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoader"}
+        loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("QwenImageLoader", "QwenImageSwitchModel")}
         models = wf.get("models", [])
         if path.stem.endswith("tiny_cpu"):
             assert not models and not repos and loaders == {"qwen-image-tiny"}  # made locally by make-tiny
@@ -146,8 +148,48 @@ class TestWorkflow:
             assert entry["directory"] == "diffusers" and entry["name"].endswith(".safetensors")
             assert entry["url"].startswith("https://huggingface.co/")
             repo = "/".join(entry["name"].split("/")[:2])
-            assert entry["url"] == f"https://huggingface.co/{repo}/resolve/main/{entry['name'][len(repo) + 1:]}"
+            revision = entry["url"].split("/resolve/")[1].split("/")[0]
+            assert entry["url"] == f"https://huggingface.co/{repo}/resolve/{revision}/{entry['name'][len(repo) + 1:]}"
             assert repo in (repos | loaders)
+            if "hash" in entry:  # written by tools/pin_workflow_models.py, with the url at the matching commit
+                assert entry["hash_type"] == "SHA256" and len(entry["hash"]) == 64 and int(entry["hash"], 16) >= 0
+                assert entry["url"].split("/resolve/")[1].split("/")[0] != "main"
+
+
+# What a first-time user sees without scrolling: the canvas of a 1600x1000 window, less ComfyUI's side and top bars.
+VISIBLE = (1530, 900)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_instructions_and_save_image_open_on_screen(path: Path) -> None:
+    """Regression: the templates opened with their instructions note above the view and Save Image to the right."""
+    wf = load(path)
+    ds = wf.get("extra", {}).get("ds", {})
+    scale, (dx, dy) = ds.get("scale", 1), ds.get("offset", [0, 0])
+    for node in wf["nodes"]:
+        if node["type"] not in ("MarkdownNote", "Note", "SaveImage"):
+            continue
+        left, top = (node["pos"][0] + dx) * scale, (node["pos"][1] - 30 + dy) * scale  # 30: the title bar
+        right, bottom = left + node["size"][0] * scale, top + (node["size"][1] + 30) * scale
+        assert left >= 0 and top >= 0 and right <= VISIBLE[0] and bottom <= VISIBLE[1], (node["type"], node["pos"])
+
+
+def test_tiny_cpu_template_is_small_enough_to_finish_in_seconds() -> None:
+    """Regression: 1328x1328 x 30 steps on the tiny model took 400-650 s on a CPU."""
+    wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_tiny_cpu"))
+    governor = next(n for n in wf["nodes"] if n["type"] == "QwenImagePixelGovernor")
+    width, height, aspect, quality = governor["widgets_values"]
+    assert aspect == "custom" and width * height <= 256 * 256 and quality == "fast"
+    generate = next(n for n in wf["nodes"] if n["type"] == "QwenImageGenerate")
+    assert generate["widgets_values"][2] * generate["widgets_values"][3] <= 256 * 256
+
+
+def test_model_switch_template_switches_between_real_models() -> None:
+    """Regression: it switched from Qwen/Qwen-Image to the random tiny model."""
+    wf = load(next(p for p in WORKFLOWS if p.stem == "qwen_image_model_switch"))
+    models = {n["type"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("QwenImageLoader", "QwenImageSwitchModel")}
+    assert models["QwenImageLoader"].startswith("Qwen/") and models["QwenImageSwitchModel"].startswith("Qwen/")
+    assert "tiny" not in models["QwenImageSwitchModel"] and models["QwenImageLoader"] != models["QwenImageSwitchModel"]
 
 
 def test_seeds_have_a_control_value_right_after_them() -> None:
@@ -186,3 +228,21 @@ def test_lora_workflows_chain_loras_and_pass_the_lightning_preset_to_generate() 
         if preset.startswith("lightning"):
             assert generate["inputs"]["quality_preset"] == [governor, 6]  # output 6: quality_preset (5 is seconds_per_step)
             assert any("Lightning" in api[k]["inputs"]["lora_name"] for k in loras)
+
+
+def test_pin_tool_writes_the_files_sha256_and_a_commit_url(hub: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import pin_workflow_models
+
+    vae = b"vae weights " * 500
+    repo = hub.add_repo("Qwen/Qwen-Image", {"vae/diffusion_pytorch_model.safetensors": vae, "model_index.json": b"{}"})
+    copy = Path(shutil.copy(next(p for p in WORKFLOWS if p.stem == "qwen_image_text_to_image"), tmp_path / "wf.json"))
+    assert pin_workflow_models.main([str(copy), "--endpoint", hub.url]) == 0
+    (entry,) = load(copy)["models"]
+    assert entry["hash"] == hashlib.sha256(vae).hexdigest() and entry["hash_type"] == "SHA256"
+    assert entry["url"] == f"https://huggingface.co/Qwen/Qwen-Image/resolve/{repo.commit}/vae/diffusion_pytorch_model.safetensors"

@@ -2,9 +2,11 @@
 // against small stand-ins for ComfyUI's `app` and `api`. qwen_image.js wires it into the real page.
 //
 // What it shows:
-//  - Preflight: the report as a readable table on the node (status colour per check, verdict, profile).
+//  - Preflight: the report as a readable table on the node (status colour per check, verdict, profile); the
+//    node grows to show every row, and long cells wrap instead of pushing the Notes column out of view.
 //  - Downloader: live bytes / speed / ETA from the "qwen-image.status" websocket event.
-//  - PixelGovernor: a visible "SAFE MODE" badge in the title bar when the size was reduced.
+//  - PixelGovernor: a visible "SAFE MODE" badge in the title bar when the size was reduced; the node widens
+//    rather than letting the badge cover its title.
 
 export const EVENT = "qwen-image.status";
 export const NODES = {
@@ -14,7 +16,13 @@ export const NODES = {
 };
 const STATUS_COLOURS = { ok: "#3c9a4a", warn: "#c99a1d", fail: "#c0392b" };
 const CELL = "padding:2px 4px;border-bottom:1px solid #444;vertical-align:top;text-align:left";
+// Check and Status stay on one line; a long path or version string in the other columns wraps inside its
+// cell (overflow-wrap:anywhere), so the table never grows wider than the node and Notes stays visible.
+const KEY = `${CELL};white-space:nowrap`;
+const WRAP = `${CELL};overflow-wrap:anywhere`;
 const TABLE = "width:100%;border-collapse:collapse;font-size:10px;table-layout:auto";
+export const PREFLIGHT_MIN_WIDTH = 460; // px: five columns, Notes readable
+const PANEL_MAX_HEIGHT = { preflight: 2000, download: 260, governor: 160 };
 
 export function escapeHtml(value) {
   return String(value ?? "")
@@ -84,10 +92,10 @@ export function preflightHtml(report) {
   const rows = preflightRows(report)
     .map(
       (r) =>
-        `<tr><td style="${CELL}">${escapeHtml(r.name)}</td>` +
-        `<td style="${CELL};color:${STATUS_COLOURS[r.status]};font-weight:bold">${r.status.toUpperCase()}</td>` +
-        `<td style="${CELL}">${escapeHtml(r.measured)}</td><td style="${CELL}">${escapeHtml(r.needed)}</td>` +
-        `<td style="${CELL}">${escapeHtml(r.message)}</td></tr>`,
+        `<tr><td style="${KEY}">${escapeHtml(r.name)}</td>` +
+        `<td style="${KEY};color:${STATUS_COLOURS[r.status]};font-weight:bold">${r.status.toUpperCase()}</td>` +
+        `<td style="${WRAP}">${escapeHtml(r.measured)}</td><td style="${WRAP}">${escapeHtml(r.needed)}</td>` +
+        `<td style="${WRAP}">${escapeHtml(r.message)}</td></tr>`,
     )
     .join("");
   return (
@@ -95,7 +103,7 @@ export function preflightHtml(report) {
     `Verdict: ${verdict.toUpperCase()}</div>` +
     (profileText ? `<div class="qwen-preflight-profile">${profileText}</div>` : "") +
     `<table class="qwen-preflight-table" style="${TABLE}"><thead><tr>` +
-    ["Check", "Status", "Measured", "Needed", "Notes"].map((h) => `<th style="${CELL}">${h}</th>`).join("") +
+    ["Check", "Status", "Measured", "Needed", "Notes"].map((h) => `<th style="${KEY}">${h}</th>`).join("") +
     `</tr></thead><tbody>${rows}</tbody></table>`
   );
 }
@@ -106,8 +114,27 @@ export function governorBadge(info) {
   return { text: "SAFE MODE", tooltip: String(info.message ?? "Size reduced to fit memory"), colour: "#c99a1d" };
 }
 
+// Width the node needs so that its title and the badge do not overlap (title text starts after the
+// collapse dot, about one title height from the left edge).
+export function badgeMinWidth(ctx, node, badge, titleHeight = 30) {
+  if (!badge) return 0;
+  ctx.save();
+  ctx.font = "bold 11px sans-serif";
+  const badgeWidth = ctx.measureText(badge.text).width + 12;
+  ctx.font = `${globalThis.LiteGraph?.NODE_TEXT_SIZE ?? 14}px sans-serif`;
+  const titleWidth = ctx.measureText(String(node.title ?? "")).width;
+  ctx.restore();
+  return Math.ceil(titleHeight + titleWidth + 12 + badgeWidth + 8);
+}
+
 export function drawBadge(ctx, node, badge, titleHeight = 30) {
   if (!badge) return false;
+  const needed = badgeMinWidth(ctx, node, badge, titleHeight);
+  if (node.size[0] < needed) {
+    // Widen once instead of drawing over the title (at the default width the two collided).
+    if (typeof node.setSize === "function") node.setSize([needed, node.size[1]]);
+    else node.size[0] = needed;
+  }
   ctx.save();
   ctx.font = "bold 11px sans-serif";
   const width = ctx.measureText(badge.text).width + 12;
@@ -135,11 +162,39 @@ function panel(node, name, doc) {
   const element = doc.createElement("div");
   element.className = `qwen-image-${name}`;
   element.style.cssText =
-    "font:11px sans-serif;color:var(--input-text,#ddd);overflow:auto;max-height:260px;white-space:pre-wrap";
+    `font:11px sans-serif;color:var(--input-text,#ddd);overflow:auto;max-height:${PANEL_MAX_HEIGHT[name] ?? 260}px;` +
+    "white-space:pre-wrap";
   if (typeof node.addDOMWidget === "function") {
-    node.addDOMWidget(`qwen_${name}`, "qwen_panel", element, { serialize: false, hideOnZoom: false });
+    // getMinHeight: the node's layout reserves what the content needs (ComfyUI's DOM widget option).
+    node.addDOMWidget(`qwen_${name}`, "qwen_panel", element, {
+      serialize: false,
+      hideOnZoom: false,
+      getMinHeight: () => element.__qwenHeight ?? 24,
+    });
   }
   node.__qwenPanels[name] = element;
+  return element;
+}
+
+// After new content: let the panel claim its height (capped per panel) and grow the node to show it all.
+export function fitPanel(node, element, minWidth = 0) {
+  const cap = parseInt(element.style?.maxHeight ?? "", 10) || 2000;
+  const content = Number(element.scrollHeight) || 0;
+  if (content > 0) element.__qwenHeight = Math.min(content + 6, cap);
+  const wanted = typeof node.computeSize === "function" ? node.computeSize() : null;
+  const width = Math.max(node.size?.[0] ?? 0, minWidth, wanted?.[0] ?? 0);
+  const height = Math.max(node.size?.[1] ?? 0, wanted?.[1] ?? 0);
+  if (typeof node.setSize === "function") node.setSize([width, height]);
+  node.setDirtyCanvas?.(true, true);
+  return [width, height];
+}
+
+function show(node, name, doc, fill, minWidth = 0) {
+  const element = panel(node, name, doc);
+  fill(element);
+  // The DOM lays the content out on the next frame; measure then (immediately in tests without rAF).
+  const later = globalThis.requestAnimationFrame ?? ((fn) => fn());
+  later(() => fitPanel(node, element, minWidth));
   return element;
 }
 
@@ -177,20 +232,19 @@ export function createExtension(app, api, doc = globalThis.document) {
       if (nodeData?.name === NODES.preflight) {
         chain(proto, "onExecuted", function (message) {
           const report = first(message?.qwen_report);
-          if (report) panel(this, "preflight", doc).innerHTML = preflightHtml(report);
+          if (report) show(this, "preflight", doc, (el) => { el.innerHTML = preflightHtml(report); }, PREFLIGHT_MIN_WIDTH);
         });
       } else if (nodeData?.name === NODES.downloader) {
         chain(proto, "onExecuted", function (message) {
           // Final state plus the report (files fetched/resumed, and which endpoint was used).
           const status = first(message?.qwen_download);
           const lines = [status ? formatDownload(status) : null, first(message?.text)].filter(Boolean);
-          if (lines.length) panel(this, "download", doc).textContent = lines.join("\n");
+          if (lines.length) show(this, "download", doc, (el) => { el.textContent = lines.join("\n"); });
         });
       } else if (nodeData?.name === NODES.governor) {
         chain(proto, "onExecuted", function (message) {
           this.__qwenBadge = governorBadge(first(message?.qwen_governor));
-          panel(this, "governor", doc).textContent = String(first(message?.text) ?? "");
-          this.setDirtyCanvas?.(true, true);
+          show(this, "governor", doc, (el) => { el.textContent = String(first(message?.text) ?? ""); });
         });
         chain(proto, "onDrawForeground", function (ctx) {
           drawBadge(ctx, this, this.__qwenBadge, globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30);

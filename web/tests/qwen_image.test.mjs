@@ -5,8 +5,11 @@ import { describe, it } from "node:test";
 
 import {
   EVENT,
+  PREFLIGHT_MIN_WIDTH,
+  badgeMinWidth,
   createExtension,
   drawBadge,
+  fitPanel,
   escapeHtml,
   formatBytes,
   formatDownload,
@@ -134,6 +137,32 @@ describe("preflight table", () => {
   it("renders an empty report without throwing", () => {
     assert.match(preflightHtml({}), /Verdict: WARN/);
   });
+
+  it("lets long cells wrap so the Notes column is never pushed out of view", () => {
+    // Regression: a long path in "Measured" widened the table past the node and cut the Notes column.
+    const html = preflightHtml({ checks: [{ name: "disk", measured: "/a/very/long/path/".repeat(20) }] });
+    assert.match(html, /overflow-wrap:anywhere/);
+  });
+});
+
+describe("panel sizing", () => {
+  it("grows the node to the panel's content and to a minimum width", () => {
+    const node = new FakeNode(1);
+    node.size = [400, 200];
+    node.setSize = (size) => { node.size = size; };
+    node.computeSize = () => [380, 40 + (element.__qwenHeight ?? 0)];
+    const element = { style: { maxHeight: "2000px" }, scrollHeight: 520 };
+    assert.deepEqual(fitPanel(node, element, PREFLIGHT_MIN_WIDTH), [PREFLIGHT_MIN_WIDTH, 566]);
+    assert.equal(element.__qwenHeight, 526, "all 14 rows: the panel claims its whole content height");
+  });
+
+  it("caps a panel at its max height", () => {
+    const node = new FakeNode(2);
+    node.setSize = (size) => { node.size = size; };
+    const element = { style: { maxHeight: "160px" }, scrollHeight: 900 };
+    fitPanel(node, element);
+    assert.equal(element.__qwenHeight, 160);
+  });
 });
 
 describe("safe mode badge", () => {
@@ -153,6 +182,21 @@ describe("safe mode badge", () => {
     assert.ok(text[2] > 150 && text[2] < 300, "badge sits at the right of the title");
     assert.ok(text[3] < 0, "badge is drawn in the title bar (negative y)");
     assert.equal(drawBadge(new FakeCtx(), { size: [300, 100] }, null), false);
+  });
+
+  it("widens a node at its default width instead of covering the title", () => {
+    // Regression: at the default width (~277 px) the badge was drawn over "Qwen-Image Pixel Governor".
+    const node = { title: "Qwen-Image Pixel Governor", size: [277, 210] };
+    node.setSize = (size) => { node.size = size; };
+    const ctx = new FakeCtx();
+    const badge = governorBadge({ scaled: true });
+    const needed = badgeMinWidth(ctx, node, badge, 30);
+    assert.ok(needed > 277);
+    drawBadge(ctx, node, badge, 30);
+    assert.equal(node.size[0], needed);
+    const text = ctx.calls.find((c) => Array.isArray(c) && c[0] === "fillText");
+    const titleEnd = 30 + node.title.length * 7;
+    assert.ok(text[2] - 6 >= titleEnd, "the badge starts right of the title's end");
   });
 });
 
