@@ -27,7 +27,7 @@ def read_component(folder: Path, name: str) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 - not a dict
     return out
 
 

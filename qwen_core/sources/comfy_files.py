@@ -17,7 +17,7 @@ the governor and Preflight see the real sizes):
 
 from __future__ import annotations
 
-import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,8 @@ from qwen_core.sources.configs import ConfigsFolder, check_configs_folder
 from qwen_core.sources.detect import GGUF_SUFFIX, SAFETENSORS_SUFFIXES, inspect_file
 from qwen_core.sources.fp8_weights import set_fp8_matmul
 from qwen_core.sources.materialize import LoadReport, empty_module, load_safetensors_into
-from qwen_core.sources.types import Component, FileInfo, WeightFormat
+from qwen_core.sources.types import FP8_KEPT_IN, Component, FileInfo, WeightFormat
 
-# Linear layers inside these repeated blocks keep fp8 weights; everything else is dequantised.
-_BLOCK_LINEAR = re.compile(r"(^|\.)(transformer_blocks|layers|blocks)\.\d+\.")
 _PREFERRED_NAMES = {Component.TEXT_ENCODER: ("qwen_2.5_vl_7b", "qwen2.5"), Component.VAE: ("qwen_image_vae", "qwen")}
 
 
@@ -93,6 +91,10 @@ class SingleFilesSource(ModelSource):
                             "qwen_image_vae.safetensors in vae) or choose one.")
             self.files[kind] = self._checked(kind, chosen)
         self.path = self.files[Component.TRANSFORMER].path
+        if any(info.weight_format is not WeightFormat.DENSE for info in self.files.values()):
+            # accelerate's sequential offload re-creates each parameter from its class: fp8 layers and GGUF
+            # parameters do not survive that (tested); streamed holds them and is faster anyway.
+            self.unsupported_memory_modes = frozenset({"sequential"})
         get_session_log().info("single files: " + "; ".join(info.describe() for info in self.files.values())
                                + f"; configs {self.configs_folder.path}")
 
@@ -145,7 +147,7 @@ class SingleFilesSource(ModelSource):
             if info.weight_format is WeightFormat.GGUF:
                 dense = info.num_params - info.quantized_params
                 sizes[kind.value] = info.stored_bytes - dense * 4 + dense * width  # dense GGUF tensors: F32/F16 -> dtype
-            else:  # fp8 kept in the blocks: ~1 byte each (the few dequantised fp8 layers are counted as fp8)
+            else:  # fp8 kept in the blocks: 1 byte each (+ a 4-byte scale per matrix), the rest in dtype
                 sizes[kind.value] = info.quantized_params + (info.num_params - info.quantized_params) * width
         return sizes
 
@@ -169,7 +171,7 @@ class SingleFilesSource(ModelSource):
         info = self.files[kind]
         keep = info.weight_format in (WeightFormat.FP8, WeightFormat.FP8_SCALED)
         report: LoadReport = load_safetensors_into(module, info, key_map, dtype, keep_fp8=keep,
-                                                   keep_fp8_for=_BLOCK_LINEAR, **kw)
+                                                   keep_fp8_for=FP8_KEPT_IN, **kw)
         get_session_log().info(f"single files: {info.name} -> {kind.value}: {report.tensors} tensors, "
                                f"{report.fp8_kept} fp8 kept, {report.fp8_dequantized} fp8 dequantised, "
                                f"{report.scaled} scaled" + (f", filled {report.filled}" if report.filled else ""))
@@ -204,7 +206,9 @@ class SingleFilesSource(ModelSource):
 
 def _empty_head(module: nn.Module, dtype: torch.dtype) -> None:
     head = module.get_output_embeddings()
-    module.lm_head = torch.nn.utils.skip_init(nn.Linear, head.in_features, 0, bias=False, dtype=dtype)
+    with warnings.catch_warnings():  # nn.Linear warns that initialising a zero-element weight does nothing
+        warnings.simplefilter("ignore", UserWarning)
+        module.lm_head = nn.Linear(head.in_features, 0, bias=False, dtype=dtype)
 
 
 __all__ = ["GGUF_SUFFIX", "SingleFilesSource", "find_companion"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qwen_core.errors import ModelFolderError
 from qwen_core.integrity import PICKLE_SUFFIXES, read_safetensors_header
-from qwen_core.sources.types import Component, FileInfo, WeightFormat
+from qwen_core.sources.types import FP8_KEPT_IN, Component, FileInfo, WeightFormat
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 GGUF_SUFFIX = ".gguf"
@@ -157,7 +157,8 @@ def _inspect_safetensors(path: Path) -> FileInfo:
     else:
         fmt = WeightFormat.DENSE
     weights = {k: m for k, m in metas.items() if not k.endswith(_SCALE_SUFFIXES) and k != "scaled_fp8"}
-    quantized = sum(math.prod(m["shape"]) for m in weights.values() if m.get("dtype") in _FP8_DTYPES | {"U8"})
+    quantized = sum(math.prod(m["shape"]) for k, m in weights.items()
+                    if m.get("dtype") in _FP8_DTYPES | {"U8"} and len(m["shape"]) == 2 and FP8_KEPT_IN.search(k))
     return FileInfo(
         path=path, component=component, architecture=arch.split(":")[0], weight_format=fmt, prefix=prefix,
         num_params=sum(math.prod(m["shape"]) for m in weights.values()), stored_bytes=header.data_bytes,

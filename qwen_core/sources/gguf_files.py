@@ -6,10 +6,10 @@ so a file is identified like a .safetensors one. The weights stay block-quantise
 diffusers finds them, else torch code): memory is the file's size, quality is the quantisation's (Q8_0 is
 near-lossless, Q4_K visibly softer; README has the measured errors). Text encoders and VAEs stay safetensors.
 
-Memory modes: ``gpu``, ``model_offload`` and ``streamed`` hold GGUF weights (they move whole tensors); the
-streamed engine stores the quantised bytes as they are, so a streamed Q4 block costs a quarter of its bf16
-PCIe time. ``group_offload`` and ``sequential`` re-create parameters one by one (accelerate/diffusers), which
-loses the quantisation type: the loader refuses them for GGUF with a message naming ``streamed``.
+Memory modes: ``gpu``, ``model_offload``, ``group_offload`` and ``streamed`` hold GGUF weights (they move whole
+tensors; the streamed engine stores the quantised bytes as they are, so a streamed Q4 block costs about a
+quarter of its bf16 PCIe time). ``sequential`` (accelerate) re-creates each parameter from its class and loses
+the quantisation type, so the loader refuses it for these files (``SingleFilesSource.unsupported_memory_modes``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from qwen_core.sources.types import Component, FileInfo, WeightFormat
 GGUF_AVAILABLE = importlib.util.find_spec("gguf") is not None
 INSTALL_GGUF = "pip install gguf (it is in requirements.txt; ComfyUI-GGUF users have it already)"
 _DENSE_TYPES = {"F32", "F16", "BF16"}
-# Memory modes that move or re-create parameters one at a time and lose the GGUF quantisation type.
-UNSUPPORTED_MODES = ("group_offload", "sequential")
 
 
 def _reader(path: Path) -> Any:

@@ -122,7 +122,8 @@ def load_safetensors_into(module: nn.Module, info: FileInfo, key_map: Callable[[
                              f"{missing[0]!r}: it is not a complete {info.architecture} for this config.", fix=_FIX)
     _swap_fp8_linears(module, fp8, state, dtype)
     result = module.load_state_dict(state, strict=False, assign=True)
-    left = [k for k in result.missing_keys if k in expected and k not in fp8 and k not in report.filled]
+    swapped = tuple(f"{t.rpartition('.')[0]}." for t in fp8)
+    left = [k for k in result.missing_keys if k in expected and not k.startswith(swapped) and k not in report.filled]
     if left:  # an fp8 layer's bias, say, that neither the file nor the swap supplied
         raise ModelLoadError(f"{info.path}: {left[0]!r} was not loaded.", fix=_FIX)
     return report

@@ -8,9 +8,16 @@ header of such a file tells us (which component, which architecture, how the wei
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+
+
+# fp8 weights stay fp8 in memory for the Linear layers inside these repeated blocks (transformer blocks,
+# text-encoder layers and vision blocks: > 98% of the weights); the small embedders, norms and heads are
+# dequantised once to the compute dtype.
+FP8_KEPT_IN = re.compile(r"(^|\.)(transformer_blocks|layers|blocks)\.\d+\.")
 
 
 class Component(str, Enum):
@@ -46,7 +53,8 @@ class FileInfo:
     prefix: str = ""
     num_params: int = 0
     stored_bytes: int = 0
-    # Elements stored as fp8 / quantised (kept so in memory), the rest as dense tensors.
+    # Elements kept quantised in memory (fp8 matrices in FP8_KEPT_IN blocks, every GGUF-quantised tensor); the
+    # rest is held in the compute dtype.
     quantized_params: int = 0
     quant_types: tuple[str, ...] = ()  # GGUF block types found (e.g. ("Q4_K", "Q6_K")), fp8 dtypes for fp8
     notes: tuple[str, ...] = field(default_factory=tuple)
