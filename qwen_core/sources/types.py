@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-
 # fp8 weights stay fp8 in memory for the Linear layers inside these repeated blocks (transformer blocks,
 # text-encoder layers and vision blocks: > 98% of the weights); the small embedders, norms and heads are
 # dequantised once to the compute dtype.
