@@ -51,7 +51,8 @@ class PipeHandle:
 
     @property
     def key(self) -> tuple[str, ...]:
-        return (self.path, self.dtype, self.memory_mode, self.attention, self.text_encoder, self.vae, self.configs)
+        base = (self.path, self.dtype, self.memory_mode, self.attention)
+        return (*base, self.text_encoder, self.vae, self.configs) if self.is_single_file else base
 
     @property
     def is_single_file(self) -> bool:

@@ -53,7 +53,7 @@ class QwenImageLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str, text_encoder: str = AUTO, vae: str = AUTO, configs: str = AUTO) -> bool | str:
+    def VALIDATE_INPUTS(cls, model: str = AUTO, text_encoder: str = AUTO, vae: str = AUTO, configs: str = AUTO) -> bool | str:
         # Names not in the lists are accepted (a Downloader may fetch them in the same run); they must still be
         # plain relative names, and loading reports a missing file naming the input.
         for value in (model.removeprefix(COMFY_PREFIX), text_encoder, vae, configs):
