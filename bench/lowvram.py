@@ -149,7 +149,7 @@ def _raise_stop(*_: Any) -> None:
 
 def section_governor(ctx: Context) -> None:
     """Fit the streamed working set vs pixels, then check the governor's choice in each cap."""
-    from qwen_core import governor
+    from qwen_core import memory_model
 
     a, R = ctx.args, ctx.R
     C.empty_host_cache()
@@ -177,8 +177,8 @@ def section_governor(ctx: Context) -> None:
         if R.left() < 40:
             R.set("skipped", f"governor_cap{cap:g}", "time budget")
             continue
-        # The memory bound alone: the tier's time/quality window would hide how close it gets to OOM.
-        pixels = governor.memory_limit_pixels(cap, "bf16", "streamed", memory_model_path=path)[0]
+        # The memory bound with the cap as the engine's whole budget (the loader hands it free VRAM x 0.9).
+        pixels = memory_model.family_model(path=path).entry("streamed", "bf16").max_pixels(cap)
         R.set("governor", f"cap{cap:g}", _check_cap(ctx, cap, pixels))
 
 

@@ -46,13 +46,19 @@ def memory_model_entries(ctx: Context) -> dict[str, Any]:
 
 
 def write_memory_model(ctx: Context) -> Path:
+    """The measured entries in presets/memory_model.json's shape (one family, "qwen-image"); merge them into the
+    committed file by hand (it also holds derived entries and the step-time figures)."""
     v = ctx.R.data.get("run", {}).get("versions", {})
-    doc = {"card": v.get("card"), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-           "versions": {k: v.get(k) for k in ("torch", "diffusers", "transformers", "cuda")},
-           "command": ctx.R.data.get("run", {}).get("command"),
-           "note": "peak = base_gib + gib_per_mpix * megapixels (+ headroom_gib); bf16, 64 text tokens, "
-                   "batched true CFG; full-size random-weight models, see bench/RESULTS.md",
-           **memory_model_entries(ctx)}
+    gib = ctx.R.data.get("build", {}).get("gib", {})
+    family = {"card": v.get("card"), "date": time.strftime("%Y-%m-%d", time.gmtime()),
+              "versions": {k: v.get(k) for k in ("torch", "diffusers", "transformers", "cuda")},
+              "command": ctx.R.data.get("run", {}).get("command"),
+              "note": "peak = base_gib + gib_per_mpix * megapixels (+ headroom_gib); bf16, 64 text tokens, "
+                      "batched true CFG; full-size random-weight models, see bench/RESULTS.md",
+              "reference_pixels": 1328 * 1328, "weights_dtype": "bf16",
+              "weights_gib": {k: gib[k] for k in ("transformer", "text_encoder", "vae") if k in gib},
+              "entries": memory_model_entries(ctx)}
+    doc = {"version": 2, "families": {"qwen-image": family}}
     path = ctx.args.out / "memory_model.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path

@@ -1,16 +1,15 @@
 """The pixel window governor: pick the largest safe image size before any compute.
 
-``max_pixels(vram_gb, dtype, memory_mode)`` is the single source of the limit: the smaller of two bounds.
-The hard bound is memory: the model measured on the GPU (bench/gpu_bench.py) in ``presets/memory_model.json``
-for "<memory_mode>/<dtype>" (``memory_limit_pixels``). The soft bound is the VRAM tier's pixel window from the
-presets: what a card of that class renders in a sensible time and at a size Qwen-Image was trained for. Without
-a measured entry only the tier window applies. The memory model file is a JSON object::
+The window is memory, nothing else: the largest image whose measured peak fits the VRAM reading in the memory
+mode that will run it (``qwen_core.memory_model``; the same model Preflight and the loader choose the mode
+with). A request that fits is kept as asked; "Safe Mode: Reduced pixel window" appears only when it truly does
+not fit. Every decision carries an estimated time per step for its size (``memory_model.estimate_step``: from
+figures measured on an H100, an estimate, not a promise). A time budget (``time_budget_s``, from a quality preset
+with ``max_seconds_per_step``) caps the pixels further, and only when the caller passes one.
 
-    {"gpu/bf16": {"base_gib": 40.1, "gib_per_mpix": 2.3, "headroom_gib": 1.5}, ...}
-
-(entries may also sit under a top-level "entries" key; other keys such as "_meta" are ignored). The model is
-peak_gib = base_gib + gib_per_mpix * megapixels, and the window is the largest size whose peak plus
-headroom_gib fits in the card's VRAM.
+When the given memory mode cannot hold even a 256x256 image with this reading (``gpu`` on a 16 GB card), or the
+mode is ``auto``, the window is that of the mode ``memory_model.choose_memory_mode`` picks, which is what the
+loader's ``auto`` does with the same reading.
 
 ``clamp_image_size`` scales a request down proportionally (aspect kept within one 16-px step), keeps both
 sides multiples of 16, never upscales, and never goes below ``min_side`` (or the request, if smaller).
@@ -18,23 +17,41 @@ sides multiples of 16, never upscales, and never goes below ``min_side`` (or the
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from qwen_core.errors import InvalidInputError, PresetError
-from qwen_core.presets import MAX_SIDE, load_presets
+from qwen_core import memory_model as mm
+from qwen_core.errors import InvalidInputError
+from qwen_core.presets import MAX_SIDE
 from qwen_core.validation import whole_number
 
 MIN_SIDE = 16
 ALIGN = 16
-DEFAULT_MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
-_MODEL_KEYS = ("base_gib", "gib_per_mpix", "headroom_gib")
-MIN_USEFUL_PIXELS = 256 * 256
+MIN_USEFUL_PIXELS = mm.MIN_USEFUL_PIXELS
 _LIGHTEST_MODES = ("streamed", "sequential")
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Where an image will run: one VRAM reading (GiB; free VRAM when the weights are not loaded yet, None = no
+    GPU) and what shares it. The loader fills it from its load plan; without one, it describes this machine."""
+
+    vram_gb: float | None = None
+    memory_mode: str = "auto"  # a MemoryMode value; "auto" = what choose_memory_mode picks for this reading
+    dtype: str = "bf16"
+    family: str = mm.DEFAULT_FAMILY  # the family's memory_model_key
+    weights: mm.WeightSizes | None = None  # None = the family's measured weights
+    memory_fraction: float = mm.DEFAULT_MEMORY_FRACTION  # share of the reading the streamed engine is handed
+    plan_pixels: int | None = None  # what the streamed engine planned for (None = the family's reference size)
+
+
+@dataclass(frozen=True)
+class Window:
+    pixels: int
+    memory_mode: str  # the mode the window is for (auto and an impossible mode are resolved)
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -43,26 +60,24 @@ class SizeDecision:
     height: int
     requested_width: int
     requested_height: int
-    scaled: bool  # True when reduced to fit the pixel window (not for mere 16-alignment)
+    scaled: bool  # True when reduced to fit the pixel window (memory or an explicit limit), not for alignment
     reason: str
-    message: str  # "" when nothing changed; the Safe Mode line when scaled
+    message: str  # "" when nothing changed; the Safe Mode line when scaled; the time-budget line
     max_pixels: int
+    seconds_per_step: float | None = None  # estimated (see estimate_note), None when there is no basis
+    estimate_note: str = ""
+    memory_mode: str = ""
+    limited_by: str = ""  # "" | "memory" | "time budget"
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
-
-def _dtype_key(dtype: object) -> str:
-    """"bf16"/"fp16"/"fp32" from a string, an option enum or a torch.dtype (without importing torch)."""
-    text = str(getattr(dtype, "value", dtype)).lower().replace("torch.", "")
-    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32",
-               "auto": "bf16"}
-    return aliases.get(text, text)
-
-
-def _mode_key(memory_mode: object) -> str:
-    return str(getattr(memory_mode, "value", memory_mode)).lower()
+    @property
+    def estimate_text(self) -> str:
+        if self.seconds_per_step is None:
+            return "no time estimate for this device/mode"
+        return f"est. {self.seconds_per_step:.2f} s/step ({self.estimate_note})"
 
 
 def validate_size(width: object, height: object) -> tuple[int, int]:
@@ -72,107 +87,75 @@ def validate_size(width: object, height: object) -> tuple[int, int]:
             whole_number("height", height, MIN_SIDE, MAX_SIDE, why))
 
 
-def load_memory_model(path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
-    """The measured entries keyed "<memory_mode>/<dtype>"; {} when the file does not exist."""
-    path = Path(path) if path is not None else DEFAULT_MEMORY_MODEL_PATH
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise PresetError(f"memory model {path} cannot be read: {err}", fix="fix or delete the file.") from err
-    if isinstance(data, dict) and isinstance(data.get("entries"), dict):
-        data = data["entries"]
-    if not isinstance(data, dict):
-        raise PresetError(f"memory model {path}: the top level must be a JSON object.", fix="fix or delete the file.")
-    entries = {}
-    for key, entry in data.items():
-        if "/" not in str(key) or str(key).startswith("_"):
-            continue  # metadata such as "_meta"
-        if not isinstance(entry, dict) or not all(k in entry for k in _MODEL_KEYS):
-            raise PresetError(f"memory model {path}: entry {key!r} needs numbers {', '.join(_MODEL_KEYS)}.",
-                              fix="fix or delete the file.")
-        values = {}
-        for k in _MODEL_KEYS:
-            v = entry[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise PresetError(f"memory model {path}: `{key}.{k}` must be a finite number >= 0 (got {v!r}).",
-                                  fix="fix or delete the file.")
-            values[k] = float(v)
-        if values["gib_per_mpix"] <= 0:
-            raise PresetError(f"memory model {path}: `{key}.gib_per_mpix` must be > 0.", fix="fix or delete the file.")
-        entries[str(key).lower()] = values
-    return entries
-
-
-def memory_limit_pixels(
-    vram_gb: float,
-    dtype: object = "bf16",
-    memory_mode: object = "gpu",
-    *,
-    memory_model_path: str | os.PathLike | None = None,
-) -> tuple[int, str] | None:
-    """The hard memory bound from the measured model for this mode/dtype, or None when it has no entry."""
-    entries = load_memory_model(memory_model_path)
-    return _memory_limit(entries, vram_gb, _dtype_key(dtype), _mode_key(memory_mode))
-
-
-def _memory_limit(
-    entries: dict[str, dict[str, float]], vram_gb: float, dtype_key: str, mode_key: str
-) -> tuple[int, str] | None:
-    entry = entries.get(f"{mode_key}/{dtype_key}")
-    if entry is None:
-        return None
-    # Card sizes ("8 GB") are GiB in practice, and DeviceConfig reports GiB: no unit conversion.
-    usable = vram_gb - entry["headroom_gib"] - entry["base_gib"]
-    mpix = max(usable / entry["gib_per_mpix"], 0.0)
-    limit = min(int(mpix * 1e6), MAX_SIDE * MAX_SIDE)
-    return limit, f"measured memory model {mode_key}/{dtype_key}: {mpix:.2f} MP fit in {vram_gb:g} GB"
+def memory_window(situation: Situation, *, memory_model_path: str | os.PathLike | None = None) -> Window:
+    """The memory window for this situation, and the memory mode it is for."""
+    s = situation
+    mode, dtype = mm.mode_key(s.memory_mode), mm.dtype_key(s.dtype)
+    if s.vram_gb is None:
+        return Window(mm.MAX_PIXELS, "gpu" if mode == "auto" else mode, "no GPU VRAM limit")
+    where = f"{s.vram_gb:g} GB"
+    if mode != "auto":
+        pixels = mm.window_pixels(mode, s.vram_gb, weights=s.weights, family=s.family, dtype=dtype,
+                                  memory_fraction=s.memory_fraction, path=memory_model_path)
+        if pixels >= MIN_USEFUL_PIXELS or mode in _LIGHTEST_MODES:
+            return Window(pixels, mode, f"memory model {mode}/{dtype}: {pixels / 1e6:.2f} MP fit in {where}")
+    choice = mm.choose_memory_mode(s.weights, s.vram_gb, family=s.family, dtype=dtype,
+                                   memory_fraction=s.memory_fraction, path=memory_model_path)
+    lead = "auto memory mode" if mode == "auto" else f"'{mode}' does not fit {where}, the loader falls back to"
+    return Window(choice.max_pixels, choice.mode, f"{lead} '{choice.mode}'; memory model {choice.mode}/{dtype}: "
+                                                  f"{choice.max_pixels / 1e6:.2f} MP fit in {where}")
 
 
 def max_pixels_with_reason(
     vram_gb: float | None,
     dtype: object = "bf16",
-    memory_mode: object = "gpu",
+    memory_mode: object = "auto",
     *,
     memory_model_path: str | os.PathLike | None = None,
 ) -> tuple[int, str]:
-    """The pixel limit and where it came from (see ``max_pixels``)."""
-    dtype_key, mode_key = _dtype_key(dtype), _mode_key(memory_mode)
-    presets = load_presets()
-    tier = presets.tier_for_vram(vram_gb)
-    window = int(tier.max_pixels * presets.dtype_factor.get(dtype_key, 1.0))
-    where = "no GPU VRAM limit" if vram_gb is None else f"{vram_gb:g} GB VRAM"
-    window_reason = f"VRAM tier '{tier.name}' ({where}, {dtype_key}): {window / 1e6:.2f} MP"
-    if vram_gb is None:
-        return window, window_reason
-    entries = load_memory_model(memory_model_path)  # read once for the mode and its fallback
-    memory = _memory_limit(entries, vram_gb, dtype_key, mode_key)
-    if memory is not None and memory[0] < MIN_USEFUL_PIXELS and mode_key not in _LIGHTEST_MODES:
-        # The mode's resident weights alone do not fit: the loader falls back to the streamed engine, so the
-        # window is the one that engine can hold (refusing here would block a graph the loader can still run).
-        fallback = _memory_limit(entries, vram_gb, dtype_key, "streamed")
-        if fallback is not None:
-            memory = (fallback[0], f"'{mode_key}' does not fit {vram_gb:g} GB, the loader falls back to "
-                                   f"'streamed'; {fallback[1]}")
-    if memory is None:
-        return window, window_reason
-    # The measured model is the hard memory bound; the tier window bounds time and quality (a 16 GB card
-    # could hold a 19 MP image in the streamed engine, but a step would take ~10x a native-size one).
-    if memory[0] < window:
-        return memory[0], f"{memory[1]} (below the {window_reason})"
-    return window, f"{window_reason}; memory allows {memory[0] / 1e6:.2f} MP ({memory[1]})"
+    """The memory window for a bare VRAM reading (the family's measured weights) and where it came from."""
+    situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype))
+    window = memory_window(situation, memory_model_path=memory_model_path)
+    return window.pixels, window.reason
 
 
 def max_pixels(
     vram_gb: float | None,
     dtype: object = "bf16",
-    memory_mode: object = "gpu",
+    memory_mode: object = "auto",
     *,
     memory_model_path: str | os.PathLike | None = None,
 ) -> int:
-    """Largest width*height that is safe for this card, dtype and memory mode. vram_gb None = no GPU limit."""
+    """Largest width*height that fits this VRAM reading, dtype and memory mode. vram_gb None = no GPU limit."""
     return max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path)[0]
+
+
+def estimate(pixels: int, situation: Situation, memory_mode: str, *, two_pass: bool = True,
+             memory_model_path: str | os.PathLike | None = None) -> mm.StepEstimate | None:
+    s = situation
+    return mm.estimate_step(pixels, memory_mode, s.vram_gb, two_pass=two_pass, weights=s.weights, family=s.family,
+                            dtype=s.dtype, memory_fraction=s.memory_fraction, plan_pixels=s.plan_pixels,
+                            path=memory_model_path)
+
+
+def time_limit_pixels(seconds_per_step: float, situation: Situation, memory_mode: str, limit: int, *,
+                      two_pass: bool = True, memory_model_path: str | os.PathLike | None = None) -> int | None:
+    """The largest pixel count <= ``limit`` whose estimated step fits ``seconds_per_step``; ``limit`` when there
+    is no estimate; None when not even a 256x256 image meets it (a smaller size would not help)."""
+    def secs(pixels: int) -> float | None:
+        est = estimate(pixels, situation, memory_mode, two_pass=two_pass, memory_model_path=memory_model_path)
+        return None if est is None else est.seconds
+
+    top = secs(limit)
+    if top is None or top <= seconds_per_step:
+        return limit
+    low, high = MIN_USEFUL_PIXELS, limit  # the estimate grows with pixels: bisect for the boundary
+    if (secs(low) or 0.0) > seconds_per_step:
+        return None
+    while high - low > 256:
+        mid = (low + high) // 2
+        low, high = (mid, high) if (secs(mid) or 0.0) <= seconds_per_step else (low, mid)
+    return low
 
 
 def _fit(width: int, height: int, limit: int, floor_side: int) -> tuple[int, int]:
@@ -207,42 +190,81 @@ def _fmt_gb(vram_gb: float) -> str:
     return f"{vram_gb:.0f}" if abs(vram_gb - round(vram_gb)) < 0.05 else f"{vram_gb:.1f}"
 
 
+def _positive(field: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise InvalidInputError(field, f"{value!r} must be a positive number.")
+    return float(value)
+
+
 def clamp_image_size(
     width: object,
     height: object,
     *,
     vram_gb: float | None = None,
     dtype: object = "bf16",
-    memory_mode: object = "gpu",
+    memory_mode: object = "auto",
+    situation: Situation | None = None,
     max_pixels: int | None = None,
+    time_budget_s: float | None = None,
+    two_pass: bool = True,
     min_side: int = 256,
     memory_model_path: str | os.PathLike | None = None,
 ) -> SizeDecision:
-    """Decide the final size. ``max_pixels`` overrides the limit; else it comes from ``max_pixels(vram_gb, ...)``."""
+    """Decide the final size. ``situation`` (or its shorthand ``vram_gb``/``dtype``/``memory_mode``) gives the
+    memory window; ``max_pixels`` overrides it (an OOM fallback's smaller window). ``time_budget_s`` (seconds per
+    step, estimated) caps the size further; ``two_pass`` = true CFG (two branches per step) for the estimate."""
     req_w, req_h = validate_size(width, height)
+    if situation is None:
+        situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype))
+    window = memory_window(situation, memory_model_path=memory_model_path)
     if max_pixels is None:
-        limit, source = max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path)
+        limit, source = window.pixels, window.reason
     else:
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Real) or not max_pixels > 0:
-            raise InvalidInputError("max_pixels", f"{max_pixels!r} must be a positive number of pixels.")
+        _positive("max_pixels", max_pixels)
         limit, source = int(min(max_pixels, MAX_SIDE * MAX_SIDE)), f"limit of {max_pixels / 1e6:.2f} MP"
+    budget_s = None if time_budget_s is None else _positive("time_budget_s", time_budget_s)
+    vram = situation.vram_gb
+    budget = f"{_fmt_gb(vram)} GB" if vram is not None and max_pixels is None else f"a {limit / 1e6:.2f} MP limit"
+    # Never push a side below min_side by scaling, unless the request itself was smaller.
+    aligned_w, aligned_h = req_w - req_w % ALIGN, req_h - req_h % ALIGN
+    floor_side = min(max(ALIGN, min_side - min_side % ALIGN), aligned_w, aligned_h)
+    w, h, scaled, reason, message = _memory_fit(req_w, req_h, limit, source, floor_side, budget)
+    limited_by = "memory" if scaled else ""
+    if budget_s is not None:
+        cap = time_limit_pixels(budget_s, situation, window.memory_mode, limit, two_pass=two_pass,
+                                memory_model_path=memory_model_path)
+        if cap is None:
+            reason += f"; the time budget {budget_s:g} s/step is not met even at 256x256 here, size kept"
+        elif w * h > cap:
+            before = (w, h)
+            w, h = _fit(req_w, req_h, cap, floor_side)
+            limited_by = "time budget"
+            secs = estimate(w * h, situation, window.memory_mode, two_pass=two_pass, memory_model_path=memory_model_path)
+            line = (f"Time budget: {before[0]}x{before[1]} -> {w}x{h} (est. {secs.seconds:.2f} s/step within "
+                    f"{budget_s:g} s/step)") if secs else f"Time budget: {before[0]}x{before[1]} -> {w}x{h}"
+            message = f"{message}; {line}" if message else line
+            reason += f"; capped at {cap / 1e6:.2f} MP by the time budget of {budget_s:g} s/step (estimated)"
+    est = estimate(w * h, situation, window.memory_mode, two_pass=two_pass, memory_model_path=memory_model_path)
+    return SizeDecision(w, h, req_w, req_h, scaled, reason, message, limit,
+                        est.seconds if est else None, est.note if est else "", window.memory_mode, limited_by)
+
+
+def _memory_fit(req_w: int, req_h: int, limit: int, source: str, floor_side: int,
+                budget: str) -> tuple[int, int, bool, str, str]:
+    """(w, h, scaled, reason, message) of the request in the pixel window."""
     aligned_w, aligned_h = req_w - req_w % ALIGN, req_h - req_h % ALIGN
     if aligned_w * aligned_h <= limit:
         changed = (aligned_w, aligned_h) != (req_w, req_h)
         message = f"Aligned to multiples of 16 ({req_w}x{req_h} -> {aligned_w}x{aligned_h})" if changed else ""
         reason = f"fits the pixel window ({source})" + ("; aligned to multiples of 16" if changed else "")
-        return SizeDecision(aligned_w, aligned_h, req_w, req_h, False, reason, message, limit)
-
-    # Never push a side below min_side by scaling, unless the request itself was smaller.
-    floor_side = min(max(ALIGN, min_side - min_side % ALIGN), aligned_w, aligned_h)
+        return aligned_w, aligned_h, False, reason, message
     w, h = _fit(req_w, req_h, limit, floor_side)
-    budget = f"{_fmt_gb(vram_gb)} GB" if vram_gb is not None and max_pixels is None else f"a {limit / 1e6:.2f} MP limit"
     reason = f"{req_w}x{req_h} = {req_w * req_h / 1e6:.2f} MP exceeds the window; {source}"
     if w * h > limit:
         reason += f"; kept the minimum side {floor_side} px although it exceeds the window"
     if (w, h) == (aligned_w, aligned_h):  # already at the minimum side: nothing to reduce
         message = (f"Safe Mode: {w}x{h} exceeds the pixel window for {budget} but is already at the minimum "
                    f"side ({floor_side} px); expect out-of-memory risk")
-        return SizeDecision(w, h, req_w, req_h, False, reason, message, limit)
+        return w, h, False, reason, message
     message = f"Safe Mode: Reduced pixel window ({req_w}x{req_h} -> {w}x{h}: {w * h / 1e6:.2f} MP for {budget})"
-    return SizeDecision(w, h, req_w, req_h, True, reason, message, limit)
+    return w, h, True, reason, message

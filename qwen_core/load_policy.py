@@ -1,4 +1,5 @@
-"""Load policy: the fallback ladder, error classes, memory-mode choice and placement, attention backend.
+"""Load policy: the fallback ladder, error classes, memory-mode placement, attention backend. The ``auto`` memory
+mode is ``qwen_core.memory_model.choose_memory_mode`` (the decision Preflight and the governor use too).
 
 ``loading`` drives these; they are kept apart so the rules can be read (and tested) on their own, and so
 the GPU engine has one place to plug a memory mode into (``apply_memory_mode``).
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import importlib.util
 import logging
 import os
 import random
@@ -25,13 +25,12 @@ from typing import Any
 import torch
 
 from qwen_core import devices
+from qwen_core import memory_model as mm
 from qwen_core.errors import QwenError
+from qwen_core.memory_model import streaming_available as streaming_available  # re-exported for loading
 from qwen_core.options import MemoryMode
 from qwen_core.session_log import get_session_log
 
-_GIB = 1024**3
-# Activations, CUDA context and the VAE decode at ~1 MP need a few GiB beyond the weights.
-ACTIVATION_HEADROOM_GIB = 3.0
 LIGHTER_MODE: dict[MemoryMode, MemoryMode] = {
     MemoryMode.GPU: MemoryMode.MODEL_OFFLOAD,
     MemoryMode.MODEL_OFFLOAD: MemoryMode.GROUP_OFFLOAD,
@@ -69,16 +68,20 @@ def _reset_sdpa_flag() -> None:
 # ---- plans, attempts, error classes -----------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadPlan:
-    """How to load: memory mode, dtype, the VRAM fraction the streamed engine may use, the window scale."""
+    """How to load: memory mode, dtype, the VRAM fraction the streamed engine may use, the window scale, and the
+    one free-VRAM reading (GiB) the mode, the streamed budget and the governor's window are decided from (taken
+    at load time on CUDA; None on other devices)."""
 
     memory_mode: MemoryMode
     dtype: torch.dtype
-    max_memory_fraction: float = 0.9
+    max_memory_fraction: float = mm.DEFAULT_MEMORY_FRACTION
     pixel_scale: float = 1.0
+    vram_gib: float | None = None
 
     def describe(self) -> str:
+        reading = "" if self.vram_gib is None else f", {self.vram_gib:.1f} GiB VRAM free"
         return (f"{self.memory_mode.value}/{devices.dtype_name(self.dtype)}, max_memory "
-                f"{self.max_memory_fraction:.0%}, pixel window x{self.pixel_scale:.2f}")  # fmt: skip
+                f"{self.max_memory_fraction:.0%}, pixel window x{self.pixel_scale:.2f}{reading}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -148,30 +151,18 @@ def next_plan(plan: LoadPlan, kind: str) -> LoadPlan | None:
     return None
 
 
-def streaming_available() -> bool:
-    return importlib.util.find_spec("qwen_core.streaming") is not None
+def auto_memory_mode(sizes: dict[str, int], config: devices.DeviceConfig, dtype: torch.dtype,
+                     vram_gib: float | None, family: str = mm.DEFAULT_FAMILY) -> mm.MemoryChoice:
+    """``auto``: ``memory_model.choose_memory_mode`` for these weights (``sizes``: bytes per component in
+    ``dtype``, from the model source) and one free-VRAM reading; ``family`` is the family's memory-model key."""
+    weights = mm.WeightSizes.from_bytes(sizes)
+    return mm.choose_memory_mode(weights, vram_gib, family=family, dtype=devices.dtype_name(dtype),
+                                 device=config.device)
 
 
-def choose_memory_mode(sizes: dict[str, int], config: devices.DeviceConfig) -> tuple[MemoryMode, str]:
-    """``auto``: the heaviest (fastest) mode whose weights (``sizes``: bytes per component) + headroom fit in
-    free VRAM."""
-    if not config.device.startswith("cuda") or config.vram_free_gb is None:
-        return MemoryMode.GPU, f"device {config.device}: weights stay resident on it"
-    gib = {name: size / _GIB for name, size in sizes.items()}
-    total, largest = sum(gib.values()), max(gib.values(), default=0.0)
-    free = config.vram_free_gb
-    facts = f"weights {total:.1f} GiB (largest part {largest:.1f}), {free:.1f} GiB VRAM free"
-    if free >= total + ACTIVATION_HEADROOM_GIB:
-        return MemoryMode.GPU, f"{facts}: all resident"
-    if free >= largest + ACTIVATION_HEADROOM_GIB:
-        return MemoryMode.MODEL_OFFLOAD, f"{facts}: one model at a time on the GPU"
-    if streaming_available():
-        return MemoryMode.STREAMED, f"{facts}: transformer blocks streamed"
-    return MemoryMode.GROUP_OFFLOAD, f"{facts}: group offload (block level)"
-
-
-def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -> str:
-    """Place a freshly loaded pipeline according to the plan. The one place memory modes are applied."""
+def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig, family: str = mm.DEFAULT_FAMILY) -> str:
+    """Place a freshly loaded pipeline according to the plan. The one place memory modes are applied.
+    ``family`` is the family's memory-model key (the streamed engine's budget and activation reserve)."""
     device = torch.device(config.device)
     mode = plan.memory_mode
     if device.type == "cpu":
@@ -191,13 +182,14 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -
     elif mode is MemoryMode.SEQUENTIAL:
         pipe.enable_sequential_cpu_offload(device=device)
     elif mode is MemoryMode.STREAMED:
-        from qwen_core import governor
-
-        budget = (config.vram_free_gb or config.vram_total_gb or 0.0) * plan.max_memory_fraction
-        # The engine reserves activation memory for the largest image: the window the governor will allow.
-        window = int(governor.max_pixels(config.vram_total_gb, devices.dtype_name(plan.dtype), mode.value) * plan.pixel_scale)
-        _streaming_module().enable_streamed_offload(pipe, device=device, budget_gib=budget, max_pixels=window)
-        return f"streamed on {device} within {budget:.1f} GiB (activations for {window / 1e6:.2f} MP)"
+        engine = _streaming_module()
+        if plan.vram_gib is None:
+            raise ValueError("`plan.vram_gib`: the streamed engine's budget comes from the plan's VRAM reading; "
+                             "this plan has none.")
+        budget, planned = mm.streamed_budget(plan.vram_gib, dtype=devices.dtype_name(plan.dtype), family=family,
+                                             memory_fraction=plan.max_memory_fraction, pixel_scale=plan.pixel_scale)
+        engine.enable_streamed_offload(pipe, device=device, budget_gib=budget, max_pixels=planned, family=family)
+        return f"streamed on {device} within {budget:.1f} GiB (activations for {planned / 1e6:.2f} MP)"
     else:
         raise ValueError(f"memory mode {mode} must be resolved before loading")
     return f"{mode.value} on {device}"

@@ -41,7 +41,7 @@ from qwen_core.load_policy import (
     _reset_sdpa_flag,
     apply_attention,
     apply_memory_mode,
-    choose_memory_mode,
+    auto_memory_mode,
     classify_error,
     force_sdpa,
     free_memory,
@@ -59,8 +59,8 @@ from qwen_core.session_log import get_session_log, redact
 # The policy (ladder, placement, attention) lives in load_policy; callers may import it from here.
 __all__ = [
     "LIGHTER_MODE", "SDPA", "LoadAttempt", "LoadPlan", "PipelineLoader", "RetryPolicy",
-    "_reset_sdpa_flag", "add_before_load_hook", "apply_attention", "apply_memory_mode", "check_model_folder",
-    "choose_memory_mode", "classify_error", "force_sdpa", "free_memory", "is_oom", "load_model_with_retry",
+    "_reset_sdpa_flag", "add_before_load_hook", "apply_attention", "apply_memory_mode", "auto_memory_mode",
+    "check_model_folder", "classify_error", "force_sdpa", "free_memory", "is_oom", "load_model_with_retry",
     "next_plan", "remove_before_load_hook", "sdpa_forced", "streaming_available",
 ]  # fmt: skip
 
@@ -116,8 +116,10 @@ class PipelineLoader:
         self.retry = retry or RetryPolicy()
         self.light_components = self.source.light_components()
         self.configs = self.source.configs()
-        mode, self.memory_mode_reason = self._initial_mode()
-        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype)
+        # Until the first load takes a fresh reading, the plan carries the one from when this handle was made.
+        reading = self.device_config.vram_free_gb if self.device_config.device.startswith("cuda") else None
+        mode, self.memory_mode_reason = self._initial_mode(reading)
+        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype, vram_gib=reading)
         self.attempts: list[LoadAttempt] = []
         self.last_error: BaseException | None = None
         self.placement = ""
@@ -137,9 +139,11 @@ class PipelineLoader:
         """Bytes of each weighted component in ``dtype`` (default: the plan's)."""
         return self.source.weight_bytes(dtype if dtype is not None else self.plan.dtype)
 
-    def _initial_mode(self) -> tuple[MemoryMode, str]:
+    def _initial_mode(self, vram_gib: float | None) -> tuple[MemoryMode, str]:
         if self.memory_mode_choice is MemoryMode.AUTO:
-            return choose_memory_mode(self.source.weight_bytes(self.device_config.dtype), self.device_config)
+            choice = auto_memory_mode(self.source.weight_bytes(self.device_config.dtype), self.device_config,
+                                      self.device_config.dtype, vram_gib, self.family.memory_model_key)
+            return MemoryMode(choice.mode), choice.reason
         return self.memory_mode_choice, "as requested"
 
     # -- lazy part --
@@ -191,7 +195,7 @@ class PipelineLoader:
         mode) and attention."""
         pipe = self.source.build(plan.dtype, self.light_components)
         try:
-            self.placement = apply_memory_mode(pipe, plan, self.device_config)
+            self.placement = apply_memory_mode(pipe, plan, self.device_config, self.family.memory_model_key)
             self.attention_backend = apply_attention(pipe, self.wanted_attention())
         except BaseException:
             self.source.discard(pipe)
@@ -200,17 +204,21 @@ class PipelineLoader:
         state.load_plan, state.placement, state.attention_backend = plan, self.placement, self.attention_backend
         return pipe
 
-    def rechoose_auto_mode(self, plan: LoadPlan) -> LoadPlan:
-        """``plan`` with the auto memory mode decided again from a fresh free-VRAM reading (CUDA only)."""
+    def refresh_plan(self, plan: LoadPlan, *, rechoose: bool) -> LoadPlan:
+        """``plan`` with one fresh free-VRAM reading (CUDA only), and with ``rechoose`` the ``auto`` memory mode
+        decided again from it. That reading is the one the streamed budget and the governor's window use."""
         if not self.device_config.device.startswith("cuda"):
             return plan
         free = devices.probe_hardware(self.device_config.device).vram_free_gb
-        config = dataclasses.replace(self.device_config, vram_free_gb=free)
-        mode, reason = choose_memory_mode(self.source.weight_bytes(plan.dtype), config)
+        if not rechoose:
+            return dataclasses.replace(plan, vram_gib=free)
+        choice = auto_memory_mode(self.source.weight_bytes(plan.dtype), self.device_config, plan.dtype, free,
+                                  self.family.memory_model_key)
+        mode = MemoryMode(choice.mode)
         if mode is not plan.memory_mode:
-            get_session_log().info(f"loader: auto memory mode now {mode.value} (was {plan.memory_mode.value}): {reason}")
-            self.memory_mode_reason = reason
-        return dataclasses.replace(plan, memory_mode=mode)
+            get_session_log().info(f"loader: auto memory mode now {mode.value} (was {plan.memory_mode.value}): {choice.reason}")
+        self.memory_mode_reason = choice.reason
+        return dataclasses.replace(plan, memory_mode=mode, vram_gib=free)
 
     def wanted_attention(self) -> str:
         return SDPA if sdpa_forced() else self.device_config.attention_backend
@@ -229,20 +237,25 @@ class PipelineLoader:
                 get_session_log().info(f"loader: unloaded weights of {self.path}")
 
     def governor_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for ``governor.clamp_image_size`` that describe this loader's situation."""
-        from qwen_core import governor
+        """Keyword arguments for ``governor.clamp_image_size`` that describe this loader's situation: the plan's
+        VRAM reading, memory mode and dtype, the family and its weights, what the streamed engine planned for."""
+        from qwen_core import governor, memory_model
 
-        cfg, plan = self.device_config, self.plan
-        max_pixels = None  # the governor derives the window from vram_gb/dtype/memory_mode itself
+        plan = self.plan
+        weights = memory_model.WeightSizes.from_bytes(self.weight_bytes(plan.dtype))
+        family = self.family.memory_model_key
+        planned = None
+        if plan.memory_mode is MemoryMode.STREAMED and plan.vram_gib is not None:
+            planned = memory_model.streamed_budget(plan.vram_gib, dtype=self.dtype_name, pixel_scale=plan.pixel_scale,
+                                                   memory_fraction=plan.max_memory_fraction, family=family)[1]
+        situation = governor.Situation(plan.vram_gib, plan.memory_mode.value, self.dtype_name, family,
+                                       weights=weights if weights.parts else None,
+                                       memory_fraction=plan.max_memory_fraction, plan_pixels=planned)
+        max_pixels = None  # the governor derives the window from the situation itself
         if plan.pixel_scale < 1:  # an OOM fallback shrank the window
-            limit = governor.max_pixels(cfg.vram_total_gb, self.dtype_name, plan.memory_mode.value)
+            limit = governor.memory_window(situation).pixels
             max_pixels = max(int(limit * plan.pixel_scale), 16 * 16)
-        return {
-            "vram_gb": cfg.vram_total_gb,
-            "dtype": self.dtype_name,
-            "memory_mode": plan.memory_mode.value,
-            "max_pixels": max_pixels,
-        }
+        return {"situation": situation, "max_pixels": max_pixels}
 
     def describe(self) -> str:
         state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
@@ -254,12 +267,14 @@ def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None =
     (with every attempt listed) when the ladder or the attempt budget is exhausted."""
     log, policy, rng = get_session_log(), loader.retry, rng or random.Random()
     plan = loader.plan
-    if loader.memory_mode_choice is MemoryMode.AUTO and not loader.attempts and loader.device_config.device.startswith("cuda"):
-        # The first load of an "auto" loader: let ComfyUI free what it holds for the heaviest mode, then
-        # decide the mode from the free VRAM of now, not of when the handle was made.
-        sizes = loader.weight_bytes(plan.dtype)
-        _run_before_load_hooks(_estimate_device_bytes(sizes, dataclasses.replace(plan, memory_mode=MemoryMode.GPU)))
-        plan = loader.rechoose_auto_mode(plan)
+    if loader.device_config.device.startswith("cuda"):
+        rechoose = loader.memory_mode_choice is MemoryMode.AUTO and not loader.attempts
+        if rechoose:  # the first load of an "auto" loader: let ComfyUI free what it holds for the heaviest mode
+            sizes = loader.weight_bytes(plan.dtype)
+            _run_before_load_hooks(_estimate_device_bytes(sizes, dataclasses.replace(plan, memory_mode=MemoryMode.GPU)))
+        # One fresh reading, taken now rather than when the handle was made: it decides the auto mode, the
+        # streamed engine's budget and the governor's window.
+        plan = loader.refresh_plan(plan, rechoose=rechoose)
     for number in range(1, policy.max_attempts + 1):
         start = time.perf_counter()
         _run_before_load_hooks(_estimate_device_bytes(loader.weight_bytes(plan.dtype), plan))

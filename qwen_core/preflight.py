@@ -27,21 +27,28 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_core import __version__, governor
+from qwen_core import memory_model as mm
 from qwen_core.errors import InvalidInputError
 from qwen_core.paths import models_root, validate_repo_id
+
+if TYPE_CHECKING:  # devices imports torch; the CLI's --help should not pay for it
+    from qwen_core.devices import DeviceConfig
 
 DEFAULT_MODEL = "Qwen/Qwen-Image"
 DISK_MARGIN_GB = 2.0
 # Whole-repo download sizes (GB = 1e9 bytes) as listed on the Hub: transformer ~40.9, text encoder ~16.6,
-# VAE ~0.25. Used when no file listing is passed in.
+# VAE ~0.25. Used for the disk check when no file listing is passed in; the memory mode then uses the family's
+# measured weights (qwen_core.memory_model).
 MODEL_SIZES_GB: dict[str, float] = {
     "Qwen/Qwen-Image": 57.7,
     "Qwen/Qwen-Image-Edit": 57.7,
     "Qwen/Qwen-Image-Edit-2509": 57.7,
 }
-TRANSFORMER_SHARE = 0.71  # the transformer is ~71% of the repo; it must fit on the GPU for model_offload
+WEIGHT_SUFFIXES = (".safetensors",)
+STORED_DTYPE = "bf16"  # Qwen-Image repos store bf16 weights: file bytes / 2 = parameters
 # (minimum, first untested version or None). Qwen-Image needs diffusers >= 0.35 (Edit-2509: 0.36) and
 # transformers >= 4.49; diffusers >= 0.40 needs huggingface_hub >= 1.23. Upper bounds = requirements.txt.
 PACKAGE_RANGES: dict[str, tuple[str, str | None]] = {
@@ -55,7 +62,6 @@ PACKAGE_RANGES: dict[str, tuple[str, str | None]] = {
 OK, WARN, FAIL = "ok", "warn", "fail"
 _RANK = {OK: 0, WARN: 1, FAIL: 2}
 _GIB = 1024**3
-GPU_MODE_HEADROOM_GIB = 8.0  # activations + CUDA context beside the whole model in memory mode gpu
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ class PreflightReport:
     model: str
     model_size_gb: float | None
     target_dir: str
-    device: dict
+    device: dict  # DeviceConfig.to_dict(): the JSON report keeps plain values
     created_utc: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     qwen_core_version: str = __version__
 
@@ -195,39 +201,50 @@ def _gb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f} GB"
 
 
-def check_gpu(dev: dict) -> Check:
-    if not str(dev["device"]).startswith("cuda"):
-        return Check("gpu", WARN, f"none (device {dev['device']})", "an NVIDIA GPU (compute capability >= 7.0)",
+def check_gpu(dev: DeviceConfig) -> Check:
+    if not dev.device.startswith("cuda"):
+        return Check("gpu", WARN, f"none (device {dev.device})", "an NVIDIA GPU (compute capability >= 7.0)",
                      "No CUDA GPU visible: the tiny demo runs on CPU, a real 20B model is impractically slow.",
                      "Install a CUDA build of torch (README 'Install torch') and check CUDA_VISIBLE_DEVICES.")
-    cc = dev.get("compute_capability")
+    cc = dev.compute_capability
     cc_text = ".".join(map(str, cc)) if cc else "?"
     status = OK if cc and tuple(cc) >= (7, 0) else WARN
     rec = "" if status == OK else "Cards older than Volta (7.0) are untested and very slow."
-    return Check("gpu", status, f"{dev['device_name']} (cc {cc_text})", "compute capability >= 7.0",
-                 f"Using {dev['device']} ({dev['device_name']}); bf16 {'yes' if dev['supports_bf16'] else 'no'}.",
-                 rec)
+    return Check("gpu", status, f"{dev.device_name} (cc {cc_text})", "compute capability >= 7.0",
+                 f"Using {dev.device} ({dev.device_name}); bf16 {'yes' if dev.supports_bf16 else 'no'}.", rec)
 
 
-def check_vram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
-    total, free = dev.get("vram_total_gb"), dev.get("vram_free_gb")
-    resident = f"{_gib(size_gb) + GPU_MODE_HEADROOM_GIB:.0f} GB for memory mode gpu" if size_gb else "depends on the model"
-    needed = f">= 6 GB (offloaded); {resident}"
-    if total is None:
+def _vram_needed(weights: mm.WeightSizes, dtype: str, family: str) -> str:
+    """What the memory model says the lightest and the heaviest mode need for the family's reference image."""
+    fam = mm.family_model(family)
+    ref = fam.reference_pixels
+    # The streamed engine is handed a fraction of the reading: the card needs its working set / that fraction.
+    lightest = fam.entry("streamed", dtype).need_gib(ref) / mm.mode_budget_gib("streamed", 1.0)
+    resident = fam.entry("gpu", dtype).need_gib(ref, fam.base_gib("gpu", dtype, weights))
+    return f">= {lightest:.1f} GB (streamed); {resident:.0f} GB for memory mode gpu (at {ref / 1e6:.2f} MP)"
+
+
+def check_vram(dev: DeviceConfig, choice: mm.MemoryChoice, needed: str, reference_pixels: int) -> Check:
+    total, free = dev.vram_total_gb, dev.vram_free_gb
+    if total is None or free is None:
         return Check("vram", WARN, "no GPU", needed, "No VRAM to measure; generation runs on the CPU.", "")
     measured = f"{free:.1f} GB free of {total:.1f} GB"
-    if total < 6:
-        return Check("vram", WARN, measured, needed, "Under 6 GB: only sequential offload, very slow.",
-                     "Use memory mode 'sequential' and small sizes (the governor does this).")
-    if free is not None and free < 0.5 * total:
+    if choice.mode == "sequential":
+        return Check("vram", WARN, measured, needed, "Too little free VRAM for the streamed engine: sequential "
+                     "offload, very slow.", "Close other GPU programs; the governor keeps sizes small.")
+    if free < 0.5 * total:
         return Check("vram", WARN, measured, needed,
                      f"Other processes hold {total - free:.1f} GB of this GPU.",
                      "Close other GPU programs, or restart ComfyUI with scripts/safe_restart.sh to release memory.")
-    return Check("vram", OK, measured, needed, f"Memory mode '{memory_mode}' fits this card.", "")
+    if choice.max_pixels < reference_pixels:
+        return Check("vram", WARN, measured, needed,
+                     f"Memory mode '{choice.mode}' holds at most {choice.max_pixels / 1e6:.2f} MP here: the governor "
+                     f"reduces larger sizes.", "Free VRAM for the native size, or accept the smaller images.")
+    return Check("vram", OK, measured, needed, f"Memory mode '{choice.mode}' fits this card.", "")
 
 
-def check_ram(dev: dict, memory_mode: str, size_gb: float | None) -> Check:
-    total, avail = dev["ram_total_gb"], dev["ram_available_gb"]
+def check_ram(dev: DeviceConfig, memory_mode: str, size_gb: float | None) -> Check:
+    total, avail = dev.ram_total_gb, dev.ram_available_gb
     offloaded = memory_mode in ("model_offload", "group_offload", "sequential", "streamed")
     need = max(16.0, _gib(size_gb) + 4) if (size_gb and offloaded) else 16.0
     measured = f"{avail:.1f} GB available of {total:.1f} GB"
@@ -262,7 +279,7 @@ def check_disk(target: Path, model: str, size_gb: float | None, local: bool, exp
                  "Free space, or download elsewhere: set QWEN_HOME (or pass --target) to a bigger disk.")
 
 
-def check_cuda(dev: dict, cuda: Mapping[str, str | None]) -> Check:
+def check_cuda(dev: DeviceConfig, cuda: Mapping[str, str | None]) -> Check:
     runtime, driver, driver_cuda = cuda.get("runtime"), cuda.get("driver"), cuda.get("driver_cuda")
     measured = f"runtime {runtime or 'none (CPU build)'}; driver {driver or 'n/a'}" + (
         f" (supports CUDA {driver_cuda})" if driver_cuda else "")
@@ -274,7 +291,7 @@ def check_cuda(dev: dict, cuda: Mapping[str, str | None]) -> Check:
         return Check("cuda", FAIL, measured, needed,
                      f"torch was built for CUDA {runtime} but the driver supports only CUDA {driver_cuda}.",
                      "Update the NVIDIA driver, or install the torch wheel for an older CUDA (README 'Install torch').")
-    if runtime and not str(dev["device"]).startswith("cuda") and driver is None:
+    if runtime and not dev.device.startswith("cuda") and driver is None:
         return Check("cuda", WARN, measured, needed, "torch has CUDA but no GPU/driver is visible.",
                      "Check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES.")
     return Check("cuda", OK, measured, needed, "CPU only: nothing to match." if runtime is None else "Compatible.", "")
@@ -297,11 +314,11 @@ def check_package(name: str, version: str | None, model: str) -> Check:
     return Check(name, OK, version, needed, "Supported.", "")
 
 
-def check_flash(dev: dict) -> Check:
+def check_flash(dev: DeviceConfig) -> Check:
     from qwen_core.devices import flash_attn_status
 
     version, problem = flash_attn_status()
-    backend, reason = dev["attention_backend"], dev["attention_reason"]
+    backend, reason = dev.attention_backend, dev.attention_reason
     measured = f"{version or 'not installed'}; using {'flash-attn' if backend == 'flash' else 'PyTorch SDPA'}"
     needed = "optional"
     if backend == "flash" or version is None:
@@ -324,25 +341,44 @@ def check_comfyui(version: str | None) -> Check:
 
 # ------------------------------------------------------------------------------------------ profile + main
 
-def recommend_memory_mode(dev: dict, size_gb: float | None) -> tuple[str, str]:
-    """Lightest-sufficient memory mode for this card and model size, with the reason."""
-    total = dev.get("vram_total_gb")
-    if not str(dev["device"]).startswith("cuda") or total is None:
-        return "auto", "no CUDA GPU: the device holds everything in RAM"
-    if not size_gb:
-        return "gpu", "model size unknown or small: keep everything on the GPU"
-    size_gib = _gib(size_gb)
-    if total >= size_gib + GPU_MODE_HEADROOM_GIB:
-        return "gpu", f"{total:.0f} GB VRAM holds the whole model ({size_gib:.0f} GB) plus activations"
-    if total >= size_gib * TRANSFORMER_SHARE + 6:
-        return "model_offload", f"{total:.0f} GB VRAM holds the transformer; text encoder/VAE are offloaded"
-    if total >= 6:
-        from qwen_core.load_policy import streaming_available  # the loader's own check: "auto" agrees with us
+def recommend_memory_mode(dev: DeviceConfig, weights: mm.WeightSizes | None,
+                          family: str = mm.DEFAULT_FAMILY) -> mm.MemoryChoice:
+    """The loader's own ``auto`` decision (``memory_model.choose_memory_mode``) for this device's free VRAM."""
+    return mm.choose_memory_mode(weights, dev.vram_free_gb, family=family, dtype=dev.dtype_name,
+                                 device=dev.device)
 
-        if streaming_available():  # our low-VRAM engine
-            return "streamed", f"{total:.0f} GB VRAM is less than the transformer: stream its blocks (low-VRAM engine)"
-        return "group_offload", f"{total:.0f} GB VRAM is less than the transformer: offload groups of blocks"
-    return "sequential", f"only {total:.1f} GB VRAM: sequential offload (slow)"
+
+def model_weights(model: str, local: bool, file_sizes: Mapping[str, int] | Iterable[int] | None,
+                  dtype: str) -> mm.WeightSizes | None:
+    """GiB per weighted component in ``dtype``, from the listing or the local folder's safetensors (grouped by
+    component folder; stored as bf16); None when neither is given (the family's measured weights apply)."""
+    if file_sizes is not None:
+        if not isinstance(file_sizes, Mapping):
+            sizes = {"model": _listing_bytes(file_sizes)}
+        else:
+            sizes = _component_bytes((name, int(size)) for name, size in file_sizes.items())
+            sizes = sizes or {"model": _listing_bytes(file_sizes)}
+    elif local:
+        root = Path(model).expanduser()
+        sizes = _component_bytes((str(f.relative_to(root)), f.stat().st_size) for f in root.rglob("*")
+                                 if f.is_file())
+    else:
+        return None
+    if not sizes:
+        return None
+    factor = mm.ELEMENT_BYTES.get(dtype, 2) / mm.ELEMENT_BYTES[STORED_DTYPE]
+    return mm.WeightSizes.from_bytes(sizes).scaled(factor)
+
+
+def _component_bytes(files: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Bytes of weight files per component (the folder holding the file; "model" for files at the top)."""
+    sizes: dict[str, int] = {}
+    for name, size in files:
+        if name.endswith(WEIGHT_SUFFIXES):
+            parts = name.replace(os.sep, "/").split("/")
+            component = parts[-2] if len(parts) > 1 else "model"
+            sizes[component] = sizes.get(component, 0) + size
+    return sizes
 
 
 def _model_size(model: str, local: bool, file_sizes: Mapping[str, int] | Iterable[int] | None) -> float | None:
@@ -353,7 +389,7 @@ def _model_size(model: str, local: bool, file_sizes: Mapping[str, int] | Iterabl
     return MODEL_SIZES_GB.get(model)
 
 
-def _device_dict(device_config: object | None) -> tuple[dict, Check | None]:
+def _device_config(device_config: DeviceConfig | None) -> tuple[DeviceConfig, Check | None]:
     from qwen_core.devices import get_device_config
 
     problem = None
@@ -364,14 +400,14 @@ def _device_dict(device_config: object | None) -> tuple[dict, Check | None]:
             problem = Check("device", FAIL, str(err.field), "a usable device", str(err),
                             err.fix or "Unset QWEN_DEVICE/QWEN_DTYPE/QWEN_ATTENTION or fix their values.")
             device_config = get_device_config(device="cpu", dtype="auto", attention="sdpa")
-    return device_config.to_dict(), problem
+    return device_config, problem
 
 
 def perform_preflight_checks(
     model: str | os.PathLike | None = None,
     target_dir: str | os.PathLike | None = None,
     *,
-    device_config: object | None = None,
+    device_config: DeviceConfig | None = None,
     file_sizes: Mapping[str, int] | Iterable[int] | None = None,
     comfyui_version: str | None = None,
     versions: Mapping[str, str | None] | None = None,
@@ -380,6 +416,8 @@ def perform_preflight_checks(
 ) -> PreflightReport:
     """Run every check. ``model``: a repo id or a local folder (default Qwen/Qwen-Image). ``file_sizes``:
     the repo listing (name -> bytes) when the caller has it. The rest injects readings (tests, ComfyUI)."""
+    if file_sizes is not None and not isinstance(file_sizes, Mapping):
+        file_sizes = list(file_sizes)  # read twice: the disk size and the weights per component
     explicit = model is not None
     model_text = str(model) if explicit else DEFAULT_MODEL
     local = explicit and Path(model_text).expanduser().is_dir()
@@ -393,15 +431,19 @@ def perform_preflight_checks(
     size_gb = _model_size(model_text, local, file_sizes)
     target = Path(target_dir).expanduser() if target_dir is not None else models_root()
 
-    dev, device_problem = _device_dict(device_config)
+    dev, device_problem = _device_config(device_config)
     if device_problem:
         checks.append(device_problem)
-    memory_mode, mode_reason = recommend_memory_mode(dev, size_gb)
+    family = mm.DEFAULT_FAMILY
+    weights = model_weights(model_text, local, file_sizes, dev.dtype_name)
+    choice = recommend_memory_mode(dev, weights, family)
+    reference = mm.family_model(family).reference_pixels
+    needed = _vram_needed(weights or mm.family_model(family).weights(dev.dtype_name), dev.dtype_name, family)
     versions = installed_versions() if versions is None else versions
     checks += [
         check_gpu(dev),
-        check_vram(dev, memory_mode, size_gb),
-        check_ram(dev, memory_mode, size_gb),
+        check_vram(dev, choice, needed, reference),
+        check_ram(dev, choice.mode, size_gb),
         check_disk(target, model_text, size_gb, local, explicit, disk_free),
         check_cuda(dev, read_cuda_info() if cuda_info is None else cuda_info),
         check_python(),
@@ -410,11 +452,12 @@ def perform_preflight_checks(
         check_comfyui(comfyui_version),
     ]
     status = max((c.status for c in checks), key=_RANK.__getitem__)
-    limit = governor.max_pixels(dev.get("vram_total_gb"), dev["dtype"], memory_mode)
-    example = governor.clamp_image_size(1328, 1328, max_pixels=limit)
-    profile = Profile(dev["device"], dev["dtype"], memory_mode, dev["attention_backend"], limit,
-                      f"{example.width}x{example.height}", f"{mode_reason}; {dev.get('dtype_reason', '')}".strip("; "))
-    report = PreflightReport(checks, status, profile, model_text, size_gb, str(target), dev)
+    situation = governor.Situation(dev.vram_free_gb, choice.mode, dev.dtype_name, family, weights)
+    example = governor.clamp_image_size(1328, 1328, situation=situation)  # its window is choice.max_pixels
+    reason = "; ".join(r for r in (choice.reason, dev.dtype_reason, f"1328x1328: {example.estimate_text}") if r)
+    profile = Profile(dev.device, dev.dtype_name, choice.mode, dev.attention_backend, choice.max_pixels,
+                      f"{example.width}x{example.height}", reason)
+    report = PreflightReport(checks, status, profile, model_text, size_gb, str(target), dev.to_dict())
     _log(report)
     return report
 

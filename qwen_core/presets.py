@@ -1,16 +1,21 @@
-"""Load and validate ``presets/quality_presets.yaml`` (plus an optional QWEN_PRESETS override).
+"""Load and validate ``presets/quality_presets.yaml`` (plus an optional QWEN_PRESETS override): aspect presets
+(Qwen-Image's native sizes) and quality presets (steps, true CFG, and optionally a time budget per step that caps
+the governor's size). The pixel window itself is not a preset: it comes from the memory model
+(``qwen_core.memory_model``). The retired ``vram_tiers``/``dtype_factor`` sections of older override files are
+ignored with a warning.
 
 Safety: the YAML is parsed with PyYAML's SafeLoader (no Python object tags) and anchors/aliases are refused
 (they are how "billion laughs" files blow up memory); files over 1 MB are refused unread. Every problem is a
 ``PresetError`` naming the file, the dotted key and what is wrong.
 
 Override (QWEN_PRESETS=/path/file.yaml): merged over the defaults entry by entry — an entry you give (e.g.
-``vram_tiers.low``) replaces the default entry of that name whole, new names are added. With ``replace: true``
+``quality_presets.fast``) replaces the default entry of that name whole, new names are added. With ``replace: true``
 at the top level, each section you give replaces the default section instead.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,20 +30,12 @@ DEFAULT_PRESETS_PATH = Path(__file__).resolve().parent.parent / "presets" / "qua
 MAX_FILE_BYTES = 1_000_000
 MAX_SIDE = 8192
 REQUIRED_QUALITY = ("fast", "balanced", "high")
-_SECTIONS = ("vram_tiers", "dtype_factor", "aspect_presets", "quality_presets")
-_TOP_KEYS = {"version", "replace", *_SECTIONS}
-
-
-@dataclass(frozen=True)
-class VramTier:
-    name: str
-    min_vram_gb: float
-    max_megapixels: float
-    description: str = ""
-
-    @property
-    def max_pixels(self) -> int:
-        return int(self.max_megapixels * 1_000_000)
+MAX_SECONDS_PER_STEP = 600.0
+_SECTIONS = ("aspect_presets", "quality_presets")
+# The VRAM tier table was the governor's pixel window until the window came from the memory model.
+_RETIRED = ("vram_tiers", "dtype_factor")
+_TOP_KEYS = {"version", "replace", *_SECTIONS, *_RETIRED}
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,25 +54,15 @@ class QualityPreset:
     steps: int
     true_cfg_scale: float
     description: str = ""
+    # A time budget: the governor caps the size so the estimated step fits it. None = no cap (size by memory only).
+    max_seconds_per_step: float | None = None
 
 
 @dataclass(frozen=True)
 class Presets:
-    vram_tiers: tuple[VramTier, ...]  # ascending min_vram_gb
-    dtype_factor: dict[str, float]
     aspect_presets: dict[str, AspectPreset]
     quality_presets: dict[str, QualityPreset]
     sources: tuple[Path, ...] = field(default=())
-
-    def tier_for_vram(self, vram_gb: float | None) -> VramTier:
-        """The tier with the largest min_vram_gb <= vram_gb; None (no GPU limit) gives the top tier."""
-        if vram_gb is None:
-            return self.vram_tiers[-1]
-        chosen = self.vram_tiers[0]
-        for tier in self.vram_tiers:
-            if tier.min_vram_gb <= vram_gb:
-                chosen = tier
-        return chosen
 
     def aspect(self, name: str) -> AspectPreset:
         try:
@@ -133,7 +120,12 @@ def read_yaml(path: Path) -> dict:
         raise _fail(path, "", f"must be a mapping of sections at the top level (got {type(data).__name__}).")
     unknown = sorted(str(k) for k in data if k not in _TOP_KEYS)
     if unknown:
-        raise _fail(path, unknown[0], f"unknown section; allowed: {', '.join(sorted(_TOP_KEYS))}.")
+        allowed = sorted(_TOP_KEYS - set(_RETIRED))
+        raise _fail(path, unknown[0], f"unknown section; allowed: {', '.join(allowed)}.")
+    for name in _RETIRED:
+        if name in data:
+            logger.warning("presets file %s: section `%s` is ignored: the governor's pixel window comes from the "
+                           "memory model (presets/memory_model.json) now; delete the section.", path, name)
     return data
 
 
@@ -166,19 +158,6 @@ def _text(path: Path, key: str, value: Any) -> str:
     return value
 
 
-def _tier(path: Path, name: str, raw: Any) -> VramTier:
-    key = f"vram_tiers.{name}"
-    entry = _entry(path, key, raw, {"min_vram_gb", "max_megapixels", "description"}, {"min_vram_gb", "max_megapixels"})
-    return VramTier(
-        name=name,
-        min_vram_gb=float(_number(path, f"{key}.min_vram_gb", entry["min_vram_gb"], low=0, high=4096)),
-        max_megapixels=float(
-            _number(path, f"{key}.max_megapixels", entry["max_megapixels"], low=0.01, high=MAX_SIDE**2 / 1e6)
-        ),
-        description=_text(path, f"{key}.description", entry.get("description", "")),
-    )
-
-
 def _aspect(path: Path, name: str, raw: Any) -> AspectPreset:
     key = f"aspect_presets.{name}"
     entry = _entry(
@@ -201,12 +180,16 @@ def _aspect(path: Path, name: str, raw: Any) -> AspectPreset:
 
 def _quality(path: Path, name: str, raw: Any) -> QualityPreset:
     key = f"quality_presets.{name}"
-    entry = _entry(path, key, raw, {"steps", "true_cfg_scale", "description"}, {"steps", "true_cfg_scale"})
+    entry = _entry(path, key, raw, {"steps", "true_cfg_scale", "description", "max_seconds_per_step"},
+                   {"steps", "true_cfg_scale"})
+    budget = entry.get("max_seconds_per_step")
     return QualityPreset(
         name=name,
         steps=int(_number(path, f"{key}.steps", entry["steps"], low=1, high=200, integer=True)),
         true_cfg_scale=float(_number(path, f"{key}.true_cfg_scale", entry["true_cfg_scale"], low=1.0, high=20.0)),
         description=_text(path, f"{key}.description", entry.get("description", "")),
+        max_seconds_per_step=None if budget is None else float(
+            _number(path, f"{key}.max_seconds_per_step", budget, low=0.01, high=MAX_SECONDS_PER_STEP)),
     )
 
 
@@ -237,21 +220,12 @@ def _build(raw: dict[str, dict], origin: dict[tuple[str, str], Path], sources: t
     def src(section: str, name: str) -> Path:
         return origin.get((section, name), sources[-1])
 
-    tiers = sorted((_tier(src("vram_tiers", n), n, v) for n, v in raw["vram_tiers"].items()),
-                   key=lambda t: t.min_vram_gb)
-    if not tiers or tiers[0].min_vram_gb != 0:
-        raise _fail(sources[-1], "vram_tiers", "needs at least one tier, and one with min_vram_gb: 0.")
-    factors = {}
-    for name, value in raw["dtype_factor"].items():
-        if name not in ("bf16", "fp16", "fp32"):
-            raise _fail(src("dtype_factor", name), f"dtype_factor.{name}", "must be bf16, fp16 or fp32.")
-        factors[name] = float(_number(src("dtype_factor", name), f"dtype_factor.{name}", value, low=0.05, high=4))
     aspects = {n: _aspect(src("aspect_presets", n), n, v) for n, v in raw["aspect_presets"].items()}
     quality = {n: _quality(src("quality_presets", n), n, v) for n, v in raw["quality_presets"].items()}
     for name in REQUIRED_QUALITY:
         if name not in quality:
             raise _fail(sources[-1], f"quality_presets.{name}", "is required (the nodes offer fast/balanced/high).")
-    return Presets(tuple(tiers), factors, aspects, quality, sources)
+    return Presets(aspects, quality, sources)
 
 
 _CACHE: dict[tuple, Presets] = {}

@@ -24,16 +24,15 @@ API: ``enable_streamed_offload(pipe, device=..., budget_gib=...) -> StreamingHan
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qwen_core import memory_model
 from qwen_core.errors import InvalidInputError
 from qwen_core.fp8_compute import quantize_rows
 from qwen_core.pipeline_state import peek_state, state_of
@@ -42,14 +41,10 @@ GIB = 1024**3
 _ALIGN = 256  # bytes; keeps every view aligned for any dtype and for fast copies
 _FP8 = getattr(torch, "float8_e4m3fn", None)
 _FP8_MIN_NUMEL = 1 << 16  # only large matrices are worth quantising; norms and biases stay exact
-# Activation memory per megapixel for a batched (cond+uncond) bf16 forward, used when presets/memory_model.json
-# has no measurement yet; deliberately on the high side.
-DEFAULT_ACT_GIB_PER_MPIX = 1.2
 # Allocator slack (reserved but unallocated: 0.75 GiB measured in a 16 GiB cap on H100), VAE weights, small
 # tensors. The CUDA context itself (~0.5 GiB) is outside a torch memory cap but inside a real card: callers
 # pass a budget below the card's size (the loader uses free memory x a fraction).
 FIXED_OVERHEAD_GIB = 1.5
-MEMORY_MODEL_PATH = Path(__file__).resolve().parent.parent / "presets" / "memory_model.json"
 
 
 def _align(n: int) -> int:
@@ -369,19 +364,10 @@ class StreamingPlan:
                 f"reserve {self.reserve_gib:.1f} GiB")
 
 
-def _model_slope(key: str, default: float, path: Path | None = None) -> float:
-    """``gib_per_mpix`` of one entry of presets/memory_model.json, else ``default``."""
-    try:
-        data = json.loads((path or MEMORY_MODEL_PATH).read_text())
-        data = data.get("entries", data)
-        return float(data[key]["gib_per_mpix"])
-    except (OSError, KeyError, ValueError, TypeError, AttributeError):
-        return default
-
-
-def activation_gib_per_mpix(dtype: str = "bf16", path: Path | None = None) -> float:
-    """Measured activation slope of the batched transformer forward ("activations/<dtype>"), else a default."""
-    return _model_slope(f"activations/{dtype}", DEFAULT_ACT_GIB_PER_MPIX, path)
+def activation_gib_per_mpix(dtype: object = "bf16", family: str = memory_model.DEFAULT_FAMILY) -> float:
+    """Measured activation slope of the batched transformer forward, from the memory model (PresetError naming
+    the file and key when it has no entry for this family/dtype)."""
+    return memory_model.family_model(family).activation_gib_per_mpix(dtype)
 
 
 def plan_resident(num_blocks: int, block_bytes: int, nonblock_bytes: int, budget_gib: float, *,
@@ -524,13 +510,15 @@ def _default_budget(device: torch.device) -> float:
 def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budget_gib: float | None = None, *,
                             fp8: bool = False, max_pixels: int = 1328 * 1328, num_slots: int = 2,
                             vae_tiling: bool | None = None, stream_text_encoder: bool = True,
-                            act_gib_per_mpix: float | None = None, cfg_batching: bool = True) -> StreamingHandle:
+                            act_gib_per_mpix: float | None = None, cfg_batching: bool = True,
+                            family: str = memory_model.DEFAULT_FAMILY) -> StreamingHandle:
     """Run ``pipe`` (a diffusers Qwen-Image pipeline) within ``budget_gib`` of device memory.
 
     ``max_pixels`` sizes the activation reserve (the largest image you will ask for; a larger one triggers a
     one-time re-plan with fewer resident blocks, see ``StreamingHandle.replan``). ``fp8`` stores the
     streamed blocks in float8 (lossy, half the PCIe bytes). ``vae_tiling=None`` decides from the budget.
-    ``act_gib_per_mpix`` overrides the measured activation slope (the bench passes its fresh measurement).
+    ``act_gib_per_mpix`` overrides the memory model's activation slope for the transformer's dtype (the bench
+    passes its fresh measurement); ``family`` is the memory model's family key.
     ``cfg_batching`` (default on) installs ``qwen_core.cfg_batch`` so both CFG branches share one pass of
     the weights over PCIe (H100, 16 GiB cap: 656 ms per step batched vs 1044 ms as two forwards).
     """
@@ -550,7 +538,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     # the text-encoder phase the peak in a 16 GiB cap (H100 run 4: OOM at 1664x1664).
     te_slots = 1
     te_ws_gib = te_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
-    per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix()
+    dtype = memory_model.dtype_key(transformer.dtype)
+    per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix(dtype, family)
     plan = plan_resident(len(blocks), max(module_bytes(b) for b in blocks),
                          module_bytes(transformer) - sum(module_bytes(b) for b in blocks), budget,
                          max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
@@ -565,13 +554,14 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
         te_streamer.release()  # nothing of it stays on the device between prompts
     elif getattr(pipe, "text_encoder", None) is not None:
         pipe.text_encoder.to(dev)
-    tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling)
+    vae_per_mpix = memory_model.family_model(family).vae_gib_per_mpix(dtype) if vae_tiling is None else 0.0
+    tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling, vae_per_mpix)
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # hand back the segments the streamed weights occupied
     handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling, max_pixels=max_pixels,
                              options=dict(budget_gib=budget, fp8=fp8, num_slots=num_slots, vae_tiling=vae_tiling,
                                           stream_text_encoder=stream_text_encoder,
-                                          act_gib_per_mpix=act_gib_per_mpix))
+                                          act_gib_per_mpix=act_gib_per_mpix, family=family))
     handle.hook = transformer.register_forward_pre_hook(handle._check_capacity, with_kwargs=True)
     if cfg_batching:
         from qwen_core.cfg_batch import enable_cfg_batching
@@ -581,18 +571,15 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     return handle
 
 
-# VAE decode working memory per megapixel when untiled (bf16), used until memory_model.json has "vae/<dtype>".
-DEFAULT_VAE_GIB_PER_MPIX = 4.0
-
-
 def _vae_placement(pipe: Any, dev: torch.device, plan: StreamingPlan, max_pixels: int,
-                   vae_tiling: bool | None) -> bool:
+                   vae_tiling: bool | None, per_mpix: float) -> bool:
+    """Put the VAE on the device; tile its decode when the untiled working memory (``per_mpix``, the memory
+    model's "vae/<dtype>") would not fit in the activation reserve."""
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return False
     vae.to(dev)
     if vae_tiling is None:
-        per_mpix = _model_slope("vae/bf16", DEFAULT_VAE_GIB_PER_MPIX)
         # During the decode the activation reserve is free again; tile when the decode would not fit in it.
         vae_tiling = per_mpix * max_pixels / 1e6 > plan.reserve_gib
     if vae_tiling and hasattr(vae, "enable_tiling"):

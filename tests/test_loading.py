@@ -13,7 +13,7 @@ import diffusers
 import pytest
 import torch
 
-from qwen_core import devices, governor, load_policy, loading
+from qwen_core import devices, governor, loading, memory_model
 from qwen_core.errors import ModelFolderError, ModelLoadError, QwenError
 from qwen_core.loading import (
     LoadPlan,
@@ -21,7 +21,7 @@ from qwen_core.loading import (
     RetryPolicy,
     apply_attention,
     apply_memory_mode,
-    choose_memory_mode,
+    auto_memory_mode,
     classify_error,
     next_plan,
 )
@@ -150,7 +150,7 @@ class TestRetries:
         assert [a.outcome for a in loader.attempts] == ["oom", "ok"]
         inputs = loader.governor_inputs()
         full = governor.max_pixels(None, "fp32", "model_offload")
-        assert inputs["memory_mode"] == "model_offload" and inputs["max_pixels"] == int(full * 0.75)
+        assert inputs["situation"].memory_mode == "model_offload" and inputs["max_pixels"] == int(full * 0.75)
 
     def test_transient_errors_retry_same_plan_with_growing_backoff(self, tiny_model_dir, monkeypatch):
         loader, sleeps = _loader(tiny_model_dir)
@@ -243,20 +243,24 @@ class TestMemoryModes:
         loader, _ = _loader(tiny_model_dir)
         assert loader.plan.memory_mode is MemoryMode.GPU and "cpu" in loader.memory_mode_reason
 
+    # 48 GiB, not 45: the memory model's model_offload entry (derived, conservative: the transformer resident
+    # beside an untiled VAE decode) needs ~46.2 GiB for 1328x1328; the old loader formula (largest + 3 GiB) said 41.
     @pytest.mark.parametrize(("free_gb", "streaming", "mode"), [
         (80.0, False, MemoryMode.GPU),
-        (45.0, False, MemoryMode.MODEL_OFFLOAD),
+        (48.0, False, MemoryMode.MODEL_OFFLOAD),
         (16.0, True, MemoryMode.STREAMED),
         (16.0, False, MemoryMode.GROUP_OFFLOAD),
     ])  # fmt: skip
     def test_auto_on_cuda_from_free_vram_and_model_size(self, tiny_model_dir, monkeypatch, free_gb, streaming, mode):
         # The full-size model in bf16: 20.4 B transformer, 8.3 B text encoder, 0.13 B VAE params.
         sizes = {"transformer": int(20.43e9 * 2), "text_encoder": int(8.29e9 * 2), "vae": int(0.127e9 * 2)}
-        monkeypatch.setattr(load_policy, "streaming_available", lambda: streaming)
+        monkeypatch.setattr(memory_model, "streaming_available", lambda: streaming)
         cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=free_gb, vram_total_gb=80.0)
-        assert choose_memory_mode(sizes, cfg)[0] is mode
+        choice = auto_memory_mode(sizes, cfg, torch.bfloat16, free_gb)
+        assert choice.mode == mode.value and choice.vram_gib == free_gb
 
-    @pytest.mark.parametrize(("free_now", "mode"), [(80.0, MemoryMode.GPU), (45.0, MemoryMode.MODEL_OFFLOAD)])
+    @pytest.mark.parametrize(("free_now", "mode"), [(80.0, MemoryMode.GPU), (48.0, MemoryMode.MODEL_OFFLOAD),
+                                                    (20.0, MemoryMode.STREAMED)])
     def test_auto_is_decided_again_at_first_load_from_fresh_free_vram(self, tiny_model_dir, monkeypatch, free_now, mode):
         loader, _ = _loader(tiny_model_dir)
         sizes = {"transformer": 20.43e9, "text_encoder": 8.29e9, "vae": 0.127e9}
@@ -264,8 +268,11 @@ class TestMemoryModes:
         loader.device_config = dataclasses.replace(loader.device_config, device="cuda", vram_free_gb=10.0, vram_total_gb=80.0)
         probe = devices.HardwareProbe(cuda_available=True, vram_total_gb=80.0, vram_free_gb=free_now)
         monkeypatch.setattr(devices, "probe_hardware", lambda device="cuda": probe)
-        plan = loader.rechoose_auto_mode(LoadPlan(MemoryMode.GROUP_OFFLOAD, torch.bfloat16, pixel_scale=0.5))
+        plan = loader.refresh_plan(LoadPlan(MemoryMode.GROUP_OFFLOAD, torch.bfloat16, pixel_scale=0.5), rechoose=True)
         assert plan.memory_mode is mode and plan.pixel_scale == 0.5
+        assert plan.vram_gib == free_now  # the fresh reading, carried for the streamed budget and the governor
+        kept = loader.refresh_plan(LoadPlan(MemoryMode.GROUP_OFFLOAD, torch.bfloat16), rechoose=False)
+        assert kept.memory_mode is MemoryMode.GROUP_OFFLOAD and kept.vram_gib == free_now
 
     def test_offload_modes_on_cpu_stay_resident(self, tiny_model_dir):
         loader, _ = _loader(tiny_model_dir, memory_mode="sequential")
@@ -283,13 +290,15 @@ def test_streamed_mode_hands_budget_and_window_to_the_engine(tiny_model_dir, mon
     calls = []
     engine = types.SimpleNamespace(enable_streamed_offload=lambda pipe, **kw: calls.append(kw))
     monkeypatch.setitem(sys.modules, "qwen_core.streaming", engine)
-    cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=15.0, vram_total_gb=16.0)
-    plan = LoadPlan(MemoryMode.STREAMED, torch.bfloat16, max_memory_fraction=0.7, pixel_scale=0.75)
+    cfg = _cfg(tiny_model_dir, device="cuda", vram_free_gb=15.9, vram_total_gb=16.0)  # older reading: unused
+    plan = LoadPlan(MemoryMode.STREAMED, torch.bfloat16, max_memory_fraction=0.7, pixel_scale=0.75, vram_gib=15.0)
     placement = apply_memory_mode(object(), plan, cfg)
     (kw,) = calls
     assert kw["device"] == torch.device("cuda") and kw["budget_gib"] == pytest.approx(15.0 * 0.7)
-    assert kw["max_pixels"] == int(governor.max_pixels(16.0, "bf16", "streamed") * 0.75)
-    assert "streamed on cuda within 10.5 GiB" in placement
+    # The reserve is for the native size (the memory window x 0.75 is larger): a larger image re-plans once.
+    assert kw["max_pixels"] == memory_model.streamed_budget(15.0, memory_fraction=0.7, pixel_scale=0.75)[1]
+    assert kw["max_pixels"] == 1328 * 1328
+    assert "streamed on cuda within 10.5 GiB (activations for 1.76 MP)" in placement
 
 
 class TestFullVramFastPath:

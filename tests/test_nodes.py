@@ -159,9 +159,10 @@ class TestNodesOnTinyPipeline:
     def test_governor_then_generate_gives_comfy_images(self, models_home: Path) -> None:
         (handle,) = QwenImageLoader().load("qwen-image-tiny", "fp32", "auto", "sdpa")
         out = QwenImagePixelGovernor().decide(72, 48, "custom", "fast", pipe=handle)
-        width, height, steps, cfg, message = out["result"]
+        width, height, steps, cfg, message, seconds = out["result"]  # seconds_per_step: added last
         assert (width, height, steps, cfg) == (64, 48, 20, 1.0)
         assert out["ui"]["qwen_governor"][0]["scaled"] is False and "72x48 -> 64x48" in message
+        assert seconds == 0.0 and "no time estimate" in message  # CPU: no basis for an estimate
         result = QwenImageGenerate().generate(handle, "a red square", "", width, height, 1, cfg, 7, 2)
         images = result["result"][0]
         assert images.shape == (2, 48, 64, 3) and images.dtype == torch.float32
@@ -170,10 +171,29 @@ class TestNodesOnTinyPipeline:
 
     def test_governor_shows_safe_mode_when_it_reduces(self) -> None:
         out = QwenImagePixelGovernor().decide(1328, 1328, "16:9", "balanced", system=_FakeReport(500_000))
-        width, height, steps, cfg, message = out["result"]
+        width, height, steps, cfg, message, _ = out["result"]
         assert width * height <= 500_000 and width % 16 == height % 16 == 0 and (steps, cfg) == (30, 4.0)
         assert message.startswith("Safe Mode: Reduced pixel window (1664x928 ->")
         assert out["ui"]["qwen_governor"][0]["scaled"] is True
+
+    def test_governor_keeps_a_size_that_fits_and_estimates_its_step(self) -> None:
+        # Issue 9: a 12 GB card's report recommends 'streamed' with room for ~12 MP: 1328x1328 stays.
+        report = _FakeReport(12_000_000, memory_mode="streamed", vram_free_gb=12.0)
+        out = QwenImagePixelGovernor().decide(1328, 1328, "custom", "high", system=report)
+        width, height, steps, _, message, seconds = out["result"]
+        assert (width, height, steps) == (1328, 1328, 50) and "Safe Mode" not in message
+        assert 0.6 < seconds < 0.75 and "est. " in message and "estimate" in message
+        assert out["ui"]["qwen_governor"][0]["scaled"] is False
+
+    def test_time_budget_preset_caps_only_when_picked(self) -> None:
+        report = _FakeReport(60_000_000, memory_mode="gpu", vram_free_gb=80.0)
+        free = QwenImagePixelGovernor().decide(1328, 1328, "custom", "balanced", system=report)
+        timed = QwenImagePixelGovernor().decide(1328, 1328, "custom", "balanced, max 0.5 s/step", system=report)
+        assert free["result"][:2] == (1328, 1328)
+        width, height, _, _, message, seconds = timed["result"]
+        assert width * height < 1328 * 1328 and seconds <= 0.5 and message.startswith("Time budget:")
+        assert timed["ui"]["qwen_governor"][0]["limited_by"] == "time budget"
+        assert timed["ui"]["qwen_governor"][0]["scaled"] is False  # no Safe Mode badge for a chosen budget
 
     def test_preflight_node_reports_for_a_local_folder(self, models_home: Path) -> None:
         out = QwenImagePreflight().check("qwen-image-tiny")
@@ -225,8 +245,9 @@ class TestNodesOnTinyPipeline:
 class _FakeReport:
     """Just what the governor reads from a PreflightReport."""
 
-    def __init__(self, max_pixels: int) -> None:
-        self.profile = type("P", (), {"dtype": "bf16", "memory_mode": "gpu", "max_pixels": max_pixels})()
+    def __init__(self, max_pixels: int, memory_mode: str = "gpu", vram_free_gb: float | None = None) -> None:
+        self.profile = type("P", (), {"dtype": "bf16", "memory_mode": memory_mode, "max_pixels": max_pixels})()
+        self.device = {"vram_free_gb": vram_free_gb}
 
 
 @pytest.mark.slow

@@ -7,9 +7,15 @@ import sys
 import pytest
 import torch
 
-from qwen_core import load_policy, session_log
+from qwen_core import governor, memory_model, session_log
 from qwen_core.devices import DeviceConfig
-from qwen_core.preflight import MODEL_SIZES_GB, PACKAGE_RANGES, perform_preflight_checks
+from qwen_core.preflight import (
+    MODEL_SIZES_GB,
+    PACKAGE_RANGES,
+    check_gpu,
+    check_vram,
+    perform_preflight_checks,
+)
 
 GOOD_VERSIONS = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "transformers": "5.24.0",
                  "huggingface_hub": "2.4.0", "accelerate": "1.15.0", "safetensors": "0.8.0"}
@@ -50,24 +56,44 @@ class TestVerdictAndProfile:
         assert {c.name for c in r.checks} >= {"gpu", "vram", "ram", "disk", "cuda", "python", "flash-attn",
                                                "comfyui", *PACKAGE_RANGES}
 
-    def test_rtx_4080_16gb_streams_and_limits_pixels(self):
+    def test_rtx_4080_16gb_streams_at_the_native_size(self):
         r = run(gpu(16.0))
         assert r.profile.memory_mode == "streamed"  # qwen_core/streaming.py, the low-VRAM engine
-        assert r.profile.max_pixels == 1_800_000  # the "high" tier
+        # The window is the memory model's (the governor's, for the same reading), not a tier table's 1.8 MP.
+        assert r.profile.max_pixels == governor.max_pixels(16.0) > 1328 * 1328
+        assert r.profile.example_size == "1328x1328" and "est. 0.66 s/step" in r.profile.reason
         assert "offloaded weights live in RAM" in r.check("ram").needed
+        assert r.check("vram").status == "ok"
 
-    def test_8gb_card_gets_a_smaller_window(self):
-        r = run(gpu(8.0))
-        assert r.profile.max_pixels < 1664 * 928
+    def test_4gb_card_gets_a_smaller_window_and_a_warning(self):
+        r = run(gpu(4.0))
+        assert r.profile.memory_mode == "streamed" and r.profile.max_pixels < 1328 * 1328
         w, h = map(int, r.profile.example_size.split("x"))
         assert w * h <= r.profile.max_pixels and w % 16 == 0
+        assert r.check("vram").status == "warn" and "governor reduces" in r.check("vram").message
 
     def test_without_the_streaming_engine_group_offload(self, monkeypatch):
-        monkeypatch.setattr(load_policy, "streaming_available", lambda: False)
+        monkeypatch.setattr(memory_model, "streaming_available", lambda: False)
         assert run(gpu(16.0)).profile.memory_mode == "group_offload"
 
     def test_48gb_card_uses_model_offload(self):
         assert run(gpu(48.0)).profile.memory_mode == "model_offload"
+
+    def test_60gb_card_agrees_with_the_loader(self):
+        # Issue 9: 57-61 GiB cards got gpu from the loader (3 GiB headroom) and model_offload from Preflight.
+        r = run(gpu(60.0))
+        assert r.profile.memory_mode == memory_model.choose_memory_mode(None, 60.0).mode == "model_offload"
+
+    def test_recommendation_follows_free_vram(self):
+        # One reading: the free VRAM the loader will decide from, not the card's total.
+        assert run(gpu(80.0, vram_free=30.0)).profile.memory_mode == "streamed"
+
+    def test_listing_weights_per_component_set_the_mode(self):
+        # A model with a 20 GB transformer and a 10 GB text encoder: model_offload holds it on a 28 GB card.
+        listing = {"transformer/a.safetensors": 20 * 10**9, "text_encoder/b.safetensors": 10 * 10**9,
+                   "vae/c.safetensors": 10**8, "tokenizer/vocab.json": 10**7}
+        r = run(gpu(28.0), model="Qwen/Qwen-Image", file_sizes=listing)
+        assert r.profile.memory_mode == "model_offload"
 
     def test_cpu_machine_warns_but_passes(self):
         r = run(CPU)
@@ -143,6 +169,18 @@ class TestVersionsAndCuda:
 
     def test_comfyui_version_is_reported(self):
         assert run(CPU, comfyui_version="0.3.64").check("comfyui").measured == "0.3.64"
+
+
+class TestTypedDevice:
+    def test_checks_take_the_device_config(self):
+        assert check_gpu(gpu(16.0)).measured == "NVIDIA GeForce RTX 4080 (cc 8.9)"
+        choice = memory_model.choose_memory_mode(None, 16.0)
+        assert check_vram(gpu(16.0), choice, "x", 1328 * 1328).status == "ok"
+
+    def test_report_device_keeps_its_json_shape(self):
+        dev = gpu(16.0)
+        data = json.loads(run(dev).to_json())["device"]
+        assert data == json.loads(json.dumps(dev.to_dict())) and data["dtype"] == "bf16"
 
 
 class TestOutput:

@@ -24,7 +24,7 @@ def _write(tmp_path, text, name="p.yaml"):
 class TestDefaults:
     def test_shipped_file(self):
         p = load_presets()
-        assert [t.name for t in p.vram_tiers] == ["low", "medium", "high", "ultra"]
+        assert not hasattr(p, "vram_tiers")  # the governor's window is the memory model's, not a table
         assert {(a.width, a.height) for a in p.aspect_presets.values() if a.native} == NATIVE
         assert all(a.pixels == a.width * a.height for a in p.aspect_presets.values())
         assert p.aspect("16:9").pixels == 1544192
@@ -32,13 +32,11 @@ class TestDefaults:
         assert p.quality("high").steps == 50 and p.quality("high").true_cfg_scale == 4.0
         assert p.sources == (DEFAULT_PRESETS_PATH,)
 
-    def test_tier_lookup(self):
+    def test_time_budget_only_on_presets_that_say_so(self):
         p = load_presets()
-        assert p.tier_for_vram(8).name == "low"
-        assert p.tier_for_vram(12).name == "medium"
-        assert p.tier_for_vram(16).name == "high"
-        assert p.tier_for_vram(80).name == "ultra"
-        assert p.tier_for_vram(None).name == "ultra"
+        assert all(p.quality(n).max_seconds_per_step is None for n in ("fast", "balanced", "high"))
+        timed = {n: q.max_seconds_per_step for n, q in p.quality_presets.items() if q.max_seconds_per_step}
+        assert timed == {"fast, max 0.3 s/step": 0.3, "balanced, max 0.5 s/step": 0.5}
 
     def test_unknown_names(self):
         p = load_presets()
@@ -59,18 +57,26 @@ class TestOverride:
         assert p.sources[-1] == path
 
     def test_replace(self, monkeypatch, tmp_path):
-        path = _write(tmp_path, "replace: true\nvram_tiers:\n  only: {min_vram_gb: 0, max_megapixels: 0.5}\n")
+        path = _write(tmp_path, "replace: true\naspect_presets:\n  only: {width: 512, height: 512}\n")
         monkeypatch.setenv("QWEN_PRESETS", str(path))
         p = load_presets()
-        assert [t.name for t in p.vram_tiers] == ["only"]
-        assert len(p.quality_presets) == 3  # sections not given stay
+        assert list(p.aspect_presets) == ["only"]
+        assert len(p.quality_presets) == 5  # sections not given stay
 
-    def test_governor_follows_the_override(self, monkeypatch, tmp_path):
+    def test_retired_tier_sections_are_ignored_with_a_warning(self, monkeypatch, tmp_path, caplog):
         from qwen_core.governor import max_pixels
 
-        path = _write(tmp_path, "vram_tiers:\n  low: {min_vram_gb: 0, max_megapixels: 0.5}\n")
+        path = _write(tmp_path, "vram_tiers:\n  low: {min_vram_gb: 0, max_megapixels: 0.5}\ndtype_factor: {fp32: 0.5}\n")
         monkeypatch.setenv("QWEN_PRESETS", str(path))
-        assert max_pixels(8) == 500_000
+        with caplog.at_level("WARNING", logger="qwen_core.presets"):
+            load_presets()
+        assert "`vram_tiers` is ignored" in caplog.text and "`dtype_factor` is ignored" in caplog.text
+        assert max_pixels(8) > 500_000  # the window is the memory model's
+
+    def test_time_budget_in_an_override(self, monkeypatch, tmp_path):
+        path = _write(tmp_path, "quality_presets:\n  quick: {steps: 8, true_cfg_scale: 1.0, max_seconds_per_step: 0.2}\n")
+        monkeypatch.setenv("QWEN_PRESETS", str(path))
+        assert load_presets().quality("quick").max_seconds_per_step == 0.2
 
     def test_missing_override_file(self, monkeypatch, tmp_path):
         monkeypatch.setenv("QWEN_PRESETS", str(tmp_path / "nope.yaml"))
@@ -79,7 +85,7 @@ class TestOverride:
 
 
 BROKEN = [
-    ("vram_tiers: [1, 2", "", "not valid YAML"),
+    ("aspect_presets: [1, 2", "", "not valid YAML"),
     ("- a\n- b\n", "", "mapping of sections"),
     ("quality_presets:\n  fast: {steps: 0, true_cfg_scale: 1}\n", "quality_presets.fast.steps", "[1, 200]"),
     ("quality_presets:\n  fast: {steps: yes, true_cfg_scale: 1}\n", "quality_presets.fast.steps", "integer"),
@@ -89,11 +95,11 @@ BROKEN = [
     ("aspect_presets:\n  odd: {width: 1000, height: 1000}\n", "aspect_presets.odd.width", "multiple of 16"),
     ("aspect_presets:\n  odd: {width: 1024, height: 1024, pixels: 5}\n", "aspect_presets.odd.pixels", "1048576"),
     ("aspect_presets:\n  big: {width: 100000, height: 1024}\n", "aspect_presets.big.width", "8192"),
-    ("vram_tiers:\n  low: {min_vram_gb: 0, max_megapixels: -1}\n", "vram_tiers.low.max_megapixels", "got -1"),
-    ("vram_tiers: 5\n", "vram_tiers", "mapping"),
+    ("quality_presets:\n  q: {steps: 4, true_cfg_scale: 1, max_seconds_per_step: 0}\n",
+     "quality_presets.q.max_seconds_per_step", "got 0"),
+    ("aspect_presets: 5\n", "aspect_presets", "mapping"),
     ("colours: {}\n", "colours", "unknown section"),
     ("replace: maybe\n", "replace", "true or false"),
-    ("dtype_factor: {int8: 1}\n", "dtype_factor.int8", "bf16"),
     ("x: !!python/object/apply:os.system ['echo pwned']\n", "", "not valid YAML"),
     ("a: &a [1, 2]\nb: *a\n", "", "aliases are not allowed"),
 ]
