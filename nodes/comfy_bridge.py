@@ -75,6 +75,34 @@ def models_dirs() -> list[Path]:
     return [paths.models_root()]
 
 
+# ComfyUI's folder_paths keys for single files (the second name is the pre-2025 alias).
+FILE_FOLDER_KEYS = {"diffusion_models": ("diffusion_models", "unet"), "text_encoders": ("text_encoders", "clip"),
+                    "vae": ("vae",)}  # fmt: skip
+
+
+def comfy_file_dirs(kind: str) -> list[Path]:
+    """ComfyUI's folders for single files of ``kind`` (diffusion_models, text_encoders, vae), extra_model_paths
+    included. Headless: ``<kind>`` beside the diffusers store (``<models>/diffusion_models`` for ``<models>/diffusers``)."""
+    if folder_paths is not None:
+        for key in FILE_FOLDER_KEYS[kind]:
+            try:
+                return [Path(p) for p in folder_paths.get_folder_paths(key)]
+            except KeyError:
+                continue
+        return [Path(folder_paths.models_dir) / kind]
+    from qwen_core import paths
+
+    return [paths.models_root().parent / kind]
+
+
+def comfy_tokenizer_dir() -> Path | None:
+    """ComfyUI's own Qwen2.5 tokenizer folder (comfy/text_encoders/qwen25_tokenizer), when running inside ComfyUI."""
+    if model_management is None:
+        return None
+    folder = Path(model_management.__file__).resolve().parent / "text_encoders" / "qwen25_tokenizer"
+    return folder if (folder / "tokenizer_config.json").is_file() else None
+
+
 def comfyui_version() -> str | None:
     """ComfyUI's version when running inside it (comfyui_version.py exists since 0.3.x)."""
     if folder_paths is None:
@@ -104,8 +132,11 @@ def _is_qwen_folder(folder: Path) -> bool:
     return str(index.get("_class_name", "")).startswith(QWEN_CLASS_PREFIX)
 
 
-def list_model_folders() -> list[str]:
-    """Qwen-Image diffusers folders (relative names, up to two levels deep) in every models dir."""
+def list_model_folders(*, configs_only: bool = False) -> list[str]:
+    """Qwen-Image diffusers folders (relative names, up to two levels deep) in every models dir. Folders without
+    weights (configs-only downloads, the config source of single files) are listed only with ``configs_only``."""
+    from qwen_core.sources.configs import is_configs_only
+
     found: list[str] = []
     for root in models_dirs():
         if not root.is_dir():
@@ -113,7 +144,7 @@ def list_model_folders() -> list[str]:
         for child in _subdirs(root):
             for folder in [child, *_subdirs(child)]:  # "name" or "org/name" (the Downloader's layout)
                 name = folder.relative_to(root).as_posix()
-                if _is_qwen_folder(folder) and name not in found:
+                if _is_qwen_folder(folder) and name not in found and is_configs_only(folder) == configs_only:
                     found.append(name)
     return found
 

@@ -31,21 +31,36 @@ ATTENTIONS = [a.value for a in AttentionChoice]
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 
+COMFY_PREFIX = "comfy: "  # Loader entries assembled from ComfyUI's single files (models/diffusion_models ...)
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class PipeHandle:
-    """QWEN_PIPE: which model with which settings. Light and immutable (safe in ComfyUI's cache)."""
+    """QWEN_PIPE: which model with which settings. Light and immutable (safe in ComfyUI's cache).
+
+    ``path`` is a diffusers folder, or a diffusion-model file; then ``text_encoder`` / ``vae`` name the chosen
+    files ("" = picked from what is present) and ``configs`` the config source folder."""
 
     path: str
     dtype: str = "auto"
     memory_mode: str = "auto"
     attention: str = "auto"
     loras: tuple[tuple[str, float], ...] = ()  # (file, strength) in stacking order; not part of ``key``
+    text_encoder: str = ""
+    vae: str = ""
+    configs: str = ""
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
+    def key(self) -> tuple[str, ...]:
         """The generator (and resident model) of this handle: LoRAs are fused into that one model, so handles
         that differ only in LoRAs share it."""
-        return (self.path, self.dtype, self.memory_mode, self.attention)
+        base = (self.path, self.dtype, self.memory_mode, self.attention)
+        return (*base, self.text_encoder, self.vae, self.configs) if self.is_single_file else base
+
+    @property
+    def is_single_file(self) -> bool:
+        return bool(self.configs)
 
     def with_lora(self, path: str, strength: float) -> PipeHandle:
         """A new handle with one more LoRA on top of the stack (this one is left as it is)."""
@@ -56,7 +71,51 @@ class PipeHandle:
 
 
 def model_choices() -> list[str]:
-    return bridge.list_model_folders() or [NO_MODEL]
+    """Diffusers folders, then "comfy: <file>" for each Qwen-Image diffusion model in ComfyUI's folders."""
+    from qwen_core.sources.listing import list_files
+    from qwen_core.sources.types import Component
+
+    files = list_files(bridge.comfy_file_dirs("diffusion_models"), Component.TRANSFORMER)
+    return bridge.list_model_folders() + [COMFY_PREFIX + name for name in files] or [NO_MODEL]
+
+
+def file_choices(kind: str) -> list[str]:
+    """"auto" + the Qwen-Image text encoders / VAEs in ComfyUI's ``kind`` folders."""
+    from qwen_core.sources.listing import list_files
+    from qwen_core.sources.types import Component
+
+    component = Component.TEXT_ENCODER if kind == "text_encoders" else Component.VAE
+    return [AUTO, *list_files(bridge.comfy_file_dirs(kind), component)]
+
+
+def configs_choices() -> list[str]:
+    """"auto" + folders a single-file model can take its configs from (configs-only downloads first)."""
+    return [AUTO, *bridge.list_model_folders(configs_only=True), *bridge.list_model_folders()]
+
+
+def resolve_single_files(model: str, text_encoder: str = AUTO, vae: str = AUTO, configs: str = AUTO,
+                         configs_path: str | None = None) -> tuple[Path, str, str, str]:
+    """(diffusion-model file, text encoder file or "", VAE file or "", configs folder) for a "comfy: " entry.
+    Every path must lie in ComfyUI's model folders; "auto" configs pick a folder of the same Edit generation."""
+    from qwen_core.sources.listing import pick_configs, require_file
+
+    name = model[len(COMFY_PREFIX):]
+    path = require_file(bridge.comfy_file_dirs("diffusion_models"), name, "diffusion model")
+    chosen = {}
+    for field, kind, value in (("text_encoder", "text_encoders", text_encoder), ("vae", "vae", vae)):
+        chosen[field] = "" if value in ("", AUTO) else str(require_file(bridge.comfy_file_dirs(kind), value, field))
+    if configs_path:
+        folder = resolve_model(configs, configs_path, field="configs")
+    elif configs in ("", AUTO):
+        picked = pick_configs(name, configs_choices()[1:])
+        if picked is None:
+            raise InvalidInputError("configs", f"no Qwen-Image configs folder for {name} in {bridge.models_dirs()[0]}.",
+                                    fix="Run the Downloader with allow_patterns 'model_index.json,*/config.json,"
+                                        "tokenizer/*,scheduler/*' (a few MB), or pick a diffusers folder.")
+        folder = resolve_model(picked, field="configs")
+    else:
+        folder = resolve_model(configs, field="configs")
+    return path, chosen["text_encoder"], chosen["vae"], str(folder)
 
 
 def _inside(path: Path, roots: list[Path]) -> bool:
@@ -130,7 +189,7 @@ def resolve_model(model: str, model_path: str | None = None, field: str = "model
     return candidate
 
 
-_generators: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
+_generators: OrderedDict[tuple[str, ...], Any] = OrderedDict()
 _generators_lock = threading.Lock()
 MAX_GENERATORS = 4  # light objects (tokenizer, configs); the weights live in the residency registry
 
@@ -149,13 +208,33 @@ def generator_for(handle: PipeHandle) -> Any:
         if generator is not None:
             _generators.move_to_end(handle.key)
     if generator is None:
-        generator = QwenImageGenerator(handle.path, **handle.loader_kwargs())
+        if handle.is_single_file:
+            from qwen_core.loading import PipelineLoader
+
+            generator = QwenImageGenerator(PipelineLoader(single_files_source(handle), **handle.loader_kwargs()))
+        else:
+            generator = QwenImageGenerator(handle.path, **handle.loader_kwargs())
         with _generators_lock:
             _generators[handle.key] = generator
             while len(_generators) > MAX_GENERATORS:
                 _generators.popitem(last=False)
     generator.set_loras(handle.loras)  # checked against the model now; fused (no reload) on the next load
     return generator
+
+
+def single_files_source(handle: PipeHandle) -> Any:
+    """The ``SingleFilesSource`` of a single-file handle; the tokenizer comes from the configs folder, else
+    from ComfyUI's own qwen25_tokenizer."""
+    from qwen_core.sources.comfy_files import SingleFilesSource
+    from qwen_core.sources.types import Component
+
+    configs = Path(handle.configs)
+    tokenizer = None if (configs / "tokenizer").is_dir() else bridge.comfy_tokenizer_dir()
+    return SingleFilesSource(
+        handle.path, handle.text_encoder or None, handle.vae or None, configs=configs, tokenizer_dir=tokenizer,
+        companion_dirs={Component.TEXT_ENCODER: bridge.comfy_file_dirs("text_encoders"),
+                        Component.VAE: bridge.comfy_file_dirs("vae")},
+    )
 
 
 def release_resident() -> list[Any]:

@@ -6,22 +6,28 @@ from typing import Any
 
 from .common import (
     ATTENTIONS,
+    AUTO,
+    COMFY_PREFIX,
     DTYPES,
     MEMORY_MODES,
     QWEN_PIPE,
     PipeHandle,
+    configs_choices,
+    file_choices,
     generator_for,
     install_comfy_hooks,
     model_choices,
     resolve_model,
+    resolve_single_files,
     validate_model_name,
 )
 
 
 class QwenImageLoader:
-    DESCRIPTION = ("Selects a Qwen-Image diffusers folder from ComfyUI's models/diffusers (and extra_model_paths) "
-                   "and how to run it. The folder is checked and the tokenizer built now; the weights load on the "
-                   "first Generate, after ComfyUI has been asked to free memory for them.")
+    DESCRIPTION = ("Selects a Qwen-Image diffusers folder from ComfyUI's models/diffusers, or a model assembled from "
+                   "ComfyUI's own files ('comfy: ' entries: models/diffusion_models + text_encoders + vae, fp8 and "
+                   "GGUF included), and how to run it. The files are checked and the tokenizer built now; the "
+                   "weights load on the first Generate, after ComfyUI has been asked to free memory for them.")
     CATEGORY = "Qwen-Image/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (QWEN_PIPE,)
@@ -39,16 +45,30 @@ class QwenImageLoader:
                 "attention": (ATTENTIONS, {"default": "auto", "tooltip": "auto: PyTorch SDPA unless flash-attn passes a probe. A black image retries with SDPA."}),
             },
             "optional": {
-                "model_path": ("STRING", {"forceInput": True, "tooltip": "Overrides model: a folder inside the model folders (e.g. from the Downloader)."}),
+                "text_encoder": (file_choices("text_encoders"), {"default": AUTO, "tooltip": "For 'comfy: ' models: the text encoder file in models/text_encoders. auto: Qwen2.5-VL, fp8 beside an fp8 model."}),
+                "vae": (file_choices("vae"), {"default": AUTO, "tooltip": "For 'comfy: ' models: the VAE file in models/vae. auto: qwen_image_vae."}),
+                "configs": (configs_choices(), {"default": AUTO, "tooltip": "For 'comfy: ' models: the folder in models/diffusers with the family's configs and tokenizer (a configs-only download of a few MB is enough). auto: the matching one."}),
+                "model_path": ("STRING", {"forceInput": True, "tooltip": "Overrides model: a folder inside the model folders (e.g. from the Downloader). With a 'comfy: ' model it names the configs folder instead."}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str) -> bool | str:
-        return validate_model_name(model)
+    def VALIDATE_INPUTS(cls, model: str = AUTO, text_encoder: str = AUTO, vae: str = AUTO, configs: str = AUTO) -> bool | str:
+        # Names not in the lists are accepted (a Downloader may fetch them in the same run); they must still be
+        # plain relative names, and loading reports a missing file naming the input.
+        for value in (model.removeprefix(COMFY_PREFIX), text_encoder, vae, configs):
+            verdict = validate_model_name(value)
+            if verdict is not True:
+                return verdict
+        return True
 
-    def load(self, model: str, dtype: str, memory_mode: str, attention: str, model_path: str | None = None) -> tuple[PipeHandle]:
+    def load(self, model: str, dtype: str, memory_mode: str, attention: str, text_encoder: str = AUTO,
+             vae: str = AUTO, configs: str = AUTO, model_path: str | None = None) -> tuple[PipeHandle]:
         install_comfy_hooks()
-        handle = PipeHandle(str(resolve_model(model, model_path)), dtype, memory_mode, attention)
-        generator_for(handle)  # validates the folder and builds the tokenizer now; no weights yet
+        if model.startswith(COMFY_PREFIX):
+            path, te, vae_file, configs_dir = resolve_single_files(model, text_encoder, vae, configs, model_path)
+            handle = PipeHandle(str(path), dtype, memory_mode, attention, text_encoder=te, vae=vae_file, configs=configs_dir)
+        else:
+            handle = PipeHandle(str(resolve_model(model, model_path)), dtype, memory_mode, attention)
+        generator_for(handle)  # validates the folder or files and builds the tokenizer now; no weights yet
         return (handle,)

@@ -52,7 +52,17 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_generate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="local diffusers Qwen-Image folder")
+    parser.add_argument("--model", type=Path, default=None, help="local diffusers Qwen-Image folder")
+    files = parser.add_argument_group("single files (instead of --model; e.g. ComfyUI's models/ files)")
+    files.add_argument("--transformer-file", type=Path, default=None,
+                       help="diffusion model .safetensors (bf16, fp8, fp8-scaled) or .gguf")
+    files.add_argument("--text-encoder-file", type=Path, default=None,
+                       help="text encoder .safetensors (default: found in ../text_encoders beside the diffusion model)")
+    files.add_argument("--vae-file", type=Path, default=None, help="VAE .safetensors (default: found in ../vae)")
+    files.add_argument("--configs", type=Path, default=None,
+                       help="diffusers folder of the family with model_index.json, */config.json, tokenizer, scheduler")
+    files.add_argument("--fp8-matmul", action="store_true",
+                       help="fp8 files: matrix products on fp8 tensor cores (sm_89+; lossy, see README)")
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--out", required=True, type=Path, help="PNG to write (batch: NAME_1.png, NAME_2.png, ...)")
     _add_sampling_args(parser, width=1328, height=1328, steps=50)
@@ -210,8 +220,8 @@ def run_generate(args: argparse.Namespace) -> int:
     out = _check_out(args.out)
     started = time.perf_counter()
     generator = QwenImageGenerator(
-        args.model, dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention, device=args.device,
-        loras=args.lora,
+        _model_argument(args), dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention,
+        device=args.device, loras=args.lora,
     )
     loader = generator.loader
     print(f"model {loader.path} ({loader.family.display_name}): {loader.device_config.device}, {loader.dtype_name}, "
@@ -223,6 +233,22 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"  load {attempt.describe()}")
     print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
     return 0
+
+
+def _model_argument(args: argparse.Namespace) -> Any:
+    """--model (a folder) or the single-file arguments as a ``SingleFilesSource``; exactly one of the two."""
+    if (args.model is None) == (args.transformer_file is None):
+        raise InvalidInputError("model", "give either --model (a diffusers folder) or --transformer-file (+ --configs).")
+    if args.model is not None:
+        return args.model
+    if args.configs is None:
+        raise InvalidInputError("configs", "--transformer-file needs --configs: a diffusers folder of the family "
+                                "(configs only is enough, e.g. `download Qwen/Qwen-Image --allow model_index.json "
+                                "--allow '*/config.json' --allow 'tokenizer/*' --allow 'scheduler/*'`).")
+    from qwen_core.sources.comfy_files import SingleFilesSource
+
+    return SingleFilesSource(args.transformer_file, args.text_encoder_file, args.vae_file, configs=args.configs,
+                             fp8_matmul=args.fp8_matmul)
 
 
 def _set_threads(threads: int | None) -> None:

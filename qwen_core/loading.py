@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_core import devices
-from qwen_core.errors import ModelLoadError, QwenError
+from qwen_core.errors import InvalidInputError, ModelLoadError, QwenError
 from qwen_core.families import ModelFamily
 from qwen_core.integrity import check_model_folder
 from qwen_core.load_policy import (
@@ -108,6 +108,9 @@ class PipelineLoader:
         self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
         self.attention_choice = AttentionChoice.parse(attention, "attention")
         self.source = model if isinstance(model, ModelSource) else FolderSource(model)
+        if self.memory_mode_choice.value in self.source.unsupported_memory_modes:
+            raise InvalidInputError("memory_mode", f"{self.memory_mode_choice.value} cannot hold the weights of "
+                                    f"{self.source.path.name} (quantised parameters).", fix="Choose streamed or auto.")
         self.path = self.source.path
         self.device_config = devices.get_device_config(
             device=device, dtype=self.dtype_choice.value, attention=self.attention_choice.value
@@ -313,6 +316,8 @@ def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None =
             loader.attempts.append(attempt)
             loader.last_error = err
             following = next_plan(plan, kind) if number < policy.max_attempts else None
+            while following is not None and following.memory_mode.value in loader.source.unsupported_memory_modes:
+                following = next_plan(following, kind)
             if isinstance(err, QwenError) and following is None:
                 log.error(f"loader: {attempt.describe()}", fix=err.fix)
                 raise

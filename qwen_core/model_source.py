@@ -28,6 +28,9 @@ class ModelSource(ABC):
 
     path: Path
     family: ModelFamily
+    # Memory modes that cannot hold this source's weights (e.g. quantised parameters that a mode re-creates one
+    # by one); the loader refuses them when asked and skips them on its fallback ladder.
+    unsupported_memory_modes: frozenset[str] = frozenset()
 
     @property
     def identity(self) -> str:

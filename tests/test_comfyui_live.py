@@ -37,6 +37,7 @@ import pytest
 from comfy_workflow import ui_to_api
 from comfy_ws import ComfyEvents
 from hub_server import HubServer
+from single_files import comfy_models_dir
 
 import nodes
 
@@ -55,6 +56,8 @@ MAKE_UPSCALER = ("import sys, torch; from safetensors.torch import save_file; "
                  "from spandrel.architectures.Compact import Compact; torch.manual_seed(0); "
                  "m = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=2); "
                  "save_file({k: v.contiguous() for k, v in m.state_dict().items()}, sys.argv[1])")
+TINY_FILES = {"fp8": "comfy: qwen_image_tiny_fp8.safetensors", "gguf": "comfy: qwen-image-tiny-Q8_0.gguf",
+              "text_encoder": "qwen_2.5_vl_tiny_fp8-scaled.safetensors"}
 
 
 @dataclass
@@ -128,6 +131,8 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
     python = os.environ.get("COMFYUI_PYTHON") or sys.executable
     (base / "models" / "upscale_models").mkdir(parents=True)
     subprocess.run([python, "-c", MAKE_UPSCALER, str(base / "models" / "upscale_models" / UPSCALER)], check=True)
+    # ComfyUI's own single files (fp8 diffusion model, GGUF, scaled fp8 text encoder, VAE), tiny versions.
+    comfy_models_dir(base / "models", tiny_model_dir, transformer_fmt="fp8", te_fmt="fp8-scaled", gguf="Q8_0")
     files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
     with HubServer() as hub:
         hub.add_repo(TINY_REPO, files)
@@ -184,6 +189,10 @@ def with_tiny_models(api: dict[str, dict]) -> dict[str, dict]:
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "QwenImageDownloader":
             inputs["repo_id"] = TINY_REPO
+        elif kind == "QwenImageLoader" and str(inputs["model"]).startswith("comfy: "):
+            gguf = str(inputs["model"]).endswith(".gguf")
+            inputs["model"] = TINY_FILES["gguf" if gguf else "fp8"]
+            inputs["text_encoder"] = TINY_FILES["text_encoder"]
         elif kind == "QwenImagePreflight" or kind == "QwenImageLoader":
             inputs["model"] = "qwen-image-tiny"
         elif kind == "QwenImageSwitchModel":
@@ -204,7 +213,11 @@ def test_pack_imports_and_all_six_nodes_are_registered(comfy: Comfy) -> None:
     info = comfy.get("/object_info")
     assert set(nodes.NODE_CLASS_MAPPINGS) <= set(info)
     loader = info["QwenImageLoader"]["input"]["required"]["model"]
-    assert loader[0] == ["qwen-image-tiny", "qwen-image-tiny-b"]
+    # Diffusers folders first, then the models assembled from ComfyUI's diffusion_models/text_encoders/vae.
+    assert loader[0] == ["qwen-image-tiny", "qwen-image-tiny-b", TINY_FILES["gguf"], TINY_FILES["fp8"]]
+    optional = info["QwenImageLoader"]["input"]["optional"]
+    assert optional["text_encoder"][0] == ["auto", TINY_FILES["text_encoder"]]
+    assert optional["vae"][0] == ["auto", "qwen_image_vae.safetensors"]
     assert info["QwenImageGenerate"]["input"]["required"]["seed"][1]["control_after_generate"] is True
 
 
@@ -215,8 +228,15 @@ def test_workflows_are_served_as_templates(comfy: Comfy) -> None:
         assert comfy.get(f"/api/workflow_templates/{PACK}/{path.name}") == json.loads(path.read_text(encoding="utf-8"))
 
 
+def _has_gguf() -> bool:
+    python = os.environ.get("COMFYUI_PYTHON") or sys.executable
+    return subprocess.run([python, "-c", "import gguf"], capture_output=True).returncode == 0
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_runs_through_prompt(comfy: Comfy, path: Path) -> None:
+    if "gguf" in path.stem and not _has_gguf():
+        pytest.skip("ComfyUI's Python lacks the gguf package (pip install -r requirements.txt)")
     api = with_tiny_models(ui_to_api(json.loads(path.read_text(encoding="utf-8")), comfy.get("/object_info")))
     entry = comfy.wait(comfy.queue(api))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]

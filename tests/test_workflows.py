@@ -140,6 +140,9 @@ class TestWorkflow:
             assert not models and not repos and loaders == {"qwen-image-tiny"}  # made locally by make-tiny
             return
         assert models, "the frontend offers downloads from the top-level models list"
+        if any(str(name).startswith("comfy: ") for name in loaders):
+            check_single_file_models(wf, models)
+            return
         loras = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoRA"}
         for entry in [e for e in models if e["directory"] == "loras"]:  # a LoRA the workflow uses, from its Hub repo
             assert entry["name"] in loras and entry["url"].startswith("https://huggingface.co/")
@@ -190,6 +193,28 @@ def test_model_switch_template_switches_between_real_models() -> None:
     models = {n["type"]: n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("QwenImageLoader", "QwenImageSwitchModel")}
     assert models["QwenImageLoader"].startswith("Qwen/") and models["QwenImageSwitchModel"].startswith("Qwen/")
     assert "tiny" not in models["QwenImageSwitchModel"] and models["QwenImageLoader"] != models["QwenImageSwitchModel"]
+
+
+# sha256 of the Comfy-Org / city96 files the single-file workflows name (their Hub listings / LFS ids).
+KNOWN_SHA256 = {
+    "qwen_image_fp8_e4m3fn.safetensors": "98763a127701eb6fb59096f7742cb3aa7d64ed510b9f4e882d8351f8176e3ce3",
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors": "cb5636d852a0ea6a9075ab1bef496c0db7aef13c02350571e388aea959c5c0b4",
+    "qwen_image_vae.safetensors": "a70580f0213e67967ee9c95f05bb400e8fb08307e017a924bf3441223e023d1f",
+    "qwen-image-Q4_K_M.gguf": "c6f49103603b9a4927502549fb615c910386cfc675b1466325930ba10d2a11f4",
+}
+
+
+def check_single_file_models(wf: dict[str, Any], models: list[dict[str, Any]]) -> None:
+    """A 'comfy: ' workflow lists ComfyUI's files in the folders ComfyUI downloads them to, with their hashes,
+    and its Loader names exactly those files."""
+    loader = next(n for n in wf["nodes"] if n["type"] == "QwenImageLoader")["widgets_values"]
+    by_dir = {entry["directory"]: entry for entry in models}
+    assert set(by_dir) == {"diffusion_models", "text_encoders", "vae"}
+    assert [by_dir["diffusion_models"]["name"], by_dir["text_encoders"]["name"], by_dir["vae"]["name"]] == \
+        [loader[0].removeprefix("comfy: "), loader[4], loader[5]]
+    for entry in models:
+        assert entry["url"].startswith("https://huggingface.co/") and entry["url"].endswith("/" + entry["name"])
+        assert entry.get("hash") == KNOWN_SHA256[entry["name"]] and entry.get("hash_type") == "sha256"
 
 
 def test_seeds_have_a_control_value_right_after_them() -> None:
