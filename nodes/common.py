@@ -1,6 +1,6 @@
 """What the nodes share: socket types, the light QWEN_PIPE handle, model-folder lookup, residency access.
 
-The handle is four strings. The pipeline itself lives in qwen_core's residency registry (one resident
+The handle is six strings. The pipeline itself lives in qwen_core's residency registry (one resident
 model by default, keyed by the loader), so ComfyUI's output cache, which keeps node outputs and node
 instances alive, never pins a 40 GB model: /free, an error or a cancel releases it and the next Generate
 loads it again.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_core.errors import InvalidInputError
-from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
+from qwen_core.options import AttentionChoice, CompileChoice, ComputeChoice, DtypeChoice, MemoryMode
 
 from . import comfy_bridge as bridge
 
@@ -27,6 +27,8 @@ NO_MODEL = "(no Qwen-Image folder found: run the Downloader or make-tiny)"
 DTYPES = [c.value for c in DtypeChoice]
 MEMORY_MODES = [m.value for m in MemoryMode]
 ATTENTIONS = [a.value for a in AttentionChoice]
+COMPILES = [c.value for c in CompileChoice]
+COMPUTES = [c.value for c in ComputeChoice]
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 
@@ -38,13 +40,16 @@ class PipeHandle:
     dtype: str = "auto"
     memory_mode: str = "auto"
     attention: str = "auto"
+    compile: str = "auto"
+    compute: str = "auto"
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.path, self.dtype, self.memory_mode, self.attention)
+    def key(self) -> tuple[str, ...]:
+        return (self.path, self.dtype, self.memory_mode, self.attention, self.compile, self.compute)
 
     def loader_kwargs(self) -> dict[str, str]:
-        return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention}
+        return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention,
+                "compile": self.compile, "compute": self.compute}
 
 
 def model_choices() -> list[str]:
@@ -122,7 +127,7 @@ def resolve_model(model: str, model_path: str | None = None, field: str = "model
     return candidate
 
 
-_generators: OrderedDict[tuple[str, str, str, str], Any] = OrderedDict()
+_generators: OrderedDict[tuple[str, ...], Any] = OrderedDict()
 _generators_lock = threading.Lock()
 MAX_GENERATORS = 4  # light objects (tokenizer, configs); the weights live in the residency registry
 

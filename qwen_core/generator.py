@@ -212,6 +212,7 @@ class QwenImageGenerator:
         kwargs = {
             "dtype": self.loader.dtype_choice, "memory_mode": self.loader.memory_mode_choice,
             "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
+            "compile": self.loader.compile_choice, "compute": self.loader.compute_choice,
         } | loader_kwargs  # fmt: skip
         new_loader = PipelineLoader(path, **kwargs)
         old_key = self.loader.residency_key
