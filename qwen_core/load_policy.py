@@ -179,7 +179,10 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig) -
     if device.type == "cpu":
         pipe.to(device)
         note = "" if mode is MemoryMode.GPU else f" ({mode.value} needs an accelerator: ignored)"
-        return f"resident on cpu{note}"
+        from qwen_core.speed.apply import apply_speed
+
+        extra = apply_speed(pipe, plan.speed)  # compile on the CPU only when asked for (QWEN_COMPILE=1)
+        return f"resident on cpu{note}{f' ({extra})' if extra else ''}"
     if mode is MemoryMode.GPU:
         pipe.to(device)
         return f"gpu on {device}{enable_fast_path(pipe, plan.speed)}"
