@@ -54,6 +54,9 @@ class Ctx:
 def build(args: Any, R: Any) -> Ctx:
     dev = torch.device("cuda" if C.cuda() else "cpu")
     dtype = torch.bfloat16 if C.cuda() else torch.float32
+    # The parts below compile the same block code for several variants (split lengths, fp8, complex RoPE):
+    # more than dynamo's default 8 graphs per code object would silently fall back to eager.
+    torch._dynamo.config.cache_size_limit = 64
     t0 = time.perf_counter()
     pipe = fullsize.build_pipeline(dev, dtype, tiny=args.tiny)
     pipe.set_progress_bar_config(disable=True)
