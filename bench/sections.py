@@ -71,10 +71,11 @@ def fwd_batched(ctx: Context, hs: Any, embeds: list[Any], shapes: Any, *, split:
     e, m = pad_and_stack(items)
     ts = torch.full((len(embeds),), 0.5, device=ctx.dev, dtype=ctx.dtype)
     state = install_split_attention(ctx.t)
-    with torch.no_grad(), state.active(text_lengths(items) if split and m is not None else None):
+    lengths = text_lengths(items) if split and m is not None else None
+    with torch.no_grad(), state.active(lengths):
         return ctx.t(hidden_states=torch.cat([hs] * len(embeds)), encoder_hidden_states=e,
                      encoder_hidden_states_mask=m, timestep=ts, img_shapes=shapes * len(embeds),
-                     return_dict=False)[0]
+                     attention_kwargs={"text_lengths": lengths} if lengths else None, return_dict=False)[0]
 
 
 def time_batched(ctx: Context, hs: Any, embeds: list[Any], shapes: Any) -> tuple[float, dict[str, Any], torch.Tensor]:

@@ -1,6 +1,6 @@
 """What the nodes share: socket types, the light QWEN_PIPE handle, model-folder lookup, residency access.
 
-The handle is four strings. The pipeline itself lives in qwen_core's residency registry (one resident
+The handle is six strings. The pipeline itself lives in qwen_core's residency registry (one resident
 model by default, keyed by the loader), so ComfyUI's output cache, which keeps node outputs and node
 instances alive, never pins a 40 GB model: /free, an error or a cancel releases it and the next Generate
 loads it again.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qwen_core.errors import InvalidInputError
-from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
+from qwen_core.options import AttentionChoice, CompileChoice, ComputeChoice, DtypeChoice, MemoryMode
 
 from . import comfy_bridge as bridge
 
@@ -28,6 +28,8 @@ NO_MODEL = "(no Qwen-Image folder found: run the Downloader or make-tiny)"
 DTYPES = [c.value for c in DtypeChoice]
 MEMORY_MODES = [m.value for m in MemoryMode]
 ATTENTIONS = [a.value for a in AttentionChoice]
+COMPILES = [c.value for c in CompileChoice]
+COMPUTES = [c.value for c in ComputeChoice]
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 
@@ -50,12 +52,14 @@ class PipeHandle:
     text_encoder: str = ""
     vae: str = ""
     configs: str = ""
+    compile: str = "auto"
+    compute: str = "auto"
 
     @property
     def key(self) -> tuple[str, ...]:
         """The generator (and resident model) of this handle: LoRAs are fused into that one model, so handles
         that differ only in LoRAs share it."""
-        base = (self.path, self.dtype, self.memory_mode, self.attention)
+        base = (self.path, self.dtype, self.memory_mode, self.attention, self.compile, self.compute)
         return (*base, self.text_encoder, self.vae, self.configs) if self.is_single_file else base
 
     @property
@@ -67,7 +71,8 @@ class PipeHandle:
         return dataclasses.replace(self, loras=(*self.loras, (str(path), float(strength))))
 
     def loader_kwargs(self) -> dict[str, str]:
-        return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention}
+        return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention,
+                "compile": self.compile, "compute": self.compute}
 
 
 def model_choices() -> list[str]:

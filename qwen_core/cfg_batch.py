@@ -125,6 +125,9 @@ class CfgBatcher:
         state = split_state_of(self.pipe.transformer)
         if state is not None and mask is not None and lengths is not None:
             self.stats["split"] += 1
+            # Also passed as an argument: a compiled block then sees the lengths as (symbolic) inputs instead
+            # of constants read off an object, and does not recompile for every new prompt length.
+            call["attention_kwargs"] = {**(call.get("attention_kwargs") or {}), "text_lengths": lengths}
             with state.active(lengths):
                 out = self.orig_forward(**call)[0]
         else:
@@ -170,8 +173,8 @@ class SplitTextAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  encoder_hidden_states_mask: torch.Tensor = None, attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: Any = None) -> Any:
-        lengths = self.state.lengths
+                 image_rotary_emb: Any = None, text_lengths: tuple[int, ...] | None = None) -> Any:
+        lengths = text_lengths if text_lengths is not None else self.state.lengths
         if (lengths is None or encoder_hidden_states_mask is None or image_rotary_emb is None
                 or len(lengths) != hidden_states.shape[0]):
             return self.inner(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
@@ -182,8 +185,9 @@ class SplitTextAttnProcessor:
         for start, stop, n in _groups(lengths):
             img_o, txt_o = self.inner(attn, hidden_states[start:stop], encoder_hidden_states[start:stop, :n],
                                       None, None, (img_freqs, txt_freqs[:n]))
-            if n < total:
-                txt_o = torch.cat([txt_o, txt_o.new_zeros(txt_o.shape[0], total - n, txt_o.shape[2])], dim=1)
+            # Unconditional (a zero-width pad for the longest group): a branch on n < total would make a
+            # compiled block specialise on which prompt is the longer one.
+            txt_o = torch.nn.functional.pad(txt_o, (0, 0, 0, total - n))
             imgs.append(img_o)
             txts.append(txt_o)
         return torch.cat(imgs), torch.cat(txts)

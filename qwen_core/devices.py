@@ -5,7 +5,8 @@ Nothing is computed at import time: every reading happens when ``get_device_conf
 come from ``probe_hardware()``; tests pass their own ``HardwareProbe`` (or monkeypatch the function).
 
 Attention policy (``get_attention_implementation``): PyTorch SDPA (diffusers backend "native") is the
-safe default. flash-attn is chosen (for "auto" or "flash") only when it imports, is new enough for
+safe default. flash-attn 4 (``qwen_core.speed.attention``) is preferred for "auto" on sm_90+ when it imports
+and its probe matches SDPA. flash-attn is chosen (for "auto" or "flash") only when it imports, is new enough for
 diffusers (>= 2.6.3), the card's compute capability is >= 8.0, the dtype is fp16/bf16, and a tiny probe
 call returns finite numbers. Otherwise SDPA, with the reason recorded.
 """
@@ -24,6 +25,7 @@ from qwen_core.options import AttentionChoice, DtypeChoice
 
 SDPA_BACKEND = "native"  # diffusers AttentionBackendName.NATIVE: torch.nn.functional.scaled_dot_product_attention
 FLASH_BACKEND = "flash"  # diffusers AttentionBackendName.FLASH: the flash-attn 2 package
+FLASH4_BACKEND = "flash4"  # ours: flash-attn 4 through qwen_core.speed (diffusers has only a Hub-download variant)
 FLASH_MIN_VERSION = (2, 6, 3)  # diffusers refuses older flash-attn (attention_dispatch._REQUIRED_FLASH_VERSION)
 _GIB = 1024**3
 _DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d{1,2})?)$")
@@ -233,6 +235,10 @@ def get_attention_implementation(
     choice = AttentionChoice.parse(requested or "auto", "attention")
     if choice is AttentionChoice.SDPA:
         return SDPA_BACKEND, "PyTorch SDPA as requested"
+    if choice in (AttentionChoice.AUTO, AttentionChoice.FLASH4):
+        flash4, why = _flash4_choice(device, dtype, compute_capability)
+        if flash4 or choice is AttentionChoice.FLASH4:
+            return (FLASH4_BACKEND, why) if flash4 else (SDPA_BACKEND, f"flash-attn 4 requested but not used: {why}")
     prefix = "flash-attn requested but not used: " if choice is AttentionChoice.FLASH else ""
     if not device.startswith("cuda"):
         return SDPA_BACKEND, f"{prefix}PyTorch SDPA: flash-attn needs a CUDA GPU (device is {device})"
@@ -250,6 +256,26 @@ def get_attention_implementation(
     if failure:
         return SDPA_BACKEND, f"{prefix}PyTorch SDPA: flash-attn {version} {failure}"
     return FLASH_BACKEND, f"flash-attn {version} passed the probe on {device} ({dtype_name(dtype)})"
+
+
+def _flash4_choice(device: str, dtype: torch.dtype, cc: tuple[int, int] | None) -> tuple[bool, str]:
+    """(usable, reason) for flash-attn 4 (``qwen_core.speed.attention``): sm_90+, fp16/bf16, imports, probe."""
+    if not device.startswith("cuda"):
+        return False, f"PyTorch SDPA: flash-attn 4 needs a CUDA GPU (device is {device})"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False, f"PyTorch SDPA: flash-attn 4 needs fp16/bf16 (dtype is {dtype_name(dtype)})"
+    from qwen_core.speed import attention
+
+    version, problem = attention.status()
+    if problem:
+        return False, f"PyTorch SDPA: {problem}"
+    cc = cc if cc is not None else tuple(torch.cuda.get_device_capability(_cuda_index(device)))
+    if cc < (9, 0):
+        return False, f"PyTorch SDPA: flash-attn 4 needs compute capability >= 9.0 (card has {cc[0]}.{cc[1]})"
+    failure = attention.probe(device, dtype)
+    if failure:
+        return False, f"PyTorch SDPA: flash-attn 4 {version} {failure}"
+    return True, f"flash-attn 4 {version} passed the probe on {device} ({dtype_name(dtype)})"
 
 
 def get_device_config(

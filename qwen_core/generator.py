@@ -223,6 +223,7 @@ class QwenImageGenerator:
             "dtype": self.loader.dtype_choice, "memory_mode": self.loader.memory_mode_choice,
             "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
             "loras": self.loader.loras,
+            "compile": self.loader.compile_choice, "compute": self.loader.compute_choice,
         } | loader_kwargs  # fmt: skip
         new_loader = PipelineLoader(path, **kwargs)
         old_key = self.loader.residency_key

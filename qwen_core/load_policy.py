@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from qwen_core.errors import QwenError
 from qwen_core.memory_model import streaming_available as streaming_available  # re-exported for loading
 from qwen_core.options import MemoryMode
 from qwen_core.session_log import get_session_log
+from qwen_core.speed.options import SpeedOptions
 
 LIGHTER_MODE: dict[MemoryMode, MemoryMode] = {
     MemoryMode.GPU: MemoryMode.MODEL_OFFLOAD,
@@ -68,15 +68,16 @@ def _reset_sdpa_flag() -> None:
 # ---- plans, attempts, error classes -----------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadPlan:
-    """How to load: memory mode, dtype, the VRAM fraction the streamed engine may use, the window scale, and the
+    """How to load: memory mode, dtype, the VRAM fraction the streamed engine may use, the window scale, the
     one free-VRAM reading (GiB) the mode, the streamed budget and the governor's window are decided from (taken
-    at load time on CUDA; None on other devices)."""
+    at load time on CUDA; None on other devices), and the speed-ups (compile, compute; ``qwen_core.speed``)."""
 
     memory_mode: MemoryMode
     dtype: torch.dtype
     max_memory_fraction: float = mm.DEFAULT_MEMORY_FRACTION
     pixel_scale: float = 1.0
     vram_gib: float | None = None
+    speed: SpeedOptions = SpeedOptions()
 
     def describe(self) -> str:
         reading = "" if self.vram_gib is None else f", {self.vram_gib:.1f} GiB VRAM free"
@@ -168,10 +169,13 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig, f
     if device.type == "cpu":
         pipe.to(device)
         note = "" if mode is MemoryMode.GPU else f" ({mode.value} needs an accelerator: ignored)"
-        return f"resident on cpu{note}"
+        from qwen_core.speed.apply import apply_speed
+
+        extra = apply_speed(pipe, plan.speed)  # compile on the CPU only when asked for (QWEN_COMPILE=1)
+        return f"resident on cpu{note}{f' ({extra})' if extra else ''}"
     if mode is MemoryMode.GPU:
         pipe.to(device)
-        return f"gpu on {device}{enable_fast_path(pipe)}"
+        return f"gpu on {device}{enable_fast_path(pipe, plan.speed)}"
     elif mode is MemoryMode.MODEL_OFFLOAD:
         pipe.enable_model_cpu_offload(device=device)
     elif mode is MemoryMode.GROUP_OFFLOAD:
@@ -189,26 +193,33 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig, f
         budget, planned = mm.streamed_budget(plan.vram_gib, dtype=devices.dtype_name(plan.dtype), family=family,
                                              memory_fraction=plan.max_memory_fraction, pixel_scale=plan.pixel_scale)
         engine.enable_streamed_offload(pipe, device=device, budget_gib=budget, max_pixels=planned, family=family)
-        return f"streamed on {device} within {budget:.1f} GiB (activations for {planned / 1e6:.2f} MP)"
+        from qwen_core.speed.apply import apply_speed
+
+        extra = apply_speed(pipe, plan.speed, streamed=True)
+        return (f"streamed on {device} within {budget:.1f} GiB (activations for {planned / 1e6:.2f} MP)"
+                f"{f'; {extra}' if extra else ''}")
     else:
         raise ValueError(f"memory mode {mode} must be resolved before loading")
     return f"{mode.value} on {device}"
 
 
-def enable_fast_path(pipe: Any) -> str:
+def enable_fast_path(pipe: Any, speed: SpeedOptions | None = None) -> str:
     """Full-VRAM speed-ups measured in bench/RESULTS.md; returns a note for the placement text.
 
     Batched true CFG (cond + uncond in one forward) is always on: bit-identical for equal prompt lengths, within
-    bf16 noise otherwise. Regional compilation (``compile_repeated_blocks``) saves ~20% per step (632 -> 502 ms on an H100) but costs
-    ~15 s of compile on the first image, so it is opt-in: QWEN_COMPILE=1.
+    bf16 noise otherwise. ``qwen_core.speed.apply_speed`` adds the real-valued RoPE (exact), optional fp8
+    compute and regional compilation with a persistent compile cache (on by default for CUDA: QWEN_COMPILE=0 or
+    the Loader's ``compile`` widget turns it off). ``speed`` None: resolved from the environment.
     """
     from qwen_core.cfg_batch import enable_cfg_batching
+    from qwen_core.speed.apply import apply_speed
+    from qwen_core.speed.options import resolve_speed
 
     enable_cfg_batching(pipe)
-    if os.environ.get("QWEN_COMPILE", "").strip() == "1":
-        pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        return " (batched CFG, regional compile)"
-    return " (batched CFG)"
+    if speed is None:
+        speed = resolve_speed(device=str(next(pipe.transformer.parameters()).device))
+    extra = apply_speed(pipe, speed)
+    return f" (batched CFG{f', {extra}' if extra else ''})"
 
 
 def _streaming_module() -> Any:
@@ -242,6 +253,12 @@ def apply_attention(pipe: Any, backend: str) -> str:
     transformer = getattr(pipe, "transformer", None)
     if transformer is None or not hasattr(transformer, "set_attention_backend"):
         return "default"
+    from qwen_core.speed.apply import apply_attention_kernel
+
+    # flash-attn 4 runs inside our RoPE processors; diffusers' dispatcher keeps SDPA for masked calls.
+    if apply_attention_kernel(transformer, backend):
+        _set_backend(transformer, SDPA)
+        return backend
     try:
         _set_backend(transformer, backend)
     except Exception as err:  # noqa: BLE001 - an unavailable kernel must not stop generation

@@ -53,9 +53,10 @@ from qwen_core.load_policy import (
 from qwen_core.lora.spec import LoraSpec, as_specs
 from qwen_core.memory import get_residency_manager
 from qwen_core.model_source import FolderSource, ModelSource
-from qwen_core.options import AttentionChoice, DtypeChoice, MemoryMode
+from qwen_core.options import AttentionChoice, CompileChoice, ComputeChoice, DtypeChoice, MemoryMode
 from qwen_core.pipeline_state import state_of
 from qwen_core.session_log import get_session_log, redact
+from qwen_core.speed.options import resolve_speed
 
 # The policy (ladder, placement, attention) lives in load_policy; callers may import it from here.
 __all__ = [
@@ -103,6 +104,8 @@ class PipelineLoader:
         device: str | None = None,
         retry: RetryPolicy | None = None,
         loras: Any = (),
+        compile: str | CompileChoice = "auto",
+        compute: str | ComputeChoice = "auto",
     ) -> None:
         self.dtype_choice = DtypeChoice.parse(dtype, "dtype")
         self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
@@ -121,7 +124,11 @@ class PipelineLoader:
         # Until the first load takes a fresh reading, the plan carries the one from when this handle was made.
         reading = self.device_config.vram_free_gb if self.device_config.device.startswith("cuda") else None
         mode, self.memory_mode_reason = self._initial_mode(reading)
-        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype, vram_gib=reading)
+        # Speed-ups (qwen_core.speed): compile on by default for CUDA, exact compute unless fp8 is asked for.
+        self.compile_choice = CompileChoice.parse(compile, "compile")
+        self.compute_choice = ComputeChoice.parse(compute, "compute")
+        self.speed = resolve_speed(self.compile_choice, self.compute_choice, device=self.device_config.device)
+        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype, vram_gib=reading, speed=self.speed)
         self.attempts: list[LoadAttempt] = []
         self.last_error: BaseException | None = None
         self.placement = ""
@@ -133,7 +140,8 @@ class PipelineLoader:
         get_session_log().info(
             f"loader: {self.path} ({self.family.display_name}) on {self.device_config.device}; plan "
             f"{self.plan.describe()} ({self.memory_mode_reason}); attention {self.device_config.attention_backend} "
-            f"({self.device_config.attention_reason}); weights load on first use"
+            f"({self.device_config.attention_reason}); {self.speed.describe()} ({self.speed.reason}); weights load "
+            "on first use"
         )
 
     @property
@@ -159,7 +167,8 @@ class PipelineLoader:
         Handles with the same folder, device, dtype and memory mode share one resident pipeline; the
         registry, not the handle, owns it (ComfyUI may cache a handle for ever, it must not pin 40 GB)."""
         cfg = self.device_config
-        return (self.family.key, self.source.identity, cfg.device, self.dtype_choice.value, self.memory_mode_choice.value)
+        return (self.family.key, self.source.identity, cfg.device, self.dtype_choice.value, self.memory_mode_choice.value,
+                "compiled" if self.speed.compile else "eager", self.speed.compute.value)
 
     @property
     def pipeline(self) -> Any:

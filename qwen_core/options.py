@@ -42,3 +42,20 @@ class AttentionChoice(_Choice):
     AUTO = "auto"
     SDPA = "sdpa"
     FLASH = "flash"
+    FLASH4 = "flash4"  # flash-attn 4 (CuTe DSL, Hopper/Blackwell): qwen_core.speed.attention
+
+
+class CompileChoice(_Choice):
+    """torch.compile of the transformer blocks (``qwen_core.speed.compile``)."""
+
+    AUTO = "auto"  # on for CUDA unless QWEN_COMPILE=0; off elsewhere
+    ON = "on"
+    OFF = "off"
+
+
+class ComputeChoice(_Choice):
+    """The arithmetic of the transformer's large matrix products (not the storage dtype)."""
+
+    AUTO = "auto"  # the model dtype (bf16/fp16): exact, the default; QWEN_COMPUTE=fp8 changes it
+    EXACT = "exact"
+    FP8 = "fp8"  # fp8 e4m3 matmuls (sm_89+): faster, ~0.09 relative deviation (README "fp8 compute")

@@ -326,18 +326,20 @@ class TestFullVramFastPath:
         finally:
             disable_cfg_batching(pipe)
 
-    def test_compile_is_opt_in(self, tiny_model_dir, monkeypatch):
+    def test_compile_follows_the_plans_speed_options(self, tiny_model_dir, monkeypatch):
         from qwen_core.cfg_batch import disable_cfg_batching
+        from qwen_core.speed import apply as speed_apply
+        from qwen_core.speed.options import SpeedOptions
 
-        monkeypatch.setenv("QWEN_COMPILE", "1")
         pipe, cfg = self._gpu_place(tiny_model_dir, monkeypatch)
         compiled = []
-        monkeypatch.setattr(pipe.transformer, "compile_repeated_blocks", lambda **kw: compiled.append(kw))
+        monkeypatch.setattr(speed_apply, "compile_blocks", lambda t, **kw: compiled.append(kw))
         try:
-            placement = apply_memory_mode(pipe, LoadPlan(MemoryMode.GPU, torch.float32), cfg)
+            plan = LoadPlan(MemoryMode.GPU, torch.float32, speed=SpeedOptions(compile=True))
+            placement = apply_memory_mode(pipe, plan, cfg)
         finally:
             disable_cfg_batching(pipe)
-        assert compiled == [{"fullgraph": True}] and "regional compile" in placement
+        assert compiled == [{"dynamic": "seq", "notify": None}] and "compiled blocks" in placement
 
 
 class _FakeTransformer:

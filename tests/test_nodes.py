@@ -221,7 +221,7 @@ class TestNodesOnTinyPipeline:
         assert get_residency_manager().resident_keys() == [new_loader.residency_key] and new_loader.is_loaded
         assert not common.generator_for(a).loader.is_loaded
         assert "before" in report and "after" in report
-        assert a.key == ("%s" % (models_home / "qwen-image-tiny"), "auto", "auto", "auto")  # input unchanged
+        assert a.key == ("%s" % (models_home / "qwen-image-tiny"), "auto", "auto", "auto", "auto", "auto")  # input unchanged
 
     def test_generate_error_releases_the_resident_model(self, models_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (handle,) = QwenImageLoader().load("qwen-image-tiny", "auto", "auto", "auto")
@@ -337,3 +337,21 @@ class TestDownloaderNode:
         monkeypatch.delenv("HF_ENDPOINT", raising=False)
         with pytest.raises(InvalidInputError, match="endpoint"):
             QwenImageDownloader().download("Qwen/Qwen-Image", "main", "", "", 8, "http://169.254.169.254/")
+
+
+class TestLoaderSpeedWidgets:
+    """The Loader's compile and compute widgets reach the core's load plan (issue 13)."""
+
+    def test_widgets_are_optional_with_auto_defaults(self):
+        from nodes.loader import QwenImageLoader
+
+        optional = QwenImageLoader.INPUT_TYPES()["optional"]
+        assert optional["compile"][0] == ["auto", "on", "off"] and optional["compile"][1]["default"] == "auto"
+        assert optional["compute"][0] == ["auto", "exact", "fp8"] and "tooltip" in optional["compute"][1]
+
+    def test_handle_carries_them_to_the_loader(self):
+        from nodes.common import PipeHandle
+
+        handle = PipeHandle("/x", compile="off", compute="fp8")
+        assert handle.loader_kwargs()["compile"] == "off" and handle.loader_kwargs()["compute"] == "fp8"
+        assert handle.key != PipeHandle("/x").key

@@ -1,0 +1,277 @@
+"""The in-process parts of bench/speed.py (one function each, in PARTS order; all write through ctx.R)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import common as C
+import fullsize
+import torch
+from common import rel_err
+from sections import fwd_batched, fwd_single, make_inputs, make_prompt
+
+from qwen_core import devices
+from qwen_core.speed.apply import apply_attention_kernel
+from qwen_core.speed.compile import compile_blocks, uncompile_blocks
+from qwen_core.speed.rope import install_real_rope, remove_real_rope
+from qwen_core.streaming import enable_streamed_offload
+
+STEPS = 50
+STREAM_MARGIN_GIB = 2.0  # the streamed plan's budget is the cap minus this (as bench/RESULTS.md run 3)
+
+
+@dataclass
+class Ctx:
+    args: Any
+    R: Any
+    pipe: Any
+    dev: torch.device
+    dtype: torch.dtype
+    inputs: Any = None  # (hs, [ec, eu], shapes), equal lengths
+    neg: Any = None  # a shorter negative embedding (split attention case)
+    ref: torch.Tensor | None = None  # diffusers eager output [cond; uncond], float32 on the CPU
+    n: dict[str, float] = field(default_factory=dict)  # headline numbers
+    backend: str = "native"  # what our loader's attention policy picks on this machine
+
+    @property
+    def t(self) -> Any:
+        return self.pipe.transformer
+
+    def extras_ms(self) -> float:
+        return 2 * self.n.get("te_ms", 0.0) + self.n.get("vae_ms", 0.0)
+
+    def record(self, part: str, key: str, r: dict[str, Any], *, per_step_ms: float, out: Any = None) -> None:
+        r.update(ms_per_step=round(per_step_ms, 1),
+                 transformer_s_per_image=round(per_step_ms * STEPS / 1e3, 2),
+                 e2e_s_per_image_est=round((per_step_ms * STEPS + self.extras_ms()) / 1e3, 2))
+        if out is not None and self.ref is not None:
+            r["rel_err_vs_diffusers"] = rel_err(out.float().cpu(), self.ref)
+        self.R.set(part, key, r)
+
+
+def build(args: Any, R: Any) -> Ctx:
+    dev = torch.device("cuda" if C.cuda() else "cpu")
+    dtype = torch.bfloat16 if C.cuda() else torch.float32
+    # The parts below compile the same block code for several variants (split lengths, fp8, complex RoPE):
+    # more than dynamo's default 8 graphs per code object would silently fall back to eager.
+    torch._dynamo.config.cache_size_limit = 64
+    t0 = time.perf_counter()
+    pipe = fullsize.build_pipeline(dev, dtype, tiny=args.tiny)
+    pipe.set_progress_bar_config(disable=True)
+    C.sync()
+    R.set("build", "seconds", round(time.perf_counter() - t0, 1))
+    ctx = Ctx(args, R, pipe, dev, dtype)
+    hs, embeds, shapes = make_inputs(ctx, args.size, [args.text_tokens, args.text_tokens])
+    ctx.inputs = (hs, embeds, shapes)
+    ctx.neg = make_inputs(ctx, args.size, [args.neg_tokens], seed=1)[1][0]
+    _te_vae(ctx)
+    ctx.backend = devices.get_attention_implementation(str(dev), dtype)[0] if C.cuda() else "native"
+    R.set("build", "attention_policy", devices.get_attention_implementation(str(dev), dtype))
+    return ctx
+
+
+def _te_vae(ctx: Ctx) -> None:
+    pipe, a = ctx.pipe, ctx.args
+    prompt = make_prompt(pipe, a.text_tokens)
+    r = C.time_fn(lambda: pipe.encode_prompt(prompt=prompt, device=ctx.dev), reps=a.reps)
+    ctx.R.set("build", "text_encoder_ms", r)
+    z = torch.randn(1, pipe.vae.config.z_dim, 1, a.size // 8, a.size // 8, device=ctx.dev, dtype=ctx.dtype)
+    pipe.vae.disable_tiling()
+    with torch.no_grad():
+        v = C.time_fn(lambda: pipe.vae.decode(z, return_dict=False)[0], warmup=1, reps=2)
+    ctx.R.set("build", "vae_decode_ms", v)
+    ctx.n.update(te_ms=r["median_ms"], vae_ms=v["median_ms"])
+
+
+def recover(ctx: Ctx) -> None:
+    if C.cuda():
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    from qwen_core.streaming import disable_streamed_offload
+
+    disable_streamed_offload(ctx.pipe, restore_device=ctx.dev)
+    C.reset_peak()
+
+
+def _batched(ctx: Ctx, neg: bool = False) -> torch.Tensor:
+    hs, (ec, eu), shapes = ctx.inputs
+    return fwd_batched(ctx, hs, [ec, ctx.neg if neg else eu], shapes)
+
+
+def _first_and_timed(ctx: Ctx, fn: Any) -> tuple[float, dict[str, Any], torch.Tensor]:
+    C.sync()
+    t0 = time.perf_counter()
+    fn()
+    C.sync()
+    first = time.perf_counter() - t0
+    r = C.time_fn(fn, reps=ctx.args.reps)
+    return first, r, fn()
+
+
+# ---- parts ---------------------------------------------------------------------------------------------------
+def diffusers_as_is(ctx: Ctx) -> None:
+    """diffusers 0.42.1 unchanged: its complex-RoPE processor, native SDPA, two batch-1 forwards per step."""
+    remove_real_rope(ctx.t)
+    ctx.t.set_attention_backend("native")
+    hs, (ec, eu), shapes = ctx.inputs
+    r = C.time_fn(lambda: (fwd_single(ctx, hs, ec, shapes), fwd_single(ctx, hs, eu, shapes)), reps=ctx.args.reps)
+    ctx.ref = torch.cat([fwd_single(ctx, hs, ec, shapes), fwd_single(ctx, hs, eu, shapes)]).float().cpu()
+    ctx.n["diffusers_ms"] = r["median_ms"]
+    ctx.record("speed", "diffusers_as_is", r, per_step_ms=r["median_ms"])
+    try:  # bf16 noise floor: the same forward through another SDPA kernel
+        ctx.t.set_attention_backend("_native_flash" if C.cuda() else "_native_math")
+        floor = rel_err(fwd_single(ctx, hs, ec, shapes).float().cpu(), ctx.ref[:1])
+        ctx.R.set("numerics", "floor_sdpa_kernel_swap", floor)
+    except Exception as err:  # noqa: BLE001 - a kernel missing on this card is a result
+        ctx.R.set("numerics", "floor_sdpa_kernel_swap", f"{type(err).__name__}: {str(err)[:200]}")
+    finally:
+        ctx.t.set_attention_backend("native")
+
+
+def ours_eager(ctx: Ctx) -> None:
+    """Batched CFG + real-valued RoPE, eager (the default path with compile off)."""
+    install_real_rope(ctx.t)
+    r = C.time_fn(lambda: _batched(ctx), reps=ctx.args.reps)
+    ctx.n["eager_ms"] = r["median_ms"]
+    ctx.record("speed", "ours_eager_real_rope", r, per_step_ms=r["median_ms"], out=_batched(ctx))
+
+
+def ours_compiled(ctx: Ctx) -> None:
+    """The default path's transformer: real RoPE + regional compile (dynamic sequence lengths) + the attention
+    our policy picks on this machine; the compile cache is the one the children filled."""
+    install_real_rope(ctx.t)
+    apply_attention_kernel(ctx.t, ctx.backend)
+    handle = compile_blocks(ctx.t, dynamic="seq", notify=lambda m: ctx.R.set("speed", "compile_message", m))
+    first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+    r.update(first_call_s=round(first, 1), attention=ctx.backend, cache=handle.cache.describe() if handle.cache else None)
+    ctx.n["compiled_ms"] = r["median_ms"]
+    ctx.record("speed", "ours_compiled", r, per_step_ms=r["median_ms"], out=out)
+    # Different prompt lengths: split attention, a second graph (compiled once for every length pair).
+    first, r2, _ = _first_and_timed(ctx, lambda: _batched(ctx, neg=True))
+    r2.update(first_call_s=round(first, 1), lengths=[ctx.args.text_tokens, ctx.args.neg_tokens])
+    ctx.record("speed", "ours_compiled_split_lengths", r2, per_step_ms=r2["median_ms"])
+
+
+def attention_kernels(ctx: Ctx) -> None:
+    """Compiled path with each attention kernel that is present (flash-attn 4 only when carried)."""
+    from qwen_core.speed import attention
+
+    version, problem = attention.status()
+    ctx.R.set("attention", "flash4_status", {"version": version, "problem": problem})
+    kernels = ["native"] + (["flash4"] if not problem and C.cuda() else [])
+    for name in kernels:
+        if name == "flash4":
+            failure = attention.probe(str(ctx.dev), ctx.dtype)
+            ctx.R.set("attention", "flash4_probe", failure or "passed")
+            if failure:
+                continue
+        apply_attention_kernel(ctx.t, name)
+        first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+        r["first_call_s"] = round(first, 1)
+        ctx.n[f"attn_{name}_ms"] = r["median_ms"]
+        ctx.record("attention", f"compiled_{name}", r, per_step_ms=r["median_ms"], out=out)
+    apply_attention_kernel(ctx.t, ctx.backend)
+
+
+def fp8_compute(ctx: Ctx) -> None:
+    """compute=fp8 (fp8 e4m3 matmuls, per-row weight and per-token activation scales), compiled."""
+    from qwen_core.fp8_compute import enable_fp8_compute, fp8_supported
+
+    if not (C.cuda() and fp8_supported(ctx.dev)):
+        ctx.R.set("fp8", "skipped", f"no fp8 matmul on {ctx.dev}")
+        return
+    h = enable_fp8_compute(ctx.t, keep_original=True)
+    try:
+        first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+        r.update(first_call_s=round(first, 1), layers=h.converted)
+        ctx.n["fp8_ms"] = r["median_ms"]
+        ctx.record("fp8", "compiled", r, per_step_ms=r["median_ms"], out=out)
+    finally:
+        h.disable()
+
+
+def streamed(ctx: Ctx) -> None:
+    """Our streamed engine in a --cap GiB card with the same speed-ups (real RoPE, compiled blocks, attention)."""
+    cap = ctx.args.cap
+    for fp8 in (False, True) if C.cuda() else (False,):
+        if ctx.R.left() < 50:
+            ctx.R.set("skipped", f"streamed_fp8_{fp8}", "time budget")
+            continue
+        budget = max(cap - STREAM_MARGIN_GIB, 1e-4) if C.cuda() else 1e-4
+        h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=budget, max_pixels=ctx.args.size**2, fp8=fp8,
+                                    cfg_batching=False)
+        key = f"cap{cap:g}_{'fp8_storage' if fp8 else 'bf16'}"
+        try:
+            with C.memory_cap(cap if C.cuda() else None):
+                C.reset_peak()
+                first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+                comp = ctx.n.get("compiled_ms")
+                r.update(first_call_s=round(first, 1), plan=h.plan.summary(), peak_gib=C.peak_gib(),
+                         ratio_vs_ours_compiled_full_vram=round(r["median_ms"] / comp, 3) if comp else None,
+                         sync_loads=h.transformer.stats["sync_loads"])
+                ctx.n[f"streamed_{key}_ms"] = r["median_ms"]
+                ctx.record("streamed", key, r, per_step_ms=r["median_ms"], out=out)
+        except Exception as err:  # noqa: BLE001
+            if not C.is_oom(err):
+                raise
+            ctx.R.set("streamed", key, {"oom": True, "error": str(err)[:400]})
+        finally:
+            h.disable(restore_device=ctx.dev)
+            C.reset_peak()
+
+
+def compiled_complex_rope(ctx: Ctx) -> None:
+    """Attribution: the compiled path with diffusers' complex RoPE (what QWEN_COMPILE=1 compiled before)."""
+    remove_real_rope(ctx.t)
+    try:
+        first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+        r["first_call_s"] = round(first, 1)
+        ctx.n["compiled_complex_ms"] = r["median_ms"]
+        ctx.record("attribution", "compiled_complex_rope", r, per_step_ms=r["median_ms"], out=out)
+    finally:
+        install_real_rope(ctx.t)
+
+
+def compiled_static(ctx: Ctx) -> None:
+    """Attribution: static shapes instead of dynamic sequence lengths (the cost of one graph for all sizes)."""
+    uncompile_blocks(ctx.t)
+    torch._dynamo.reset()
+    compile_blocks(ctx.t, dynamic="static", notify=lambda m: None)
+    try:
+        first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+        r["first_call_s"] = round(first, 1)
+        ctx.n["compiled_static_ms"] = r["median_ms"]
+        ctx.record("attribution", "compiled_static_shapes", r, per_step_ms=r["median_ms"], out=out)
+    finally:
+        uncompile_blocks(ctx.t)
+
+
+PARTS = (diffusers_as_is, ours_eager, ours_compiled, streamed, fp8_compute, attention_kernels,
+         compiled_complex_rope, compiled_static)
+MIN_SECONDS = {"ours_compiled": 40, "streamed": 60, "fp8_compute": 50, "attention_kernels": 30,
+               "compiled_complex_rope": 45, "compiled_static": 50}
+
+
+def summary(ctx: Ctx) -> None:
+    n, R = ctx.n, ctx.R
+    ch = R.data.get("children", {})
+    cold = ch.get("cold", {})
+    rows = [("diffusers as-is", n.get("diffusers_ms")), ("ours eager (batched, real RoPE)", n.get("eager_ms")),
+            ("ours compiled (default path)", n.get("compiled_ms")), ("fp8 compute, compiled", n.get("fp8_ms")),
+            ("compiled, complex RoPE", n.get("compiled_complex_ms")),
+            ("compiled, static shapes", n.get("compiled_static_ms"))]
+    rows += [(f"streamed {k[9:-3]}", v) for k, v in n.items() if k.startswith("streamed_")]
+    lines = [f"{'config':38s} {'ms/step':>8s} {'s/image est':>11s}"]
+    for name, ms in rows:
+        if ms:
+            lines.append(f"{name:38s} {ms:8.1f} {(ms * STEPS + ctx.extras_ms()) / 1e3:11.2f}")
+    imgs = cold.get("images") or []
+    if imgs:
+        lines.append(f"cold process, warm cache: first image {imgs[0]['wall_s']:.2f} s, second "
+                     f"{imgs[-1]['wall_s']:.2f} s ({cold.get('first_over_warm')}x), {imgs[0]['steps']} steps")
+    fill = ch.get("fill", {})
+    if fill:
+        lines.append(f"first compile (empty cache): {fill.get('compile_first_calls_s')}")
+    R.set("summary", "table", lines)
+    print("\n".join(lines), flush=True)

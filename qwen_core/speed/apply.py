@@ -1,0 +1,66 @@
+"""One entry point for the loader: install the speed-ups a load asked for on a placed pipeline.
+
+Order matters and is fixed here: the real-valued RoPE processors first (every path; exact), then fp8 compute
+(swaps Linear layers, so before compiling), then regional compile (``compile_blocks``: block ``forward`` only,
+so the streamed engine's hooks stay outside the graphs). The attention kernel is chosen separately
+(``apply_attention_kernel``), because the generator's NaN fallback switches it on a loaded pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_core.options import ComputeChoice
+from qwen_core.speed import attention
+from qwen_core.speed.compile import Notify, compile_blocks, uncompile_blocks
+from qwen_core.speed.options import SpeedOptions
+from qwen_core.speed.rope import install_real_rope, remove_real_rope, set_attention_fn
+
+
+def apply_speed(pipe: Any, speed: SpeedOptions, *, streamed: bool = False, notify: Notify | None = None) -> str:
+    """Install RoPE, fp8 compute and compile per ``speed`` on ``pipe.transformer``; returns a placement note."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None or not hasattr(transformer, "transformer_blocks"):
+        return ""  # not a Qwen-Image transformer: nothing of ours applies
+    install_real_rope(transformer)
+    notes = []
+    if speed.compute is ComputeChoice.FP8:
+        notes.append(_fp8(transformer, streamed))
+    if speed.compile:
+        compile_blocks(transformer, dynamic=speed.dynamic, notify=notify)
+        notes.append("compiled blocks")
+    return ", ".join(n for n in notes if n)
+
+
+def _fp8(transformer: Any, streamed: bool) -> str:
+    from qwen_core.fp8_compute import enable_fp8_compute, fp8_supported
+    from qwen_core.session_log import get_session_log
+
+    device = next(transformer.parameters()).device
+    if streamed:
+        # The streamed engine moves parameters; Fp8Linear keeps its weights in buffers. Its own fp8 option
+        # (fp8 storage of the streamed blocks) is the low-VRAM counterpart.
+        get_session_log().warning("compute fp8 is not available with memory mode streamed; using exact compute")
+        return "fp8 compute n/a when streamed: exact"
+    if not fp8_supported(device) or device.type != "cuda":
+        get_session_log().warning(f"compute fp8 needs an sm_89+ GPU; {device} has none: using exact compute")
+        return f"fp8 compute n/a on {device}: exact"
+    handle = enable_fp8_compute(transformer)
+    return f"fp8 compute ({handle.converted} layers)"
+
+
+def remove_speed(pipe: Any) -> None:
+    """Undo compile and the RoPE processors (fp8 layers stay: their bf16 weights were not kept)."""
+    uncompile_blocks(pipe.transformer)
+    remove_real_rope(pipe.transformer)
+
+
+def apply_attention_kernel(transformer: Any, backend: str) -> bool:
+    """Route the processors' unmasked attention through flash-attn 4 when ``backend`` is ours ("flash4"),
+    else back through diffusers' dispatcher. Returns True when flash-attn 4 is in use."""
+    if backend == attention.BACKEND:
+        install_real_rope(transformer)
+        set_attention_fn(transformer, attention.flash4_attention)
+        return True
+    set_attention_fn(transformer, None)
+    return False

@@ -1,0 +1,151 @@
+"""Regional compilation of the Qwen-Image transformer: each block's ``forward`` through ``torch.compile``.
+
+Why ``forward`` and not diffusers' ``compile_repeated_blocks`` (which compiles each block's ``__call__``):
+module hooks then stay outside the graph, so the streamed engine's stream/event hooks (``qwen_core.streaming``)
+and our own hooks below keep running eagerly; the 60 blocks share one code object and so one graph.
+
+Dynamic shapes (``SpeedOptions.dynamic``): ``"seq"`` (default) compiles with ``dynamic=True``, so the image
+and text sequence lengths are symbols: one graph serves every image size and every prompt length (prompts
+change length with every edit, and split CFG attention runs each length separately), so a user never waits
+for a recompile after the first. Padding to shape buckets was the alternative; it is not exact here (image
+tokens carry RoPE positions, and a text padding mask takes the flash kernels away, bench/RESULTS.md), and the
+large matrix products are cuBLAS calls that do not care whether the row count is symbolic. ``"static"``
+specialises on sizes (each new size or prompt length compiles again; cached on disk like the rest).
+
+Two guards torch would otherwise add, each costing a second compile of the same block: block 0 receives views
+(``hidden_states`` is a reshaped projection), the other blocks fresh tensors; and diffusers' text RoPE table is
+a row slice of a larger table (a symbolic storage offset). A pre-hook hands block inputs over as fresh tensors
+(one copy for block 0 only) and ``qwen_core.speed.rope`` hands the tables over as fresh real tensors.
+
+Progress: the first call per batch size in a process is timed and reported through ``notify`` (the session
+log by default): "compiling ... (first time on this machine)" or "loading ... from the compile cache", then
+the seconds it took. A first compile marks the cache folder warm (``compile_cache.mark_warm``).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qwen_core.speed import compile_cache
+
+Notify = Callable[[str], None]
+
+
+def _default_notify(message: str) -> None:
+    from qwen_core.session_log import get_session_log
+
+    get_session_log().info(message)
+
+
+@dataclass
+class CompileHandle:
+    """What ``compile_blocks`` installed on one transformer; ``remove()`` undoes it."""
+
+    transformer: nn.Module
+    dynamic: str
+    cache: compile_cache.CacheInfo | None
+    notify: Notify
+    hooks: list[Any] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)  # batch sizes whose first call has run
+    first_calls: dict[int, float] = field(default_factory=dict)  # batch size -> seconds of its first call
+    _started: float | None = None
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        for block in self.transformer.transformer_blocks:
+            block.__dict__.pop("forward", None)
+        _HANDLES.pop(self.transformer, None)
+
+    # -- progress ------------------------------------------------------------------------------------
+    def _before_first_block(self, batch: int) -> None:
+        if batch in self.seen:
+            return
+        warm = self.cache is not None and self.cache.warm
+        where = f" ({self.cache.describe()})" if self.cache is not None else ""
+        verb = "loading the compiled transformer blocks" if warm else "compiling the transformer blocks"
+        hint = "" if warm else " - first time on this machine, ~15-60 s; later runs load it from the cache"
+        self.notify(f"compile: {verb} for batch {batch}{hint}{where}")
+        self._started = time.perf_counter()
+
+    def _after_last_block(self, batch: int) -> None:
+        if batch in self.seen or self._started is None:
+            return
+        out_device = next(self.transformer.parameters()).device
+        if out_device.type == "cuda":
+            torch.cuda.synchronize(out_device)
+        seconds = time.perf_counter() - self._started
+        self.seen.add(batch)
+        self.first_calls[batch] = seconds
+        self._started = None
+        self.notify(f"compile: first forward at batch {batch} took {seconds:.1f} s (compile included)")
+        if self.cache is not None and not self.cache.warm:
+            compile_cache.mark_warm(self.cache, seconds, f"transformer blocks, batch {batch}")
+
+
+# Our state about a transformer, held weakly: a released model takes its handle with it.
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, CompileHandle] = weakref.WeakKeyDictionary()
+
+
+def compile_handle(transformer: nn.Module) -> CompileHandle | None:
+    return _HANDLES.get(transformer)
+
+
+def _fresh(x: Any) -> Any:
+    return x.clone() if isinstance(x, torch.Tensor) and x._base is not None else x
+
+
+def _fresh_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return tuple(_fresh(a) for a in args), {k: _fresh(v) for k, v in kwargs.items()}
+
+
+def compile_blocks(transformer: nn.Module, *, dynamic: str = "seq", mode: str | None = None,
+                   notify: Notify | None = None, use_cache: bool = True) -> CompileHandle:
+    """Compile every block's ``forward`` (idempotent; see the module docstring). ``use_cache``: point torch's
+    caches at our keyed folder (``compile_cache.activate``) first."""
+    existing = compile_handle(transformer)
+    if existing is not None:
+        return existing
+    blocks = list(getattr(transformer, "transformer_blocks", []))
+    if not blocks:
+        raise ValueError("`transformer` has no transformer_blocks to compile")
+    device = next(transformer.parameters()).device
+    cache = compile_cache.activate(device) if use_cache else None
+    handle = CompileHandle(transformer, dynamic, cache, notify or _default_notify)
+    options: dict[str, Any] = {"fullgraph": True, "dynamic": dynamic == "seq"}
+    if mode:
+        options["mode"] = mode
+    for block in blocks:
+        if "forward" not in block.__dict__:
+            block.forward = torch.compile(block.forward, **options)
+        handle.hooks.append(block.register_forward_pre_hook(_fresh_inputs, with_kwargs=True))
+
+    def first(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hs, torch.Tensor):
+            handle._before_first_block(hs.shape[0])
+
+    def last(_m: nn.Module, args: tuple, kwargs: dict, _out: Any) -> None:
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hs, torch.Tensor):
+            handle._after_last_block(hs.shape[0])
+
+    handle.hooks.append(blocks[0].register_forward_pre_hook(first, with_kwargs=True))
+    handle.hooks.append(blocks[-1].register_forward_hook(last, with_kwargs=True))
+    _HANDLES[transformer] = handle
+    return handle
+
+
+def uncompile_blocks(transformer: nn.Module) -> None:
+    """Back to eager blocks (no-op when not compiled)."""
+    handle = compile_handle(transformer)
+    if handle is not None:
+        handle.remove()

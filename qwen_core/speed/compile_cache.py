@@ -1,0 +1,140 @@
+"""Persistent compile cache: torch's own on-disk caches (inductor FX graphs, AOTAutograd, Triton kernels)
+in a folder of ours, keyed by torch / CUDA / GPU / Python, so the second process on a machine loads compiled
+blocks instead of compiling them (~16 s on an H100 for the 60-block transformer).
+
+Where (first that applies): ``QWEN_COMPILE_CACHE``; ``$QWEN_HOME/compile_cache``; a root registered by the
+ComfyUI bridge (``register_cache_root``, e.g. ComfyUI's user folder); ``~/.cache/qwen_core/compile``
+(``XDG_CACHE_HOME`` honoured). Inside it, one folder per key, e.g.
+``torch2.11.0+cu130-cuda13.0-NVIDIA_H200-sm90-py3.12``: another torch, driver toolkit, GPU or Python gets
+its own folder and compiles afresh instead of loading artifacts built for something else (torch's own cache
+keys also hash the torch build, the device and every graph's shapes, so a shape it has not seen compiles
+rather than crashes). Deleting the folder is always safe.
+
+How: inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it looks up a cache, so ``activate`` points it at
+our folder for the process. A value the user set (anything but torch's default) is respected. The variable is
+process-wide: other ``torch.compile`` users in the same process (e.g. ComfyUI's TorchCompileModel node) share
+the folder, which is harmless.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ENV_DIR = "QWEN_COMPILE_CACHE"
+MARKER = "qwen_compiled.json"  # written after a successful first compile: the folder is warm
+_registered_root: Path | None = None
+
+
+def register_cache_root(path: str | os.PathLike | None) -> None:
+    """The ComfyUI bridge's folder for compile caches (used when neither env variable is set)."""
+    global _registered_root
+    _registered_root = Path(path).expanduser() if path else None
+
+
+def cache_root() -> Path:
+    env = os.environ.get(ENV_DIR, "").strip()
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("QWEN_HOME", "").strip()
+    if home:
+        return Path(home).expanduser() / "compile_cache"
+    if _registered_root is not None:
+        return _registered_root
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "qwen_core" / "compile"
+
+
+def cache_key(device: str | torch.device = "cuda") -> str:
+    """torch, CUDA toolkit, GPU name + compute capability (CPU: the machine), Python: a folder name."""
+    dev = torch.device(device)
+    parts = [f"torch{torch.__version__}"]
+    if dev.type == "cuda" and torch.cuda.is_available():
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        parts += [f"cuda{torch.version.cuda}", props.name, f"sm{props.major}{props.minor}"]
+    else:
+        parts += [dev.type, platform.machine()]
+    parts.append("py" + ".".join(platform.python_version_tuple()[:2]))
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "_", "-".join(parts))
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    path: Path
+    key: str
+    ours: bool  # False: the user's TORCHINDUCTOR_CACHE_DIR is in force
+    warm: bool  # a first compile already completed with this folder
+
+    def describe(self) -> str:
+        state = "warm" if self.warm else "empty"
+        return f"{state} compile cache at {self.path}" + ("" if self.ours else " (TORCHINDUCTOR_CACHE_DIR)")
+
+
+def _torch_default_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(default_cache_dir())
+
+
+def activate(device: str | torch.device = "cuda") -> CacheInfo:
+    """Point torch's compile caches at our keyed folder for this process (idempotent); returns where."""
+    key = cache_key(device)
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and os.path.abspath(current) != _torch_default_dir() and not _is_ours(Path(current)):
+        path, ours = Path(current), False
+    else:
+        path, ours = cache_root() / key, True
+        path.mkdir(parents=True, exist_ok=True)
+        if current is None or os.path.abspath(current) != os.path.abspath(path):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+            _clear_torch_cache_paths()
+    _enable_disk_caches()
+    return CacheInfo(path, key, ours, (path / MARKER).is_file())
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        return path.resolve().parent == cache_root().resolve()
+    except OSError:
+        return False
+
+
+def _clear_torch_cache_paths() -> None:
+    # Some cache paths are memoised inside torch; torch's own temporary_cache_dir clears them the same way.
+    try:
+        from torch._inductor.utils import clear_caches
+    except ImportError:
+        return
+    clear_caches()
+
+
+def _enable_disk_caches() -> None:
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = True
+
+
+def mark_warm(info: CacheInfo, seconds: float, what: str) -> None:
+    """Record a completed first compile (atomically: a temp file renamed into place)."""
+    data = {"key": info.key, "what": what, "first_call_s": round(seconds, 2),
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fd, tmp = tempfile.mkstemp(dir=info.path, prefix=".marker-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, info.path / MARKER)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
