@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_core.errors import ModelFolderError
-from qwen_core.families import ModelFamily, family_for_pipeline_class
+from qwen_core.families import FAMILIES, ModelFamily, family_for_pipeline_class
 
 # Component libraries diffusers may import a component class from; anything else (e.g. a repo-local
 # module) would mean remote code.
@@ -201,6 +201,15 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
     component libraries that run no code from the folder, and the component classes that family has."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
+        if (folder / "modular_model_index.json").is_file():
+            raise ModelFolderError(
+                f"{folder}: holds only modular_model_index.json, a diffusers *modular* pipeline (e.g. a "
+                "Qwen-Image 2.1 Turbo modular repo). This pack loads standard pipeline folders: a modular repo's "
+                "components may point into other repos (fetched at load time), and a ModularPipeline has no "
+                "per-step callback, so progress, Cancel and the NaN watch could not work.",
+                fix="Download the diffusers-format repo (model_index.json + component folders), e.g. "
+                "Qwen/Qwen-Image-2.1-Turbo, which QwenImage21Pipeline runs with its own 8-step sigma grid.",
+            )
         what = "is a folder, not a file" if index_path.is_dir() else "is missing"
         raise ModelFolderError(
             f"{folder}: model_index.json {what}, so this is not a diffusers pipeline folder.",
@@ -212,7 +221,8 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         raise _bad_file(index_path, f"is not valid JSON ({err}).") from err
     if not isinstance(index, dict):
         raise _bad_file(index_path, f"must be a JSON object with `_class_name` and components, not a {type(index).__name__}.")
-    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path))
+    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path), index=index,
+                                       transformer_config=_transformer_config(folder))
     components: dict[str, tuple[str, str]] = {}
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
@@ -227,6 +237,19 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         components[name] = (library, cls)
     _check_components(index_path, family, components)
     return family, components
+
+
+def _transformer_config(folder: Path) -> dict:
+    """transformer/config.json (it tells variants of one pipeline class apart, e.g. Edit-2511's `zero_cond_t`);
+    {} when absent: the component checks below report a missing transformer."""
+    path = folder / "transformer" / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _bad_file(path, f"is not valid JSON ({err}).") from err
+    return config if isinstance(config, dict) else {}
 
 
 def _same_class(found: str, expected: str) -> bool:
@@ -246,9 +269,12 @@ def _check_components(index_path: Path, family: ModelFamily, components: dict[st
                 fix=REDOWNLOAD_FIX,
             )
         if found[0] != library or not _same_class(found[1], expected):
+            owners = sorted({f.display_name for f in FAMILIES.values()
+                             if _same_class(f.components.get(name, ("", ""))[1], found[1])})
+            belongs = f"a {' / '.join(owners)} part" if owners else "no family this pack runs"
             raise ModelFolderError(
                 f"{index_path}: declares {family.pipeline_class} ({family.display_name}), whose {name} is "
-                f"{expected}, but the folder's {name} is {found[1]}: the files belong to another model.",
+                f"{expected}, but the folder's {name} is {found[1]} ({belongs}): the files belong to another model.",
                 fix=f"Use a complete {family.display_name} folder (e.g. {', '.join(family.repo_ids[:2]) or 'its repo'}).",
             )
 
