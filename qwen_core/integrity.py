@@ -225,8 +225,8 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
                                        transformer_config=_transformer_config(folder))
     components: dict[str, tuple[str, str]] = {}
     for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-            continue
+        if name.startswith("_") or not is_component_spec(value):
+            continue  # metadata, an absent optional component ([null, null]) or pipeline config (sample_sigmas)
         library, cls = str(value[0]), str(value[1])
         if library not in ALLOWED_COMPONENT_LIBRARIES:
             raise ModelFolderError(
@@ -237,6 +237,12 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         components[name] = (library, cls)
     _check_components(index_path, family, components)
     return family, components
+
+
+def is_component_spec(value: object) -> bool:
+    """A model_index.json entry that names a component: ["library", "Class"]. Pipeline config values (e.g. 2.1's
+    `sample_sigmas`, a list of numbers) and absent optional components ([null, null]) are not."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
 
 
 def _transformer_config(folder: Path) -> dict:
