@@ -138,12 +138,12 @@ class ModelFamily:
         same activation memory whether it is output, reference latent or prompt."""
         return count * self.tokens_per_reference_image * PIXELS_PER_IMAGE_TOKEN
 
-    def frames_per_output(self, layers: int | None = None) -> int:
-        """Copies of the output area in the sequence: ``layers + 1`` for Layered (the composite plus each layer),
-        else 1."""
+    def sequence_frames(self, layers: int | None = None) -> int:
+        """Copies of the output area in the transformer's sequence: 1, or for Layered ``layers + 2`` (the
+        composite frame, each layer, and the input image's latent, all at the output's area)."""
         if not self.resolution_buckets:
             return 1
-        return (self.default_layers if layers is None else layers) + 1
+        return (self.default_layers if layers is None else layers) + 2
 
 
 _QWEN_IMAGE_COMPONENTS = {
@@ -217,7 +217,7 @@ QWEN_IMAGE_LAYERED = ModelFamily(
     components=_QWEN_IMAGE_VL_COMPONENTS,
     text_encoder_kind=TextEncoderKind.QWEN2_5_VL,
     image_inputs=ImageInputs(1, 1),
-    reference=ReferenceSizing(),  # the input's latent is one more frame of the output area: frames_per_output
+    reference=ReferenceSizing(),  # the input's latent is one more frame of the output area: sequence_frames
     # Model card: resolution 640 (or 1024), layers 4, 50 steps, true_cfg_scale 4.0.
     default_width=640, default_height=640, default_layers=4, resolution_buckets=(1024, 640),
     output_channels=4,

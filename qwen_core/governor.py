@@ -14,6 +14,11 @@ headroom_gib fits in the card's VRAM.
 
 ``clamp_image_size`` scales a request down proportionally (aspect kept within one 16-px step), keeps both
 sides multiples of 16, never upscales, and never goes below ``min_side`` (or the request, if smaller).
+
+Reference images (edit models) and extra output frames (Layered) lengthen the transformer's sequence: the
+caller passes them as ``extra_pixels`` (sequence tokens x 16x16 px, e.g. ``ModelFamily.extra_pixels``) and
+``pixel_cost`` (sequence pixels per output pixel, ``ModelFamily.sequence_frames``). They count against the
+measured memory bound only; the tier window bounds the output image itself.
 """
 
 from __future__ import annotations
@@ -136,8 +141,11 @@ def max_pixels_with_reason(
     memory_mode: object = "gpu",
     *,
     memory_model_path: str | os.PathLike | None = None,
+    extra_pixels: int = 0,
+    pixel_cost: float = 1.0,
 ) -> tuple[int, str]:
-    """The pixel limit and where it came from (see ``max_pixels``)."""
+    """The pixel limit and where it came from (see ``max_pixels``; ``extra_pixels``/``pixel_cost``: the module
+    docstring)."""
     dtype_key, mode_key = _dtype_key(dtype), _mode_key(memory_mode)
     presets = load_presets()
     tier = presets.tier_for_vram(vram_gb)
@@ -157,11 +165,24 @@ def max_pixels_with_reason(
                                    f"'streamed'; {fallback[1]}")
     if memory is None:
         return window, window_reason
+    if extra_pixels or pixel_cost != 1.0:
+        memory = _sequence_bound(memory, extra_pixels, pixel_cost)
     # The measured model is the hard memory bound; the tier window bounds time and quality (a 16 GB card
     # could hold a 19 MP image in the streamed engine, but a step would take ~10x a native-size one).
     if memory[0] < window:
         return memory[0], f"{memory[1]} (below the {window_reason})"
     return window, f"{window_reason}; memory allows {memory[0] / 1e6:.2f} MP ({memory[1]})"
+
+
+def _sequence_bound(memory: tuple[int, str], extra_pixels: int, pixel_cost: float) -> tuple[int, str]:
+    """The memory bound on the output image when the sequence also holds ``extra_pixels`` (references) and
+    ``pixel_cost`` copies of the output (Layered's frames)."""
+    if extra_pixels < 0 or not pixel_cost >= 1.0:
+        raise InvalidInputError("extra_pixels", f"must be >= 0 with pixel_cost >= 1 (got {extra_pixels}, {pixel_cost}).")
+    limit = max(int((memory[0] - extra_pixels) / pixel_cost), 0)
+    parts = [f"{extra_pixels / 1e6:.2f} MP of reference tokens"] if extra_pixels else []
+    parts += [f"{pixel_cost:g} frames per output pixel"] if pixel_cost != 1.0 else []
+    return limit, f"{memory[1]}, less {' and '.join(parts)}: {limit / 1e6:.2f} MP for the output"
 
 
 def max_pixels(
@@ -170,9 +191,12 @@ def max_pixels(
     memory_mode: object = "gpu",
     *,
     memory_model_path: str | os.PathLike | None = None,
+    extra_pixels: int = 0,
+    pixel_cost: float = 1.0,
 ) -> int:
     """Largest width*height that is safe for this card, dtype and memory mode. vram_gb None = no GPU limit."""
-    return max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path)[0]
+    return max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path,
+                                  extra_pixels=extra_pixels, pixel_cost=pixel_cost)[0]
 
 
 def _fit(width: int, height: int, limit: int, floor_side: int) -> tuple[int, int]:
@@ -217,11 +241,15 @@ def clamp_image_size(
     max_pixels: int | None = None,
     min_side: int = 256,
     memory_model_path: str | os.PathLike | None = None,
+    extra_pixels: int = 0,
+    pixel_cost: float = 1.0,
 ) -> SizeDecision:
-    """Decide the final size. ``max_pixels`` overrides the limit; else it comes from ``max_pixels(vram_gb, ...)``."""
+    """Decide the final size. ``max_pixels`` overrides the limit (the caller has already accounted for references
+    in it); else it comes from ``max_pixels(vram_gb, ..., extra_pixels=, pixel_cost=)``."""
     req_w, req_h = validate_size(width, height)
     if max_pixels is None:
-        limit, source = max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path)
+        limit, source = max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path,
+                                               extra_pixels=extra_pixels, pixel_cost=pixel_cost)
     else:
         if isinstance(max_pixels, bool) or not isinstance(max_pixels, numbers.Real) or not max_pixels > 0:
             raise InvalidInputError("max_pixels", f"{max_pixels!r} must be a positive number of pixels.")

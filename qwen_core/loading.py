@@ -225,21 +225,21 @@ class PipelineLoader:
             if get_residency_manager().release(self.residency_key):
                 get_session_log().info(f"loader: unloaded weights of {self.path}")
 
-    def governor_inputs(self) -> dict[str, Any]:
-        """Keyword arguments for ``governor.clamp_image_size`` that describe this loader's situation."""
+    def governor_inputs(self, extra_pixels: int = 0, pixel_cost: float = 1.0) -> dict[str, Any]:
+        """Keyword arguments for ``governor.clamp_image_size`` that describe this loader's situation;
+        ``extra_pixels``/``pixel_cost``: what reference images and Layered's frames add to the sequence."""
         from qwen_core import governor
 
         cfg, plan = self.device_config, self.plan
-        max_pixels = None  # the governor derives the window from vram_gb/dtype/memory_mode itself
+        inputs: dict[str, Any] = {"vram_gb": cfg.vram_total_gb, "dtype": self.dtype_name,
+                                  "memory_mode": plan.memory_mode.value, "max_pixels": None}  # fmt: skip
         if plan.pixel_scale < 1:  # an OOM fallback shrank the window
-            limit = governor.max_pixels(cfg.vram_total_gb, self.dtype_name, plan.memory_mode.value)
-            max_pixels = max(int(limit * plan.pixel_scale), 16 * 16)
-        return {
-            "vram_gb": cfg.vram_total_gb,
-            "dtype": self.dtype_name,
-            "memory_mode": plan.memory_mode.value,
-            "max_pixels": max_pixels,
-        }
+            limit = governor.max_pixels(cfg.vram_total_gb, self.dtype_name, plan.memory_mode.value,
+                                        extra_pixels=extra_pixels, pixel_cost=pixel_cost)  # fmt: skip
+            inputs["max_pixels"] = max(int(limit * plan.pixel_scale), 16 * 16)
+        elif extra_pixels or pixel_cost != 1.0:
+            inputs.update(extra_pixels=extra_pixels, pixel_cost=pixel_cost)
+        return inputs
 
     def describe(self) -> str:
         state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
