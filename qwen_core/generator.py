@@ -145,7 +145,7 @@ def validate_request(
     where: str = "",
 ) -> GenerationRequest:
     """Check every input (raising InvalidInputError naming the field, QwenError for a wrong image count) and
-    decide the size; no compute. ``width``/``height`` 0 or None: the family's default (for an edit model, its
+    decide the size; no compute. ``width``/``height`` None: the family's default (for an edit model, its
     default area at the last reference's aspect). ``governor_kwargs``: for ``governor.clamp_image_size``, or a
     callable taking ``extra_pixels=`` and ``pixel_cost=`` (``PipelineLoader.governor_inputs``)."""
     warnings: list[str] = []
@@ -187,9 +187,9 @@ def decide_size(request: GenerationRequest, family: ModelFamily, width: object, 
                 governor_kwargs: dict[str, Any] | GovernorInputs | None, size_multiple: int) -> None:
     """Set ``request.decision`` (and Layered's ``resolution``): the governor's size, with the sequence tokens the
     references and Layered's frames add counted, then rounded as the family's pipeline will round it."""
-    if not width or not height:
+    if width is None or height is None:
         auto_w, auto_h = family_call.auto_size(family, request.images)
-        width, height = width or auto_w, height or auto_h
+        width, height = auto_w if width is None else width, auto_h if height is None else height
     extra, cost = family.extra_pixels(len(request.images)), family.sequence_frames(request.layers)
     if callable(governor_kwargs):
         kwargs = governor_kwargs(extra_pixels=extra, pixel_cost=cost)

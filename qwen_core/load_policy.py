@@ -212,11 +212,11 @@ def enable_fast_path(pipe: Any) -> str:
     """
     from qwen_core.cfg_batch import enable_cfg_batching
 
-    enable_cfg_batching(pipe)
+    batched = "batched CFG" if enable_cfg_batching(pipe) is not None else "CFG as two forwards (this model's family)"
     if os.environ.get("QWEN_COMPILE", "").strip() == "1":
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
-        return " (batched CFG, regional compile)"
-    return " (batched CFG)"
+        return f" ({batched}, regional compile)"
+    return f" ({batched})"
 
 
 def _streaming_module() -> Any:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from qwen_core.errors import InvalidInputError, QwenError
+from qwen_core.errors import InvalidInputError
 from qwen_core.families import ModelFamily
 
 MIN_REFERENCE_SIDE = 8
@@ -109,9 +109,13 @@ def prepare(images: Sequence[Any] | None, family: ModelFamily, *, where: str = "
     named = [(field_name(i), image) for i, image in enumerate(images or []) if image is not None]
     problem = family.check_image_count(len(named))
     if problem is not None:
-        fix = ("Connect the input image(s) this model needs (image1..image3)." if len(named) < family.image_inputs.minimum
-               else "Disconnect the extra image inputs, or load a model that takes them (e.g. Qwen-Image-Edit-2509).")  # fmt: skip
-        raise QwenError(f"{where + ': ' if where else ''}{problem}", fix=fix)
+        if len(named) < family.image_inputs.minimum:
+            name, fix = field_name(len(named)), "Connect the input image(s) this model needs (image1..image3)."
+        else:
+            name = named[family.image_inputs.maximum][0]
+            fix = ("Disconnect the image inputs, or load an edit model (e.g. Qwen-Image-Edit-2509)."
+                   if not family.takes_images else "Disconnect the extra image inputs.")
+        raise InvalidInputError(name, f"{where + ': ' if where else ''}{problem}", fix=fix)
     return [for_family(to_pil(image, name), family) for name, image in named]
 
 
