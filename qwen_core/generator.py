@@ -312,8 +312,8 @@ class QwenImageGenerator:
         ``true_cfg_scale`` left out: the family's model-card defaults (an edit model's output follows the last
         reference's aspect)."""
         started = time.perf_counter()
-        request = self._validate(prompt, negative_prompt, images, width, height, steps, true_cfg_scale, seed,
-                                 batch_size, layers)  # fmt: skip
+        request = self.plan(prompt, negative_prompt, images=images, width=width, height=height, steps=steps,
+                            true_cfg_scale=true_cfg_scale, seed=seed, batch_size=batch_size, layers=layers)  # fmt: skip
         self._check_callables(on_step, should_cancel)
         log = get_session_log()
         for warning in request.warnings:
@@ -340,9 +340,11 @@ class QwenImageGenerator:
             retried_with_sdpa=retried, warnings=request.warnings,
         )  # fmt: skip
 
-    def _validate(self, prompt: object, negative_prompt: object, images: Any, width: object, height: object,
-                  steps: object, true_cfg_scale: object, seed: object, batch_size: object,
-                  layers: object) -> GenerationRequest:
+    def plan(self, prompt: object, negative_prompt: object = "", *, images: Any = None, width: object = None,
+             height: object = None, steps: object = None, true_cfg_scale: object = None, seed: object = 0,
+             batch_size: object = 1, layers: object = None) -> GenerationRequest:
+        """What ``generate`` would run (inputs checked, references converted, the governor's size), without
+        loading or computing anything."""
         family = self.loader.family
         return validate_request(
             prompt, negative_prompt, width=width, height=height,
