@@ -143,7 +143,9 @@ def make_tiny_components(seed: int = 0, *, family: str | ModelFamily = DEFAULT_F
     family = _family(family)
     _check_seed(seed)
     if "processor" in family.components:
-        require_torchvision(family)
+        from qwen_core.model_source import require_torchvision
+
+        require_torchvision(family.display_name, family.components["processor"][1])
     from qwen_core.tiny_families import family_components
 
     return family_components(family, seed, build_tokenizer())
@@ -159,20 +161,6 @@ def tiny_pipeline(seed: int = 0, *, family: str | ModelFamily = DEFAULT_FAMILY) 
 
 def _family(family: str | ModelFamily) -> ModelFamily:
     return family if isinstance(family, ModelFamily) else get_family(family)
-
-
-def require_torchvision(family: ModelFamily) -> None:
-    """transformers 5 builds Qwen2VLProcessor / Qwen3VLProcessor only with torchvision installed (their video
-    processor needs it, even with no video): say so instead of its AttributeError deep in a class lookup."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        raise QwenError(
-            f"{family.display_name} needs torchvision: transformers builds its "
-            f"{family.components['processor'][1]} (the text encoder's image processor) only with torchvision.",
-            fix="pip install torchvision matching your torch (torch 2.14.1 <-> torchvision 0.29.1; 2.13.0 <-> "
-            "0.28.0); scripts/setup.sh installs the pair.",
-        )
 
 
 def _check_seed(seed: int) -> None:
