@@ -1,9 +1,10 @@
 """The pack inside a real ComfyUI: skipped unless COMFYUI_DIR points at a ComfyUI checkout.
 
 Starts ``main.py --cpu --listen 127.0.0.1`` (COMFYUI_PYTHON, default this Python, must have ComfyUI's
-requirements and ours) with a private ``--base-directory`` holding only this pack in custom_nodes and two
-tiny models (one in models/diffusers, one in an extra_model_paths.yaml folder), and a Hub stand-in on
-127.0.0.1 (set as HF_ENDPOINT) serving the tiny model as ``local/qwen-image-tiny`` for the Downloader.
+requirements and ours, torchvision included) with a private ``--base-directory`` holding only this pack in
+custom_nodes, the tiny model of every family in models/diffusers (``<family>-tiny``) plus a second Qwen-Image one
+in an extra_model_paths.yaml folder, an ``input/example.png`` for LoadImage, and a Hub stand-in on 127.0.0.1 (set
+as HF_ENDPOINT) serving each tiny model as ``local/<family>-tiny`` for the Downloader.
 Then: the pack imports, the six nodes are in /object_info, the workflows are served as templates, every
 workflow (tiny model selected) runs through POST /prompt to ``status_str == "success"`` with its images
 saved, Cancel (/interrupt) stops a generation, /free releases our model, and NaN is refused at validation
@@ -27,11 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from comfy_workflow import ui_to_api
 from hub_server import HubServer
+from PIL import Image
 
 import nodes
+from qwen_core.families import DEFAULT_FAMILY, FAMILIES, family_for_repo, get_family
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "").strip()
 pytestmark = [
@@ -40,7 +44,6 @@ pytestmark = [
 ]
 REPO = Path(__file__).resolve().parent.parent
 PACK = "comfyui-qwen-image"
-TINY_REPO = "local/qwen-image-tiny"
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 
 
@@ -88,21 +91,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model_dir_b: Path) -> Iterator[Comfy]:
+def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model_dir_b: Path,
+          tiny_family_dir) -> Iterator[Comfy]:
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
     diffusers, extra = base / "models" / "diffusers", base / "extra" / "diffusers"
     diffusers.mkdir(parents=True)
     extra.mkdir(parents=True)
-    (diffusers / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    family_dirs = {key: tiny_family_dir(key) for key in FAMILIES}
+    for key, folder in family_dirs.items():  # qwen-image-tiny is tiny_model_dir
+        (diffusers / f"{key}-tiny").symlink_to(folder, target_is_directory=True)
+    (base / "input").mkdir()
+    Image.fromarray((np.random.RandomState(0).rand(96, 128, 3) * 255).astype(np.uint8)).save(base / "input" / "example.png")
     # The second model sits in an extra_model_paths.yaml folder: the Loader must list it too.
     (extra / "qwen-image-tiny-b").symlink_to(tiny_model_dir_b, target_is_directory=True)
     (base / "extra_model_paths.yaml").write_text(f"qwen_live_test:\n    base_path: {base / 'extra'}\n    diffusers: diffusers\n")
     reports, log = base / "reports", base / "comfyui.log"
-    files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
     with HubServer() as hub:
-        hub.add_repo(TINY_REPO, files)
+        for key, folder in family_dirs.items():
+            hub.add_repo(f"local/{key}-tiny", {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()})
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "QWEN_HOME", "HF_TOKEN")}
         env.update({"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "QWEN_REPORTS_DIR": str(reports),
@@ -137,14 +145,24 @@ def _wait_until_up(server: Comfy, proc: subprocess.Popen) -> None:
     raise AssertionError(f"ComfyUI did not answer within 240 s: {server.log_tail()}")
 
 
+def _family_of(api: dict[str, dict]):
+    """The family a converted workflow loads: its Downloader's repo, else its Loader's (tiny) model."""
+    for node in api.values():
+        if node["class_type"] == "QwenImageDownloader":
+            return family_for_repo(node["inputs"]["repo_id"]) or DEFAULT_FAMILY
+    loader = next(n["inputs"]["model"] for n in api.values() if n["class_type"] == "QwenImageLoader")
+    return family_for_repo(loader) or get_family(loader.removesuffix("-tiny"))
+
+
 def with_tiny_models(api: dict[str, dict]) -> dict[str, dict]:
-    """Select the tiny models (and small sizes) in a converted workflow; everything else stays as shipped."""
+    """Select the tiny models of the workflow's family (and small sizes); everything else stays as shipped."""
+    family = _family_of(api)
     for node in api.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "QwenImageDownloader":
-            inputs["repo_id"] = TINY_REPO
+            inputs["repo_id"] = f"local/{family.key}-tiny"
         elif kind == "QwenImagePreflight" or kind == "QwenImageLoader":
-            inputs["model"] = "qwen-image-tiny"
+            inputs["model"] = f"{family.key}-tiny"
         elif kind == "QwenImageSwitchModel":
             inputs["model"] = "qwen-image-tiny-b"
         elif kind == "QwenImagePixelGovernor":
@@ -162,7 +180,7 @@ def test_pack_imports_and_all_six_nodes_are_registered(comfy: Comfy) -> None:
     info = comfy.get("/object_info")
     assert set(nodes.NODE_CLASS_MAPPINGS) <= set(info)
     loader = info["QwenImageLoader"]["input"]["required"]["model"]
-    assert loader[0] == ["qwen-image-tiny", "qwen-image-tiny-b"]
+    assert set(loader[0]) == {f"{key}-tiny" for key in FAMILIES} | {"qwen-image-tiny-b"}
     assert info["QwenImageGenerate"]["input"]["required"]["seed"][1]["control_after_generate"] is True
 
 
