@@ -149,7 +149,9 @@ def _family_of(api: dict[str, dict]):
     """The family a converted workflow loads: its Downloader's repo, else its Loader's (tiny) model."""
     for node in api.values():
         if node["class_type"] == "QwenImageDownloader":
-            return family_for_repo(node["inputs"]["repo_id"]) or DEFAULT_FAMILY
+            repo = node["inputs"]["repo_id"]  # a family's repo, or (after with_tiny_models) local/<family>-tiny
+            tiny = repo.removeprefix("local/").removesuffix("-tiny")
+            return family_for_repo(repo) or (get_family(tiny) if tiny in FAMILIES else DEFAULT_FAMILY)
     loader = next(n["inputs"]["model"] for n in api.values() if n["class_type"] == "QwenImageLoader")
     return family_for_repo(loader) or get_family(loader.removesuffix("-tiny"))
 
@@ -197,7 +199,9 @@ def test_workflow_runs_through_prompt(comfy: Comfy, path: Path) -> None:
     entry = comfy.wait(comfy.queue(api))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
     images = saved_images(entry)
-    expected = sum(1 for n in api.values() if n["class_type"] == "SaveImage")
+    # One file per image: Layered's IMAGE batch holds its layers (RGBA), one PNG each.
+    per_save = _family_of(api).default_layers or 1
+    expected = sum(1 for n in api.values() if n["class_type"] == "SaveImage") * per_save
     assert len(images) == expected >= 1
     for img in images:
         assert (comfy.base / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
