@@ -95,6 +95,9 @@ class ModelFamily:
     default_true_cfg_scale: float = 4.0
     repo_ids: tuple[str, ...] = ()
     download_size_gb: float | None = None  # bf16 weights of all components, as the Hub lists them
+    # GB per weighted component in bf16 (parameters x 2 bytes, from the configs): what must fit where (Preflight's
+    # model_offload check needs the transformer's share, 0.71 for Qwen-Image but 0.44 for 2.1).
+    component_gb: Mapping[str, float] = field(default_factory=dict)
     licence: str = "Apache-2.0"
     licence_note: str = ""  # shown by Preflight/README when the licence restricts use
     output_channels: int = 3  # 4: the VAE decodes RGBA (layers with alpha)
@@ -166,6 +169,8 @@ _QWEN_IMAGE_21_COMPONENTS = {
 # 2.1: 7.1B transformer 14.2 GB + Qwen3-VL-8B 17.5 GB + VAE 0.68 GB.
 _QWEN_IMAGE_GB = 57.7
 _QWEN_IMAGE_21_GB = 32.5
+_QWEN_IMAGE_PARTS_GB = {"transformer": 40.86, "text_encoder": 16.58, "vae": 0.25}
+_QWEN_IMAGE_21_PARTS_GB = {"transformer": 14.23, "text_encoder": 17.53, "vae": 0.68}
 _RESEARCH_LICENCE = ("Qwen Research License Agreement: non-commercial research and evaluation only; commercial "
                      "use needs a separate licence from Qwen (see the LICENSE file in the model repo).")
 
@@ -177,7 +182,7 @@ QWEN_IMAGE = ModelFamily(
     text_encoder_kind=TextEncoderKind.QWEN2_5_VL,
     # Model card: 1328x1328 (1:1), 50 steps, true_cfg_scale 4.0; 2512 is the same classes with new weights.
     repo_ids=("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512"),
-    download_size_gb=_QWEN_IMAGE_GB,
+    download_size_gb=_QWEN_IMAGE_GB, component_gb=_QWEN_IMAGE_PARTS_GB,
 )
 QWEN_IMAGE_EDIT = ModelFamily(
     key="qwen-image-edit",
@@ -190,7 +195,7 @@ QWEN_IMAGE_EDIT = ModelFamily(
     # Model card: the output follows the input's aspect at ~1 MP; 50 steps, true_cfg_scale 4.0.
     default_width=1024, default_height=1024,
     repo_ids=("Qwen/Qwen-Image-Edit",),
-    download_size_gb=_QWEN_IMAGE_GB,
+    download_size_gb=_QWEN_IMAGE_GB, component_gb=_QWEN_IMAGE_PARTS_GB,
 )  # fmt: skip
 _EDIT_PLUS = dict(
     pipeline_class="QwenImageEditPlusPipeline",
@@ -200,7 +205,7 @@ _EDIT_PLUS = dict(
     reference=ReferenceSizing(vae_area=MP1024, vision_area=384 * 384),
     # Model cards (2509, 2511): 40 steps, true_cfg_scale 4.0, output ~1 MP at the last image's aspect.
     default_width=1024, default_height=1024, default_steps=40,
-    download_size_gb=_QWEN_IMAGE_GB,
+    download_size_gb=_QWEN_IMAGE_GB, component_gb=_QWEN_IMAGE_PARTS_GB,
 )  # fmt: skip
 QWEN_IMAGE_EDIT_2509 = ModelFamily(
     key="qwen-image-edit-2509", display_name="Qwen-Image-Edit-2509", repo_ids=("Qwen/Qwen-Image-Edit-2509",),
@@ -225,7 +230,7 @@ QWEN_IMAGE_LAYERED = ModelFamily(
     # one image (layers + 1 instead of layers): one image per call.
     max_batch_size=1,
     repo_ids=("Qwen/Qwen-Image-Layered",),
-    download_size_gb=_QWEN_IMAGE_GB,
+    download_size_gb=_QWEN_IMAGE_GB, component_gb=_QWEN_IMAGE_PARTS_GB,
 )  # fmt: skip
 _QWEN_IMAGE_21 = dict(
     pipeline_class="QwenImage21Pipeline",
@@ -240,7 +245,7 @@ _QWEN_IMAGE_21 = dict(
     # Its single-stream transformer caches the prompt's keys/values per CFG branch (KV cache): batching the two
     # branches into one forward would mix the caches. The default needs no CFG at all.
     cfg_batching=False,
-    download_size_gb=_QWEN_IMAGE_21_GB,
+    download_size_gb=_QWEN_IMAGE_21_GB, component_gb=_QWEN_IMAGE_21_PARTS_GB,
     licence="Qwen Research License", licence_note=_RESEARCH_LICENCE,
 )  # fmt: skip
 QWEN_IMAGE_21 = ModelFamily(
@@ -320,6 +325,7 @@ class FamilyRequirements:
     family_key: str
     display_name: str
     download_size_gb: float | None
+    component_gb: Mapping[str, float]
     memory_model_key: str
     licence: str
     licence_note: str
@@ -332,6 +338,7 @@ def requirements(family: ModelFamily | str) -> FamilyRequirements:
     licence, image inputs and what each reference image costs."""
     family = get_family(family) if isinstance(family, str) else family
     return FamilyRequirements(
-        family.key, family.display_name, family.download_size_gb, family.memory_model_key, family.licence,
+        family.key, family.display_name, family.download_size_gb, family.component_gb, family.memory_model_key,
+        family.licence,
         family.licence_note, family.image_inputs.describe(), family.tokens_per_reference_image,
     )  # fmt: skip

@@ -511,6 +511,10 @@ class QwenImageGenerator:
         tips = [f"a smaller size (e.g. {smaller.width}x{smaller.height})"]
         if request.batch_size > 1:
             tips.append("batch_size 1")
+        if len(request.images) > max(1, self.loader.family.image_inputs.minimum):
+            tips.append(f"fewer reference images (each adds ~{self.loader.family.tokens_per_reference_image:,} tokens)")
+        if request.layers > 1:
+            tips.append("fewer layers")
         if lighter is not None:
             tips.append(f"memory_mode '{lighter.value}' (now '{mode.value}')")
         fix = "Try " + ", or ".join(tips) + ". Our memory was released; the next run can go ahead."

@@ -66,7 +66,9 @@ class TestFamilyTable:
         assert facts.download_size_gb == pytest.approx(32.5) and facts.memory_model_key == "qwen-image-2.1"
         assert "non-commercial" in facts.licence_note and "Research" in facts.licence
         assert requirements(get_family("edit-2511")).takes_images == "1 to 3 input images"
-        assert all(f.download_size_gb for f in FAMILIES.values())
+        for family in FAMILIES.values():  # the parts add up to the download (tokenizer/config files are MBs)
+            assert sum(family.component_gb.values()) == pytest.approx(family.download_size_gb, abs=0.1)
+            assert set(family.component_gb) == set(family.weighted_components)
 
 
 @pytest.mark.slow
