@@ -63,6 +63,9 @@ class ModelFolder:
     family: ModelFamily
     components: dict[str, tuple[str, str]]
     weight_files: dict[str, list[SafetensorsInfo]] = field(default_factory=dict)
+    # Pipeline config the loader sets on the built pipeline because model_index.json lacks it (see
+    # ``modular_sample_sigmas``).
+    pipeline_config: dict[str, object] = field(default_factory=dict)
 
     @property
     def class_name(self) -> str:
@@ -221,8 +224,10 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         raise _bad_file(index_path, f"is not valid JSON ({err}).") from err
     if not isinstance(index, dict):
         raise _bad_file(index_path, f"must be a JSON object with `_class_name` and components, not a {type(index).__name__}.")
-    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path), index=index,
-                                       transformer_config=_transformer_config(folder))
+    sigmas = modular_sample_sigmas(folder, index)
+    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path),
+                                       index={**index, "sample_sigmas": sigmas} if sigmas else index,
+                                       transformer_config=_transformer_config(folder))  # fmt: skip
     components: dict[str, tuple[str, str]] = {}
     for name, value in index.items():
         if name.startswith("_") or not is_component_spec(value):
@@ -237,6 +242,21 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         components[name] = (library, cls)
     _check_components(index_path, family, components)
     return family, components
+
+
+def modular_sample_sigmas(folder: Path, index: dict) -> list[float] | None:
+    """A checkpoint's own sampling grid when model_index.json lacks it but the folder's modular_model_index.json
+    (written for diffusers' modular pipelines, e.g. 2.1 Turbo's) has it; else None. Plain JSON, numbers only."""
+    if index.get("_class_name") != "QwenImage21Pipeline" or index.get("sample_sigmas"):
+        return None
+    try:
+        modular = json.loads((folder / "modular_model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    sigmas = modular.get("sample_sigmas") if isinstance(modular, dict) else None
+    if isinstance(sigmas, list) and sigmas and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas):
+        return [float(v) for v in sigmas]
+    return None
 
 
 def is_component_spec(value: object) -> bool:
@@ -343,6 +363,10 @@ def check_model_folder(path: str | Path) -> ModelFolder:
         )
     family, components = read_model_index(folder)
     model = ModelFolder(path=folder, family=family, components=components)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))  # read_model_index checked it
+    sigmas = modular_sample_sigmas(folder, index)
+    if sigmas:
+        model.pipeline_config["sample_sigmas"] = sigmas
     for name in components:
         model.weight_files[name] = _component_weights(folder, name)
     return model

@@ -136,7 +136,7 @@ class FolderSource(ModelSource):
     def build(self, dtype: torch.dtype, light_components: dict[str, Any]) -> Any:
         # Re-check the folder: a download may have been running or a file replaced since construction.
         self.folder = check_model_folder(self.path)
-        return pipeline_class(self.family).from_pretrained(
+        pipe = pipeline_class(self.family).from_pretrained(
             self.path,
             dtype=dtype,
             use_safetensors=True,
@@ -144,3 +144,6 @@ class FolderSource(ModelSource):
             trust_remote_code=False,
             **light_components,
         )
+        if self.folder.pipeline_config:  # e.g. a Turbo grid found only in modular_model_index.json
+            pipe.register_to_config(**self.folder.pipeline_config)
+        return pipe

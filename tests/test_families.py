@@ -85,6 +85,21 @@ class TestDetection:
         assert base.key == "qwen-image-2.1"
         assert family_for_pipeline_class("QwenImage21Pipeline", index={"sample_sigmas": [1.0, 0.5]}).guidance_distilled
 
+    def test_a_turbo_grid_only_in_the_modular_index_is_found_and_used(self, tiny_family_dir, tmp_path: Path) -> None:
+        """If a Turbo folder keeps its sigma grid only in modular_model_index.json, it is still Turbo, and the
+        pipeline runs that grid (the 2.1 base schedule would be wrong for a distilled checkpoint)."""
+        folder = Path(shutil.copytree(tiny_family_dir("2.1-turbo"), tmp_path / "m"))
+        index = json.loads((folder / "model_index.json").read_text())
+        sigmas = index.pop("sample_sigmas")
+        (folder / "model_index.json").write_text(json.dumps(index))
+        (folder / "modular_model_index.json").write_text(json.dumps({"_class_name": "QwenImage21TurboAutoBlocks",
+                                                                     "sample_sigmas": sigmas}))
+        get_residency_manager().release_all()
+        gen = QwenImageGenerator(folder, device="cpu")
+        assert gen.loader.family.key == "qwen-image-2.1-turbo"
+        assert gen.generate("a cat", width=64, height=64, steps=3).steps == len(sigmas)
+        get_residency_manager().release_all()
+
     def test_a_folder_whose_parts_belong_to_another_family_is_refused(self, tiny_family_dir, tmp_path: Path) -> None:
         folder = Path(shutil.copytree(tiny_family_dir("2.1"), tmp_path / "m"))
         index = json.loads((folder / "model_index.json").read_text())
