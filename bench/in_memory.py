@@ -15,7 +15,7 @@ import torch
 
 from qwen_core.devices import dtype_name
 from qwen_core.errors import ModelLoadError, QwenError
-from qwen_core.families import FAMILIES
+from qwen_core.families import FAMILIES, ModelFamily
 from qwen_core.loading import PipelineLoader, free_memory
 from qwen_core.model_source import ModelSource
 
@@ -26,8 +26,9 @@ def _config_dict(config: Any) -> dict:
 
 
 class InMemorySource(ModelSource):
-    def __init__(self, pipe: Any, name: str = "in-memory") -> None:
-        family = next((f for f in FAMILIES.values() if f.pipeline_class == type(pipe).__name__), None)
+    def __init__(self, pipe: Any, name: str = "in-memory", family: ModelFamily | None = None) -> None:
+        # Several families share a pipeline class (Edit-2509/2511, 2.1/Turbo): the caller may say which one.
+        family = family or next((f for f in FAMILIES.values() if f.pipeline_class == type(pipe).__name__), None)
         if family is None:
             raise QwenError(f"{type(pipe).__name__} is not a Qwen-Image family pipeline.",
                             fix="Pass a diffusers QwenImagePipeline (or another family's pipeline).")
@@ -73,8 +74,8 @@ class InMemorySource(ModelSource):
 
 
 def in_memory_loader(pipe: Any, *, name: str = "in-memory", memory_mode: str = "gpu", attention: str = "auto",
-                     device: str | None = None, **kwargs: Any) -> PipelineLoader:
+                     device: str | None = None, family: ModelFamily | None = None, **kwargs: Any) -> PipelineLoader:
     """A ``PipelineLoader`` over ``pipe`` in its own dtype (``auto`` memory mode sizes from its parameters)."""
-    source = InMemorySource(pipe, name)
+    source = InMemorySource(pipe, name, family)
     return PipelineLoader(source, dtype=dtype_name(source.dtype), memory_mode=memory_mode, attention=attention,
                           device=device, **kwargs)

@@ -13,6 +13,7 @@ from qwen_core.download import (
     resolve_endpoint,
 )
 from qwen_core.errors import DownloadCancelled, InvalidInputError
+from qwen_core.families import known_repo_ids
 from qwen_core.paths import repo_folder
 
 from . import comfy_bridge as bridge
@@ -20,6 +21,8 @@ from .cache_keys import FolderKeys
 from .common import HIDDEN, QWEN_SYSTEM
 
 _FOLDER_KEYS = FolderKeys()  # IS_CHANGED: the target folder as our last run left it -> that run's key
+# The family's repo ids (qwen_core.families), offered in the repo_id tooltip; the field stays free text.
+REPO_SUGGESTIONS = tuple(known_repo_ids())
 
 
 class QwenImageDownloader:
@@ -39,7 +42,7 @@ class QwenImageDownloader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "repo_id": ("STRING", {"default": "Qwen/Qwen-Image", "tooltip": "Hugging Face repo id, org/name."}),
+                "repo_id": ("STRING", {"default": "Qwen/Qwen-Image", "tooltip": "Hugging Face repo id, org/name (free text). The Qwen-Image family: " + ", ".join(REPO_SUGGESTIONS) + "."}),
                 "revision": ("STRING", {"default": "main", "tooltip": "Branch, tag or 40-character commit hash."}),
                 "allow_patterns": ("STRING", {"default": "", "tooltip": "Only files matching these globs (comma or newline separated); empty = all."}),
                 "ignore_patterns": ("STRING", {"default": "", "tooltip": "Skip files matching these globs (comma or newline separated)."}),

@@ -115,7 +115,10 @@ class CfgBatcher:
             encoder_hidden_states_mask=mask,
             return_dict=False,
         )
-        for key in ("timestep", "guidance"):
+        # Per-sample conditioning tensors double with the batch (Layered's `additional_t_cond` marks RGB vs RGBA
+        # samples). Edit-2511's `zero_cond_t` needs nothing here: the transformer appends zero timesteps to the
+        # (doubled) batch itself and builds its per-token index from the (doubled) img_shapes.
+        for key in ("timestep", "guidance", "additional_t_cond"):
             if isinstance(kwargs.get(key), torch.Tensor) and kwargs[key].ndim > 0:
                 call[key] = torch.cat([kwargs[key]] * 2)
         if isinstance(kwargs.get("img_shapes"), list):
@@ -279,12 +282,24 @@ def _as_output(sample: torch.Tensor, return_dict: bool) -> Any:
     return Transformer2DModelOutput(sample=sample)
 
 
-def enable_cfg_batching(pipe: Any, *, split_attention: bool = True) -> CfgBatcher:
-    """Install the batched-CFG wrapper on ``pipe`` (idempotent); returns its state object.
+def supports_cfg_batching(pipe: Any) -> bool:
+    """True for the pipelines of families whose transformer this wrapper understands (``ModelFamily.cfg_batching``:
+    the Qwen-Image MMDiT families; not 2.1, whose per-branch KV caches a doubled batch would mix)."""
+    from qwen_core.families import FAMILIES
+
+    families = [f for f in FAMILIES.values() if f.pipeline_class == type(pipe).__name__]
+    return bool(families) and all(f.cfg_batching for f in families)
+
+
+def enable_cfg_batching(pipe: Any, *, split_attention: bool = True) -> CfgBatcher | None:
+    """Install the batched-CFG wrapper on ``pipe`` (idempotent); returns its state object, or None (nothing
+    installed) for a pipeline whose family does not support it (``supports_cfg_batching``).
 
     ``split_attention``: prompts of different lengths run their attention unmasked per length (fast
     kernels) instead of through a padding mask.
     """
+    if not supports_cfg_batching(pipe):
+        return None
     existing = state_of(pipe).cfg_batcher
     if existing is not None:
         existing.active = True

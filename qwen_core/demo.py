@@ -1,8 +1,9 @@
 """`python -m qwen_core demo` and `python -m qwen_core generate`.
 
 ``demo`` proves the whole path offline on any machine: it builds (or reuses) the cached tiny random
-Qwen-Image pipeline, runs preflight, asks the governor for the size, generates with the real diffusers
-pipeline, and writes a PNG. The tiny model has random weights, so the picture is structured noise; what
+pipeline of a family (``--family``, default Qwen-Image; ``--image`` gives the edit models their input), runs
+preflight, asks the governor for the size, generates with the real diffusers pipeline, and writes a PNG
+(Layered: one PNG per RGBA layer). The tiny model has random weights, so the picture is structured noise; what
 the demo shows is that every stage runs, how long each took, and what was decided.
 
 ``generate`` runs the same path on a real model folder (e.g. a downloaded Qwen/Qwen-Image).
@@ -26,11 +27,18 @@ from qwen_core.errors import InvalidInputError
 DEMO_PROMPT = "a watercolor fox in a snowy forest at dawn"
 
 
-def _add_sampling_args(parser: argparse.ArgumentParser, *, width: int, height: int, steps: int) -> None:
-    parser.add_argument("--width", type=int, default=width, help=f"image width in px, multiple of 16 (default {width})")
-    parser.add_argument("--height", type=int, default=height, help=f"image height in px, multiple of 16 (default {height})")
-    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-    parser.add_argument("--cfg", type=float, default=4.0, help="true CFG scale; <= 1 turns it off (default 4.0)")
+def _add_sampling_args(parser: argparse.ArgumentParser, *, width: int | None, height: int | None,
+                       steps: int | None) -> None:
+    def default(value: int | None) -> str:
+        return "the model card's" if value is None else str(value)
+
+    parser.add_argument("--width", type=int, default=width,
+                        help=f"image width in px, multiple of 16 (default {default(width)})")
+    parser.add_argument("--height", type=int, default=height,
+                        help=f"image height in px, multiple of 16 (default {default(height)})")
+    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {default(steps)})")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="true CFG scale; <= 1 turns it off (default: the model card's, 4.0; 2.1: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed; same seed -> same image on the same device")
     parser.add_argument("--negative", default="", help="negative prompt (used when --cfg > 1)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
@@ -40,8 +48,20 @@ def _add_sampling_args(parser: argparse.ArgumentParser, *, width: int, height: i
                              "--steps/--cfg; lightning-8/lightning-4 need a Lightning --lora")  # fmt: skip
 
 
+def _add_image_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", dest="images", action="append", type=Path, default=None, metavar="PNG",
+                        help="reference image for edit models (repeat for Edit-2509/2511: up to 3)")  # fmt: skip
+    parser.add_argument("--layers", type=int, default=None, help="Qwen-Image-Layered: RGBA layers to make (default 4)")
+
+
 def configure_demo(parser: argparse.ArgumentParser) -> None:
+    from qwen_core.families import DEFAULT_FAMILY, FAMILIES
+
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default reports/demo.png)")
+    parser.add_argument("--family", default=DEFAULT_FAMILY.key, metavar="FAMILY",
+                        help=f"which tiny model: {', '.join(f.short_name for f in FAMILIES.values())} "
+                        f"(default {DEFAULT_FAMILY.key})")  # fmt: skip
+    _add_image_args(parser)
     parser.add_argument("--prompt", default=DEMO_PROMPT, help="prompt (the tiny model ignores its meaning)")
     _add_sampling_args(parser, width=256, height=256, steps=8)
     parser.add_argument("--threads", type=int, default=None,
@@ -65,13 +85,16 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
                        help="fp8 files: matrix products on fp8 tensor cores (sm_89+; lossy, see README)")
     parser.add_argument("--prompt", required=True, help="what to draw")
     parser.add_argument("--out", required=True, type=Path, help="PNG to write (batch: NAME_1.png, NAME_2.png, ...)")
-    _add_sampling_args(parser, width=1328, height=1328, steps=50)
+    # The model card's defaults per family: Qwen-Image 1328x1328/50 steps, Edit ~1 MP at the input's aspect, 2.1
+    # 1024x1024/40 steps (qwen_core.families).
+    _add_sampling_args(parser, width=None, height=None, steps=None)
     parser.add_argument("--batch", type=int, default=1, help="images per run (default 1)")
     parser.add_argument("--memory-mode", default="auto",
                         help="auto, gpu, streamed, model_offload, group_offload or sequential (default auto)")  # fmt: skip
     parser.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default auto)")
     parser.add_argument("--attention", default="auto", help="auto, sdpa or flash (default auto)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
+    _add_image_args(parser)
 
 
 class _Progress:
@@ -111,7 +134,7 @@ def save_png(image: Any, out: Path, metadata: dict[str, str] | None = None) -> P
     import numpy as np
     from PIL import Image, PngImagePlugin
 
-    array = (image.detach().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    array = (image.detach().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)  # [H, W, 3 or 4]
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, value)
@@ -119,7 +142,7 @@ def save_png(image: Any, out: Path, metadata: dict[str, str] | None = None) -> P
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(array, mode="RGB").save(fh, format="PNG", pnginfo=info)
+            Image.fromarray(array).save(fh, format="PNG", pnginfo=info)  # RGB, or RGBA for layers with alpha
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image should get the usual permissions
         os.replace(tmp, out)  # a reader never sees half a PNG
     finally:
@@ -140,15 +163,17 @@ def _outputs(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(1, count + 1)]
 
 
-def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batch: int, model_name: str) -> list[Path]:
+def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batch: int, model_name: str,
+                       images: list[Any] | None = None) -> list[Path]:
     from qwen_core.presets import load_presets
 
     steps = load_presets().quality(args.preset).steps if args.preset else args.steps
     progress = _Progress(steps)
     try:
         result = generator.generate(
-            args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
-            true_cfg_scale=args.cfg, seed=args.seed, batch_size=batch, on_step=progress, preset=args.preset,
+            args.prompt, args.negative, images=images, width=args.width, height=args.height, steps=args.steps,
+            true_cfg_scale=args.cfg, seed=args.seed, batch_size=batch, layers=args.layers, on_step=progress,
+            preset=args.preset,
         )  # fmt: skip
     finally:
         progress.close()
@@ -187,31 +212,64 @@ def _print_preflight(model_dir: Path, device_config: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from qwen_core import governor, paths
+    from qwen_core import paths
+    from qwen_core.families import get_family
     from qwen_core.generator import QwenImageGenerator
     from qwen_core.tiny import ensure_tiny_pipeline
 
     out = _check_out(args.out or paths.reports_dir() / "demo.png")
+    family = get_family(args.family)
+    images = _load_images(args.images, family)
     _quiet_library_progress_bars()
     _set_threads(args.threads)
     started = time.perf_counter()
-    print("[1/4] tiny pipeline (random weights, built offline, cached)")
-    model_dir = ensure_tiny_pipeline(args.cache_dir)
+    print(f"[1/4] tiny pipeline: {family.display_name} (random weights, built offline, cached)")
+    model_dir = ensure_tiny_pipeline(args.cache_dir, family=family)
     print(f"  {model_dir} ({time.perf_counter() - started:.1f} s)")
     generator = QwenImageGenerator(model_dir, loras=args.lora)
     loader = generator.loader
     print(f"  loader: {loader.device_config.device}, {loader.dtype_name}, {loader.plan.memory_mode.value}; "
-          "tokenizer + scheduler ready, weights load on first use")  # fmt: skip
+          "tokenizer/processor + scheduler ready, weights load on first use")  # fmt: skip
     print("[2/4] preflight")
     _print_preflight(model_dir, loader.device_config)
     print("[3/4] governor")
-    decision = governor.clamp_image_size(args.width, args.height, **loader.governor_inputs())
-    print(f"  {decision.requested_width}x{decision.requested_height} -> {decision.width}x{decision.height}: "
-          f"{decision.message or decision.reason}")  # fmt: skip
+    d = generator.plan(args.prompt, args.negative, images=images, width=args.width, height=args.height,
+                       steps=args.steps, true_cfg_scale=args.cfg, seed=args.seed, layers=args.layers).decision
+    refs = f" with {len(images)} reference image(s)" if images else ""
+    print(f"  {d.requested_width}x{d.requested_height}{refs} -> {d.width}x{d.height}: {d.message or d.reason}")
     print(f"[4/4] generate: {args.prompt!r}")
-    _generate_and_save(generator, args, out, 1, "tiny-qwen-image (random weights)")
+    _generate_and_save(generator, args, out, 1, f"tiny {family.key} (random weights)", images)
     print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
     return 0
+
+
+def _load_images(paths: list[Path] | None, family: Any, *, demo: bool = True) -> list[Any] | None:
+    """The ``--image`` files as PIL images (the generator checks their number for the model). The demo gives an
+    edit model that got none a generated test card, so ``demo --family edit`` runs as it stands."""
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths or []:
+        try:
+            with Image.open(Path(path).expanduser()) as image:
+                images.append(image.copy())
+        except (OSError, UnidentifiedImageError) as err:
+            raise InvalidInputError("image", f"{path} cannot be read as an image ({err}).") from err
+    if not images and demo and family.image_inputs.minimum:
+        print(f"  no --image given: {family.display_name} edits a generated 256x192 test card")
+        images = [_test_card()]
+    return images or None
+
+
+def _test_card() -> Any:
+    """A 256x192 colour gradient with a dark square: an input with some structure for the edit demos."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:192, 0:256]
+    card = np.stack([x / 255.0, y / 191.0, 1.0 - x / 255.0], axis=-1)
+    card[60:132, 90:166] = 0.1
+    return Image.fromarray((card * 255).astype(np.uint8))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -227,7 +285,8 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"model {loader.path} ({loader.family.display_name}): {loader.device_config.device}, {loader.dtype_name}, "
           f"memory mode {loader.plan.memory_mode.value} ({loader.memory_mode_reason}), attention "
           f"{loader.device_config.attention_backend}")  # fmt: skip
-    _generate_and_save(generator, args, out, args.batch, str(loader.path))
+    images = _load_images(args.images, loader.family, demo=False)
+    _generate_and_save(generator, args, out, args.batch, str(loader.path), images)
     for attempt in loader.attempts:
         if attempt.outcome != "ok":
             print(f"  load {attempt.describe()}")

@@ -1,9 +1,12 @@
-"""``QwenImageGenerator``: validated, governed, cancellable text-to-image generation.
+"""``QwenImageGenerator``: validated, governed, cancellable generation for every Qwen-Image family.
 
-``generate()`` checks every input before any compute (naming the field), lets the governor pick the final
-size, loads the weights on first use (``PipelineLoader``), runs the real diffusers pipeline with a step
+``generate()`` checks every input before any compute (naming the field), including the reference images
+against the loaded family's rule (``images=``: none for text-to-image, 1 for Edit and Layered, 1-3 for
+Edit-2509/2511, 0-10 for 2.1), lets the governor pick the final size (counting the tokens the references add),
+loads the weights on first use (``PipelineLoader``), runs the family's real diffusers pipeline with a step
 callback that reports progress, honours cancel, and watches the latents for NaN/Inf. Images come back as
-ComfyUI's IMAGE layout: float32 [B, H, W, C] in 0..1 on the CPU.
+ComfyUI's IMAGE layout: float32 [B, H, W, C] in 0..1 on the CPU; C = 4 (RGBA) for the families whose VAE
+decodes alpha (Layered: ``layers`` images per input; 2.1).
 
 Failure behaviour:
 - cancel: ``should_cancel()`` is polled after every step; ``GenerationCancelled`` is raised from inside the
@@ -18,6 +21,7 @@ Failure behaviour:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
@@ -29,8 +33,9 @@ from typing import Any
 
 import torch
 
-from qwen_core import governor
+from qwen_core import family_call, governor, reference_images
 from qwen_core.errors import GenerationCancelled, InvalidInputError, OutOfMemoryError, QwenError
+from qwen_core.families import DEFAULT_FAMILY, ModelFamily
 from qwen_core.loading import LIGHTER_MODE, SDPA, PipelineLoader, free_memory, is_oom
 from qwen_core.lora.fuse import lora_memory
 from qwen_core.session_log import get_session_log
@@ -63,6 +68,9 @@ class GenerationRequest:
     warnings: list[str] = field(default_factory=list)
     preset: str = ""  # the quality preset that set steps/CFG/scheduler, if any
     scheduler: Any = None  # the preset's scheduler for this run (None: the model's own)
+    images: list[Any] = field(default_factory=list)  # PIL references, converted for the family
+    layers: int = 0  # Layered: RGBA layers per image
+    resolution: int | None = None  # Layered: the resolution bucket the pipeline is called with
 
 
 @dataclass
@@ -120,6 +128,9 @@ def min_steps_for(scheduler: Any) -> int:
     return 2 if getattr(getattr(scheduler, "config", None), "shift_terminal", None) else 1
 
 
+GovernorInputs = Callable[..., dict[str, Any]]
+
+
 def validate_request(
     prompt: object,
     negative_prompt: object,
@@ -130,27 +141,82 @@ def validate_request(
     true_cfg_scale: object,
     seed: object,
     batch_size: object,
-    governor_kwargs: dict[str, Any] | None = None,
+    governor_kwargs: dict[str, Any] | GovernorInputs | None = None,
     min_steps: int = 1,
+    family: ModelFamily = DEFAULT_FAMILY,
+    images: Any = None,
+    layers: object = None,
+    size_multiple: int = 16,
+    where: str = "",
 ) -> GenerationRequest:
-    """Check every input (raising InvalidInputError naming the field) and decide the size; no compute."""
+    """Check every input (raising InvalidInputError naming the field, QwenError for a wrong image count) and
+    decide the size; no compute. ``width``/``height`` None: the family's default (for an edit model, its
+    default area at the last reference's aspect). ``governor_kwargs``: for ``governor.clamp_image_size``, or a
+    callable taking ``extra_pixels=`` and ``pixel_cost=`` (``PipelineLoader.governor_inputs``)."""
     warnings: list[str] = []
     prompt = _text_field("prompt", prompt, required=True, warnings=warnings)
     negative = _text_field("negative_prompt", negative_prompt, required=False, warnings=warnings)
+    refs = reference_images.prepare(images, family, where=where)
     steps = whole_number("steps", steps, min_steps, MAX_STEPS,
                        " (this model's scheduler needs at least 2)" if min_steps > 1 else "")
     seed = whole_number("seed", seed, 0, SEED_MAX)
-    batch_size = whole_number("batch_size", batch_size, 1, MAX_BATCH, " (images per run; more costs VRAM)")
+    max_batch = min(MAX_BATCH, family.max_batch_size)
+    batch_size = whole_number("batch_size", batch_size, 1, max_batch, " (images per run; more costs VRAM)" if max_batch > 1
+                              else f" ({family.display_name} makes one image, as {family.default_layers} layers, per run)")
     low, high = CFG_RANGE
     cfg = true_cfg_scale
     if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or not low <= cfg <= high:
         raise InvalidInputError(
             "true_cfg_scale", f"{cfg!r} is not a number in {low:g}..{high:g} (<= 1 turns true CFG off; 4.0 is typical)."
         )
-    decision = governor.clamp_image_size(width, height, **(governor_kwargs or {}))
+    if family.guidance_distilled and cfg > 1:
+        warnings.append(f"{family.display_name} is distilled to run without CFG: true_cfg_scale {cfg:g} doubles the "
+                        "work per step and usually makes the image worse (use 1).")
+    layers = _layers(family, layers)
+    request = GenerationRequest(prompt, negative, steps, float(cfg), seed, batch_size, None, warnings, refs, layers)  # type: ignore[arg-type]
+    decide_size(request, family, width, height, governor_kwargs, size_multiple)
+    return request
+
+
+def _layers(family: ModelFamily, layers: object) -> int:
+    if not family_call.is_layered(family):
+        if layers is not None:
+            raise InvalidInputError("layers", f"only Qwen-Image-Layered makes layers; {family.display_name} does not.")
+        return 0
+    if layers is None:
+        return family.default_layers
+    return whole_number("layers", layers, 1, family_call.MAX_LAYERS, " (RGBA layers the image is split into)")
+
+
+def decide_size(request: GenerationRequest, family: ModelFamily, width: object, height: object,
+                governor_kwargs: dict[str, Any] | GovernorInputs | None, size_multiple: int) -> None:
+    """Set ``request.decision`` (and Layered's ``resolution``): the governor's size, with the sequence tokens the
+    references and Layered's frames add counted, then rounded as the family's pipeline will round it."""
+    if width is None or height is None:
+        auto_w, auto_h = family_call.auto_size(family, request.images)
+        width, height = auto_w if width is None else width, auto_h if height is None else height
+    extra, cost = family.extra_pixels(len(request.images)), family.sequence_frames(request.layers)
+    if callable(governor_kwargs):
+        kwargs = governor_kwargs(extra_pixels=extra, pixel_cost=cost)
+    else:
+        kwargs = dict(governor_kwargs or {})
+        if kwargs.get("max_pixels") is None:  # an explicit limit already accounts for everything
+            kwargs.update(extra_pixels=extra, pixel_cost=cost)
+    decision = governor.clamp_image_size(width, height, **kwargs)
+    if family_call.is_layered(family):
+        size = family_call.layered_size(family, decision.pixels, request.images[0], size_multiple)
+        note = (f"Qwen-Image-Layered: resolution {size.resolution} at the input's aspect -> "
+                f"{size.width}x{size.height} ({request.layers} layers)")
+        decision = dataclasses.replace(decision, width=size.width, height=size.height, reason=f"{note}; {decision.reason}")
+        request.resolution = size.resolution
+    elif size_multiple > governor.ALIGN and (decision.width % size_multiple or decision.height % size_multiple):
+        w, h = (max(size_multiple, side // size_multiple * size_multiple) for side in (decision.width, decision.height))
+        note = f"rounded down to multiples of {size_multiple} as this model needs ({decision.width}x{decision.height} -> {w}x{h})"
+        decision = dataclasses.replace(decision, width=w, height=h, reason=f"{decision.reason}; {note}",
+                                       message=f"{decision.message}; {note}" if decision.message else note.capitalize())
+    request.decision = decision
     if decision.message:
-        warnings.append(decision.message)
-    return GenerationRequest(prompt, negative, steps, float(cfg), seed, batch_size, decision, warnings)
+        request.warnings.append(decision.message)
 
 
 class _StepWatch:
@@ -239,21 +305,27 @@ class QwenImageGenerator:
         prompt: str,
         negative_prompt: str = "",
         *,
-        width: int = 1328,
-        height: int = 1328,
-        steps: int = 50,
-        true_cfg_scale: float = 4.0,
+        images: Any = None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        true_cfg_scale: float | None = None,
         seed: int = 0,
         batch_size: int = 1,
+        layers: int | None = None,
         on_step: StepCallback | None = None,
         should_cancel: Callable[[], bool] | None = None,
         preset: str | None = None,
     ) -> GenerationResult:
-        """Generate ``batch_size`` images. Same seed, inputs and device -> the same images.
+        """Generate ``batch_size`` images (Layered: ``layers`` RGBA layers of one image). Same seed, inputs and
+        device -> the same images.
 
-        ``preset`` (a quality preset name) replaces ``steps`` and ``true_cfg_scale`` with the preset's and runs
-        with its scheduler settings; a Lightning preset is refused unless the LoRA stack has a Lightning LoRA
-        or the model is a pre-fused Lightning model (``lora.lightning.resolve_quality_preset``)."""
+        ``images``: reference images (ComfyUI IMAGE tensors [1, H, W, C] in 0..1, arrays or PIL images; ``None``
+        entries are skipped), as many as the loaded family takes. ``width``/``height``/``steps``/
+        ``true_cfg_scale`` left out: the family's model-card defaults (an edit model's output follows the last
+        reference's aspect). ``preset`` (a quality preset name) replaces ``steps`` and ``true_cfg_scale`` with the
+        preset's and runs with its scheduler settings; a Lightning preset is refused unless the LoRA stack has a
+        Lightning LoRA or the model is a pre-fused Lightning model (``lora.lightning.resolve_quality_preset``)."""
         from qwen_core.lora.lightning import resolve_quality_preset, scheduler_for
 
         started = time.perf_counter()
@@ -261,13 +333,11 @@ class QwenImageGenerator:
         if quality is not None:
             steps, true_cfg_scale = quality.steps, quality.true_cfg_scale
         scheduler = scheduler_for(quality, self.loader.scheduler)
-        request = validate_request(
-            prompt, negative_prompt, width=width, height=height, steps=steps, true_cfg_scale=true_cfg_scale,
-            seed=seed, batch_size=batch_size, governor_kwargs=self.loader.governor_inputs(),
-            min_steps=min_steps_for(scheduler or self.loader.scheduler),
-        )  # fmt: skip
+        request = self.plan(prompt, negative_prompt, images=images, width=width, height=height, steps=steps,
+                            true_cfg_scale=true_cfg_scale, seed=seed, batch_size=batch_size, layers=layers,
+                            scheduler=scheduler)  # fmt: skip
         request.preset, request.scheduler = (quality.name if quality else ""), scheduler
-        self._check_callables_and_kind(on_step, should_cancel)
+        self._check_callables(on_step, should_cancel)
         log = get_session_log()
         for warning in request.warnings:
             log.warning(f"generate: {warning}")
@@ -276,26 +346,58 @@ class QwenImageGenerator:
         was_loaded, plan = self.loader.is_loaded, self.loader.plan
         pipe = self.loader.load()
         timings = {"load_s": 0.0 if was_loaded else time.perf_counter() - started}
-        if self.loader.plan != plan:  # the load fell back (OOM): the governor gets the smaller window now
-            request.decision = governor.clamp_image_size(width, height, **self.loader.governor_inputs())
-            if request.decision.message:
-                request.warnings.append(request.decision.message)
-                log.warning(f"generate: {request.decision.message}")
-        images, run_timings, retried = self._run_with_sdpa_retry(pipe, request, on_step, should_cancel)
+        self._after_load(pipe, request, width, height, fell_back=self.loader.plan != plan)
+        result, run_timings, retried = self._run_with_sdpa_retry(pipe, request, on_step, should_cancel)
         timings.update(run_timings)
         timings["total_s"] = time.perf_counter() - started
         d = request.decision
+        refs = f", {len(request.images)} reference image(s)" if request.images else ""
         loras = tuple(spec.describe() for spec in self.loader.loras)
         extras = (f", preset {request.preset}" if request.preset else "") + (f", {lora_memory(pipe).summary()}" if loras else "")
         log.info(
-            f"generate: {d.width}x{d.height} x{request.batch_size}, {request.steps} steps, cfg {request.true_cfg_scale:g}, "
-            f"seed {request.seed}, attention {self.loader.attention_backend}{extras}: {timings['total_s']:.2f} s"
+            f"generate: {self.loader.family.display_name} {d.width}x{d.height} x{request.batch_size}{refs}, "
+            f"{request.steps} steps, cfg {request.true_cfg_scale:g}, seed {request.seed}, attention "
+            f"{self.loader.attention_backend}{extras}: {timings['total_s']:.2f} s"
         )
         return GenerationResult(
-            images=images, decision=d, seed=request.seed, steps=request.steps,
+            images=result, decision=d, seed=request.seed, steps=request.steps,
             true_cfg_scale=request.true_cfg_scale, timings=timings, attention_backend=self.loader.attention_backend,
             retried_with_sdpa=retried, warnings=request.warnings, loras=loras, preset=request.preset,
         )  # fmt: skip
+
+    def plan(self, prompt: object, negative_prompt: object = "", *, images: Any = None, width: object = None,
+             height: object = None, steps: object = None, true_cfg_scale: object = None, seed: object = 0,
+             batch_size: object = 1, layers: object = None, scheduler: Any = None) -> GenerationRequest:
+        """What ``generate`` would run (inputs checked, references converted, the governor's size), without
+        loading or computing anything. ``scheduler``: a preset's scheduler for this run (None: the model's own)."""
+        family = self.loader.family
+        return validate_request(
+            prompt, negative_prompt, width=width, height=height,
+            steps=family.default_steps if steps is None else steps,
+            true_cfg_scale=family.default_true_cfg_scale if true_cfg_scale is None else true_cfg_scale,
+            seed=seed, batch_size=batch_size, governor_kwargs=self.loader.governor_inputs,
+            min_steps=min_steps_for(scheduler or self.loader.scheduler), family=family, images=images, layers=layers,
+            size_multiple=family_call.size_multiple(family, self.loader.configs), where=str(self.loader.path),
+        )  # fmt: skip
+
+    def _after_load(self, pipe: Any, request: GenerationRequest, width: object, height: object, *,
+                    fell_back: bool) -> None:
+        """What is known only with the pipeline loaded: a smaller window after an OOM fallback, the checkpoint's
+        own step count (2.1 Turbo's sigma grid)."""
+        family, log = self.loader.family, get_session_log()
+        if fell_back:  # the load fell back (OOM): the governor gets the smaller window now
+            before = len(request.warnings)
+            decide_size(request, family, width, height, self.loader.governor_inputs,
+                        family_call.size_multiple(family, self.loader.configs))
+            for message in request.warnings[before:]:
+                log.warning(f"generate: {message}")
+        fixed = family_call.fixed_steps(pipe)
+        if fixed is not None and fixed != request.steps:
+            message = (f"{family.display_name} runs the {fixed}-step sigma grid of its checkpoint; steps "
+                       f"{request.steps} was not used.")
+            request.steps = fixed
+            request.warnings.append(message)
+            log.warning(f"generate: {message}")
 
     def _run_with_sdpa_retry(
         self, pipe: Any, request: GenerationRequest, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None
@@ -314,13 +416,10 @@ class QwenImageGenerator:
         except _NonFiniteLatents as again:
             raise self._nan_error(again) from None
 
-    def _check_callables_and_kind(self, on_step: object, should_cancel: object) -> None:
+    def _check_callables(self, on_step: object, should_cancel: object) -> None:
         for name, fn in (("on_step", on_step), ("should_cancel", should_cancel)):
             if fn is not None and not callable(fn):
                 raise InvalidInputError(name, f"must be a function or None, got {type(fn).__name__}.")
-        problem = self.loader.family.check_image_count(0)
-        if problem is not None:
-            raise QwenError(f"{self.loader.path}: {problem}", fix="Connect the input image(s) this model needs.")
 
     def _run(
         self, pipe: Any, request: GenerationRequest, on_step: StepCallback | None, should_cancel: Callable[[], bool] | None
@@ -333,6 +432,8 @@ class QwenImageGenerator:
         cfg_on = request.true_cfg_scale > 1
         pipe.set_progress_bar_config(disable=True)  # progress goes through on_step
         d = request.decision
+        family_kwargs = family_call.call_kwargs(self.loader.family, request.images, width=d.width, height=d.height,
+                                                layers=request.layers, resolution=request.resolution)  # fmt: skip
         ok = False
         model_scheduler = pipe.scheduler
         if request.scheduler is not None:  # the preset's scheduler for this run only
@@ -344,15 +445,14 @@ class QwenImageGenerator:
                 prompt=request.prompt,
                 negative_prompt=(request.negative_prompt or DEFAULT_NEGATIVE) if cfg_on else None,
                 true_cfg_scale=request.true_cfg_scale,
-                width=d.width,
-                height=d.height,
                 num_inference_steps=request.steps,
                 num_images_per_prompt=request.batch_size,
                 generator=generator,
                 output_type="pt",
                 callback_on_step_end=watch,
+                **family_kwargs,
             )
-            images = _to_comfy(output.images)
+            images = _to_comfy(family_call.output_images(output.images))
             ok = True
         except BaseException as err:
             # The finished pipeline frames in the traceback hold latents, embeddings and (for an OOM) the
@@ -400,13 +500,7 @@ class QwenImageGenerator:
                 vae.enable_tiling()
             if fp32:
                 vae.to(dtype=torch.float32)
-            with torch.no_grad():
-                z = pipe._unpack_latents(latents, d.height, d.width, pipe.vae_scale_factor).to(vae.dtype)
-                shape = (1, vae.config.z_dim, 1, 1, 1)
-                mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
-                std = torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
-                image = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
-                image = pipe.image_processor.postprocess(image, output_type="pt")
+            image = family_call.decode_latents(pipe, self.loader.family, latents, d.width, d.height, request.layers)
         except Exception as again:
             traceback.clear_frames(again.__traceback__)
             if is_oom(again):
@@ -447,6 +541,10 @@ class QwenImageGenerator:
         tips = [f"a smaller size (e.g. {smaller.width}x{smaller.height})"]
         if request.batch_size > 1:
             tips.append("batch_size 1")
+        if len(request.images) > max(1, self.loader.family.image_inputs.minimum):
+            tips.append(f"fewer reference images (each adds ~{self.loader.family.tokens_per_reference_image:,} tokens)")
+        if request.layers > 1:
+            tips.append("fewer layers")
         if lighter is not None:
             tips.append(f"memory_mode '{lighter.value}' (now '{mode.value}')")
         fix = "Try " + ", or ".join(tips) + ". Our memory was released; the next run can go ahead."

@@ -13,10 +13,16 @@ loader's ``auto`` does with the same reading.
 
 ``clamp_image_size`` scales a request down proportionally (aspect kept within one 16-px step), keeps both
 sides multiples of 16, never upscales, and never goes below ``min_side`` (or the request, if smaller).
+
+Reference images (edit models) and extra output frames (Layered) lengthen the transformer's sequence: the
+caller passes them as ``extra_pixels`` (sequence tokens x 16x16 px, e.g. ``ModelFamily.extra_pixels``) and
+``pixel_cost`` (sequence pixels per output pixel, ``ModelFamily.sequence_frames``). They count against the
+measured memory bound only; the tier window bounds the output image itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -45,6 +51,9 @@ class Situation:
     weights: mm.WeightSizes | None = None  # None = the family's measured weights
     memory_fraction: float = mm.DEFAULT_MEMORY_FRACTION  # share of the reading the streamed engine is handed
     plan_pixels: int | None = None  # what the streamed engine planned for (None = the family's reference size)
+    # The sequence beside the output image: reference images' tokens (as pixels) and Layered's frames per pixel.
+    extra_pixels: int = 0
+    pixel_cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,16 @@ def validate_size(width: object, height: object) -> tuple[int, int]:
 
 
 def memory_window(situation: Situation, *, memory_model_path: str | os.PathLike | None = None) -> Window:
-    """The memory window for this situation, and the memory mode it is for."""
+    """The memory window for this situation (for the output image, once references and frames are counted),
+    and the memory mode it is for."""
+    window = _mode_window(situation, memory_model_path)
+    if situation.vram_gb is None or (not situation.extra_pixels and situation.pixel_cost == 1.0):
+        return window
+    pixels, reason = _sequence_bound((window.pixels, window.reason), situation.extra_pixels, situation.pixel_cost)
+    return Window(pixels, window.memory_mode, reason)
+
+
+def _mode_window(situation: Situation, memory_model_path: str | os.PathLike | None) -> Window:
     s = situation
     mode, dtype = mm.mode_key(s.memory_mode), mm.dtype_key(s.dtype)
     if s.vram_gb is None:
@@ -106,15 +124,30 @@ def memory_window(situation: Situation, *, memory_model_path: str | os.PathLike 
                                                   f"{choice.max_pixels / 1e6:.2f} MP fit in {where}")
 
 
+def _sequence_bound(memory: tuple[int, str], extra_pixels: int, pixel_cost: float) -> tuple[int, str]:
+    """The memory bound on the output image when the sequence also holds ``extra_pixels`` (references) and
+    ``pixel_cost`` copies of the output (Layered's frames)."""
+    if extra_pixels < 0 or not pixel_cost >= 1.0:
+        raise InvalidInputError("extra_pixels", f"must be >= 0 with pixel_cost >= 1 (got {extra_pixels}, {pixel_cost}).")
+    limit = max(int((memory[0] - extra_pixels) / pixel_cost), 0)
+    parts = [f"{extra_pixels / 1e6:.2f} MP of reference tokens"] if extra_pixels else []
+    parts += [f"{pixel_cost:g} frames per output pixel"] if pixel_cost != 1.0 else []
+    return limit, f"{memory[1]}, less {' and '.join(parts)}: {limit / 1e6:.2f} MP for the output"
+
+
 def max_pixels_with_reason(
     vram_gb: float | None,
     dtype: object = "bf16",
     memory_mode: object = "auto",
     *,
     memory_model_path: str | os.PathLike | None = None,
+    extra_pixels: int = 0,
+    pixel_cost: float = 1.0,
 ) -> tuple[int, str]:
-    """The memory window for a bare VRAM reading (the family's measured weights) and where it came from."""
-    situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype))
+    """The memory window for a bare VRAM reading (the family's measured weights) and where it came from;
+    ``extra_pixels``/``pixel_cost``: what reference images and Layered's frames add to the sequence."""
+    situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype), extra_pixels=extra_pixels,
+                          pixel_cost=pixel_cost)
     window = memory_window(situation, memory_model_path=memory_model_path)
     return window.pixels, window.reason
 
@@ -125,9 +158,12 @@ def max_pixels(
     memory_mode: object = "auto",
     *,
     memory_model_path: str | os.PathLike | None = None,
+    extra_pixels: int = 0,
+    pixel_cost: float = 1.0,
 ) -> int:
     """Largest width*height that fits this VRAM reading, dtype and memory mode. vram_gb None = no GPU limit."""
-    return max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path)[0]
+    return max_pixels_with_reason(vram_gb, dtype, memory_mode, memory_model_path=memory_model_path,
+                                  extra_pixels=extra_pixels, pixel_cost=pixel_cost)[0]
 
 
 def estimate(pixels: int, situation: Situation, memory_mode: str, *, two_pass: bool = True,
@@ -209,13 +245,19 @@ def clamp_image_size(
     two_pass: bool = True,
     min_side: int = 256,
     memory_model_path: str | os.PathLike | None = None,
+    extra_pixels: int = 0,
+    pixel_cost: float = 1.0,
 ) -> SizeDecision:
-    """Decide the final size. ``situation`` (or its shorthand ``vram_gb``/``dtype``/``memory_mode``) gives the
-    memory window; ``max_pixels`` overrides it (an OOM fallback's smaller window). ``time_budget_s`` (seconds per
-    step, estimated) caps the size further; ``two_pass`` = true CFG (two branches per step) for the estimate."""
+    """Decide the final size. ``situation`` (or its shorthand ``vram_gb``/``dtype``/``memory_mode``/
+    ``extra_pixels``/``pixel_cost``) gives the memory window; ``max_pixels`` overrides it (an OOM fallback's smaller
+    window; the caller has already accounted for references in it). ``time_budget_s`` (seconds per step,
+    estimated) caps the size further; ``two_pass`` = true CFG (two branches per step) for the estimate."""
     req_w, req_h = validate_size(width, height)
     if situation is None:
-        situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype))
+        situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype), extra_pixels=extra_pixels,
+                              pixel_cost=pixel_cost)
+    elif extra_pixels or pixel_cost != 1.0:
+        situation = dataclasses.replace(situation, extra_pixels=extra_pixels, pixel_cost=pixel_cost)
     window = memory_window(situation, memory_model_path=memory_model_path)
     if max_pixels is None:
         limit, source = window.pixels, window.reason

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_core.errors import ModelFolderError
-from qwen_core.families import ModelFamily, family_for_pipeline_class
+from qwen_core.families import FAMILIES, ModelFamily, family_for_pipeline_class
 
 # Component libraries diffusers may import a component class from; anything else (e.g. a repo-local
 # module) would mean remote code.
@@ -63,6 +63,9 @@ class ModelFolder:
     family: ModelFamily
     components: dict[str, tuple[str, str]]
     weight_files: dict[str, list[SafetensorsInfo]] = field(default_factory=dict)
+    # Pipeline config the loader sets on the built pipeline because model_index.json lacks it (see
+    # ``modular_sample_sigmas``).
+    pipeline_config: dict[str, object] = field(default_factory=dict)
 
     @property
     def class_name(self) -> str:
@@ -201,6 +204,15 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
     component libraries that run no code from the folder, and the component classes that family has."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
+        if (folder / "modular_model_index.json").is_file():
+            raise ModelFolderError(
+                f"{folder}: holds only modular_model_index.json, a diffusers *modular* pipeline (e.g. a "
+                "Qwen-Image 2.1 Turbo modular repo). This pack loads standard pipeline folders: a modular repo's "
+                "components may point into other repos (fetched at load time), and a ModularPipeline has no "
+                "per-step callback, so progress, Cancel and the NaN watch could not work.",
+                fix="Download the diffusers-format repo (model_index.json + component folders), e.g. "
+                "Qwen/Qwen-Image-2.1-Turbo, which QwenImage21Pipeline runs with its own 8-step sigma grid.",
+            )
         what = "is a folder, not a file" if index_path.is_dir() else "is missing"
         raise ModelFolderError(
             f"{folder}: model_index.json {what}, so this is not a diffusers pipeline folder.",
@@ -212,11 +224,14 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         raise _bad_file(index_path, f"is not valid JSON ({err}).") from err
     if not isinstance(index, dict):
         raise _bad_file(index_path, f"must be a JSON object with `_class_name` and components, not a {type(index).__name__}.")
-    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path))
+    sigmas = modular_sample_sigmas(folder, index)
+    family = family_for_pipeline_class(str(index.get("_class_name", "")), str(index_path),
+                                       index={**index, "sample_sigmas": sigmas} if sigmas else index,
+                                       transformer_config=_transformer_config(folder))  # fmt: skip
     components: dict[str, tuple[str, str]] = {}
     for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-            continue
+        if name.startswith("_") or not is_component_spec(value):
+            continue  # metadata, an absent optional component ([null, null]) or pipeline config (sample_sigmas)
         library, cls = str(value[0]), str(value[1])
         if library not in ALLOWED_COMPONENT_LIBRARIES:
             raise ModelFolderError(
@@ -227,6 +242,40 @@ def read_model_index(folder: Path) -> tuple[ModelFamily, dict[str, tuple[str, st
         components[name] = (library, cls)
     _check_components(index_path, family, components)
     return family, components
+
+
+def modular_sample_sigmas(folder: Path, index: dict) -> list[float] | None:
+    """A checkpoint's own sampling grid when model_index.json lacks it but the folder's modular_model_index.json
+    (written for diffusers' modular pipelines, e.g. 2.1 Turbo's) has it; else None. Plain JSON, numbers only."""
+    if index.get("_class_name") != "QwenImage21Pipeline" or index.get("sample_sigmas"):
+        return None
+    try:
+        modular = json.loads((folder / "modular_model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    sigmas = modular.get("sample_sigmas") if isinstance(modular, dict) else None
+    if isinstance(sigmas, list) and sigmas and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigmas):
+        return [float(v) for v in sigmas]
+    return None
+
+
+def is_component_spec(value: object) -> bool:
+    """A model_index.json entry that names a component: ["library", "Class"]. Pipeline config values (e.g. 2.1's
+    `sample_sigmas`, a list of numbers) and absent optional components ([null, null]) are not."""
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)
+
+
+def _transformer_config(folder: Path) -> dict:
+    """transformer/config.json (it tells variants of one pipeline class apart, e.g. Edit-2511's `zero_cond_t`);
+    {} when absent: the component checks below report a missing transformer."""
+    path = folder / "transformer" / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise _bad_file(path, f"is not valid JSON ({err}).") from err
+    return config if isinstance(config, dict) else {}
 
 
 def _same_class(found: str, expected: str) -> bool:
@@ -246,9 +295,12 @@ def _check_components(index_path: Path, family: ModelFamily, components: dict[st
                 fix=REDOWNLOAD_FIX,
             )
         if found[0] != library or not _same_class(found[1], expected):
+            owners = sorted({f.display_name for f in FAMILIES.values()
+                             if _same_class(f.components.get(name, ("", ""))[1], found[1])})
+            belongs = f"a {' / '.join(owners)} part" if owners else "no family this pack runs"
             raise ModelFolderError(
                 f"{index_path}: declares {family.pipeline_class} ({family.display_name}), whose {name} is "
-                f"{expected}, but the folder's {name} is {found[1]}: the files belong to another model.",
+                f"{expected}, but the folder's {name} is {found[1]} ({belongs}): the files belong to another model.",
                 fix=f"Use a complete {family.display_name} folder (e.g. {', '.join(family.repo_ids[:2]) or 'its repo'}).",
             )
 
@@ -311,6 +363,10 @@ def check_model_folder(path: str | Path) -> ModelFolder:
         )
     family, components = read_model_index(folder)
     model = ModelFolder(path=folder, family=family, components=components)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))  # read_model_index checked it
+    sigmas = modular_sample_sigmas(folder, index)
+    if sigmas:
+        model.pipeline_config["sample_sigmas"] = sigmas
     for name in components:
         model.weight_files[name] = _component_weights(folder, name)
     return model

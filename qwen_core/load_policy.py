@@ -215,11 +215,11 @@ def enable_fast_path(pipe: Any, speed: SpeedOptions | None = None) -> str:
     from qwen_core.speed.apply import apply_speed
     from qwen_core.speed.options import resolve_speed
 
-    enable_cfg_batching(pipe)
+    batched = "batched CFG" if enable_cfg_batching(pipe) is not None else "CFG as two forwards (this model's family)"
     if speed is None:
         speed = resolve_speed(device=str(next(pipe.transformer.parameters()).device))
     extra = apply_speed(pipe, speed)
-    return f" (batched CFG{f', {extra}' if extra else ''})"
+    return f" ({batched}{f', {extra}' if extra else ''})"
 
 
 def _streaming_module() -> Any:

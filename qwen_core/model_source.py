@@ -10,6 +10,7 @@ methods, so the loader, its fallback ladder, residency and the generator work th
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from qwen_core.errors import ModelFolderError
+from qwen_core.errors import ModelFolderError, QwenError
 from qwen_core.families import ModelFamily
 from qwen_core.integrity import ModelFolder, check_model_folder
 from qwen_core.memory import release_pipeline
@@ -70,8 +71,23 @@ def _component_class(folder: Path, name: str, library: str, cls_name: str) -> ty
     return cls
 
 
+def require_torchvision(model: str, processor_class: str) -> None:
+    """transformers 5 builds Qwen2VLProcessor / Qwen3VLProcessor only with torchvision installed (their video
+    processor needs it, even with no video; without it the constructor fails with an AttributeError deep in a
+    class lookup): say so, with the command."""
+    if importlib.util.find_spec("torchvision") is None:
+        raise QwenError(
+            f"{model} needs torchvision: transformers builds its {processor_class} (the text encoder's image "
+            "processor) only with torchvision installed.",
+            fix="pip install torchvision matching your torch (torch 2.14.1 <-> torchvision 0.29.1, 2.13.0 <-> "
+            "0.28.0; ComfyUI installs it); scripts/setup.sh installs the pair.",
+        )
+
+
 def build_light_component(folder: Path, name: str, library: str, cls_name: str) -> Any:
     """A tokenizer/processor/scheduler from ``folder/name``: local files only, no remote code."""
+    if library == "transformers" and cls_name.endswith("VLProcessor"):
+        require_torchvision(f"{folder} ({cls_name})", cls_name)
     cls = _component_class(folder, name, library, cls_name)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if library == "transformers":
@@ -123,7 +139,7 @@ class FolderSource(ModelSource):
     def build(self, dtype: torch.dtype, light_components: dict[str, Any]) -> Any:
         # Re-check the folder: a download may have been running or a file replaced since construction.
         self.folder = check_model_folder(self.path)
-        return pipeline_class(self.family).from_pretrained(
+        pipe = pipeline_class(self.family).from_pretrained(
             self.path,
             dtype=dtype,
             use_safetensors=True,
@@ -131,3 +147,6 @@ class FolderSource(ModelSource):
             trust_remote_code=False,
             **light_components,
         )
+        if self.folder.pipeline_config:  # e.g. a Turbo grid found only in modular_model_index.json
+            pipe.register_to_config(**self.folder.pipeline_config)
+        return pipe

@@ -505,8 +505,12 @@ def _move_except(root: nn.Module, exclude: Sequence[nn.Module], device: torch.de
     visit(root)
 
 
-def _text_encoder_modules(te: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(streamed modules in call order, subtrees left where they are) of a Qwen2.5-VL text encoder."""
+def _text_encoder_modules(te: nn.Module, *, vision: bool = False) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(streamed modules in call order, subtrees left on the host) of a Qwen2.5-VL / Qwen3-VL text encoder.
+
+    ``vision``: the pipeline feeds images to the encoder (edit models, Layered's caption, 2.1 with condition
+    images): its vision tower then goes to the device with the other non-streamed parts (Qwen2.5-VL-7B's is
+    1.3 GiB, Qwen3-VL-8B's 1.1 GiB in bf16), else it stays on the host."""
     layers = next((m for name, m in te.named_modules() if name.endswith("language_model.layers")
                    or name.endswith("model.layers")), None)
     if layers is None:
@@ -517,8 +521,15 @@ def _text_encoder_modules(te: nn.Module) -> tuple[list[nn.Module], list[nn.Modul
     if head is not None:
         streamed.append(head)
     # The vision tower is not used for text-to-image prompts: it stays on the host.
-    left = [m for name, m in te.named_modules() if name.endswith("visual")][:1]
+    left = [] if vision else [m for name, m in te.named_modules() if name.endswith("visual")][:1]
     return streamed, left
+
+
+def pipeline_sees_images(pipe: Any) -> bool:
+    """True when ``pipe``'s family passes images through its text encoder (``ModelFamily.takes_images``)."""
+    from qwen_core.families import FAMILIES
+
+    return any(f.takes_images for f in FAMILIES.values() if f.pipeline_class == type(pipe).__name__)
 
 
 def _default_budget(device: torch.device) -> float:
@@ -553,8 +564,11 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     blocks = list(transformer.transformer_blocks)
     _move_except(transformer, [transformer.transformer_blocks], dev)
     te_streamed, te_left = ([], [])
+    vision_gib = 0.0
     if stream_text_encoder and getattr(pipe, "text_encoder", None) is not None:
-        te_streamed, te_left = _text_encoder_modules(pipe.text_encoder)
+        te_streamed, te_left = _text_encoder_modules(pipe.text_encoder, vision=pipeline_sees_images(pipe))
+        if not te_left:  # the vision tower stays on the device beside the transformer's resident blocks
+            vision_gib = sum(module_bytes(m) for n, m in pipe.text_encoder.named_modules() if n.endswith("visual")) / GIB
     # One slot for the text encoder: its biggest modules are the 1 GiB embedding and LM head, it runs once per
     # prompt, and its compute (~40 ms) could not hide a second slot's copy anyway. A second 1 GiB slot made
     # the text-encoder phase the peak in a 16 GiB cap (H100 run 4: OOM at 1664x1664).
@@ -565,7 +579,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     plan = plan_resident(len(blocks), max(module_bytes(b) for b in blocks),
                          module_bytes(transformer) - sum(module_bytes(b) for b in blocks), budget,
                          max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
-                         extra_gib=max(0.0, te_ws_gib - per_mpix * max_pixels / 1e6))
+                         extra_gib=max(0.0, te_ws_gib - per_mpix * max_pixels / 1e6) + vision_gib)
     t_streamer = ModuleStreamer(blocks, dev, plan.resident, num_slots=num_slots, fp8=fp8)
     te_streamer = None
     if te_streamed:

@@ -1,23 +1,25 @@
-"""Build a tiny random Qwen-Image pipeline offline, for the demo, the CPU workflows and the tests.
+"""Build a tiny random pipeline of any Qwen-Image family offline, for the demo, the CPU workflows and the tests.
 
-The pipeline is the real diffusers ``QwenImagePipeline`` with random weights
-and the component sizes of diffusers' own tests (``tests/pipelines/qwenimage/test_qwenimage.py``): a
-2-layer transformer, a 3-level VAE with z_dim 4, a 2-layer Qwen2.5-VL text encoder. The tests there
+The pipeline is the family's real diffusers class (``QwenImagePipeline``, ``QwenImageEditPlusPipeline``,
+``QwenImage21Pipeline``, ...) with random weights and the component sizes of diffusers' own tests (see
+``qwen_core.tiny_families``): e.g. for Qwen-Image a 2-layer transformer, a 3-level VAE with z_dim 4, a 2-layer
+Qwen2.5-VL text encoder. The tests there
 download a tokenizer from the hub; we train a byte-level BPE tokenizer here instead (Qwen2's NFC
 normaliser, split regex and ByteLevel pre-tokenizer, ~600 tokens) on the pipelines' prompt templates, so
 that the template prefix the pipeline drops (34 tokens for text-to-image, 64 for edit) tokenises to
 exactly that many tokens, as with the real Qwen tokenizer.
 
-Layout on disk matches the ``Qwen/Qwen-Image`` repo: ``model_index.json`` + ``transformer/ vae/
-text_encoder/ tokenizer/ scheduler/``, safetensors only.
+Layout on disk matches the family's Hub repo: ``model_index.json`` + ``transformer/ vae/ text_encoder/
+tokenizer/ scheduler/`` (+ ``processor/`` for Edit, Layered and 2.1, which has no ``tokenizer/``), safetensors only.
 Same seed -> byte-identical files; the caller's torch RNG state is left untouched.
 
 API:
-- ``build_tiny_pipeline(out_dir, seed=0, *, variant="qwen-image") -> Path``: builds into a temp folder
+- ``build_tiny_pipeline(out_dir, seed=0, *, family="qwen-image") -> Path``: builds into a temp folder
   beside ``out_dir`` and renames it into place, so a killed build never leaves a half folder.
-- ``ensure_tiny_pipeline(cache_dir=None, seed=0, *, variant="qwen-image") -> Path``: reuses a complete
+- ``ensure_tiny_pipeline(cache_dir=None, seed=0, *, family="qwen-image") -> Path``: reuses a complete
   build under ``cache_dir`` (default ``$QWEN_TINY_CACHE`` or ``~/.cache/qwen_core``), else builds one.
-- ``python -m qwen_core make-tiny DIR [--seed N]``.
+- ``python -m qwen_core make-tiny DIR [--family F] [--seed N]`` (F: a family key or its short form, e.g.
+  ``edit-2509``).
 """
 
 from __future__ import annotations
@@ -35,12 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from qwen_core.errors import InvalidInputError, QwenError
+from qwen_core.families import DEFAULT_FAMILY, FAMILIES, ModelFamily, get_family
 
 # Bump when anything below changes the files, so cached builds of an older recipe are not reused.
 TINY_VERSION = 1
-# "edit" (QwenImageEditPipeline + Qwen2VLProcessor) is not offered: transformers 5.24 cannot build a
-# Qwen2VLProcessor without torchvision (its video-processor class lookup fails), and we do not need it yet.
-VARIANTS = ("qwen-image",)
 
 # The prompt templates of diffusers' pipeline_qwenimage.py / pipeline_qwenimage_edit.py and how many
 # leading tokens each pipeline drops (prompt_template_encode_start_idx). tests/test_tiny.py checks these
@@ -80,16 +80,6 @@ _SENTENCES = (
     "numbers 0 1 2 3 4 5 6 7 8 9 and symbols ! ? # % & * ( ) [ ] { } - + = / \\ | @ $ ~ ^ _ < > ; : , .",
 )  # fmt: skip
 TEMPLATE_WEIGHT = 40  # the templates dominate the pair counts, so each of their words becomes one token
-
-
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch for one component's init without disturbing the caller's RNG stream."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def build_tokenizer() -> Any:
@@ -148,108 +138,29 @@ def template_prefix(template: str = "t2i") -> tuple[str, int]:
     return T2I_TEMPLATE.split("{}")[0], T2I_DROP
 
 
-def _text_encoder(seed: int, tokenizer: Any) -> Any:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    ids = {name: tokenizer.convert_tokens_to_ids(f"<|{name}|>") for name in ("vision_start", "vision_end")}
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "hidden_size": 16,
-            "intermediate_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "rope_theta": 1000000.0,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": None,
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 16,
-            "intermediate_size": 16,
-            "num_heads": 2,
-            "out_hidden_size": 16,
-        },
-        hidden_size=16,
-        # diffusers' test size; the rows past our ~600 tokens stay unused but keep the encoder ~19 MB, which
-        # makes a leaked copy visible in the memory tests.
-        vocab_size=152064,
-        # Our tokenizer's ids, not Qwen's (151652...), so an edit pipeline would find the image tokens.
-        vision_start_token_id=ids["vision_start"],
-        vision_end_token_id=ids["vision_end"],
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
-        vision_token_id=tokenizer.convert_tokens_to_ids("<|vision_pad|>"),
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with _seeded(seed):
-        return Qwen2_5_VLForConditionalGeneration(config).eval()
-
-
-def _transformer(seed: int) -> Any:
-    from diffusers import QwenImageTransformer2DModel
-
-    with _seeded(seed):
-        return QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=16,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=3,
-            joint_attention_dim=16,
-            guidance_embeds=False,
-            axes_dims_rope=(8, 4, 4),
-        )
-
-
-def _vae(seed: int) -> Any:
-    from diffusers import AutoencoderKLQwenImage
-
-    with _seeded(seed):
-        return AutoencoderKLQwenImage(
-            base_dim=24,
-            z_dim=4,
-            dim_mult=[1, 2, 4],
-            num_res_blocks=1,
-            temperal_downsample=[False, True],
-            latents_mean=[0.0] * 4,
-            latents_std=[1.0] * 4,
-        )
-
-
-def make_tiny_components(seed: int = 0, *, variant: str = "qwen-image") -> dict[str, Any]:
-    """The pipeline's components in memory (what ``build_tiny_pipeline`` saves)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    _check_variant(variant)
+def make_tiny_components(seed: int = 0, *, family: str | ModelFamily = DEFAULT_FAMILY) -> dict[str, Any]:
+    """The pipeline's constructor arguments in memory (what ``build_tiny_pipeline`` saves)."""
+    family = _family(family)
     _check_seed(seed)
-    tokenizer = build_tokenizer()
-    components: dict[str, Any] = {
-        "transformer": _transformer(seed),
-        "vae": _vae(seed),
-        "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "text_encoder": _text_encoder(seed, tokenizer),
-        "tokenizer": tokenizer,
-    }
-    return components
+    if "processor" in family.components:
+        from qwen_core.model_source import require_torchvision
+
+        require_torchvision(family.display_name, family.components["processor"][1])
+    from qwen_core.tiny_families import family_components
+
+    return family_components(family, seed, build_tokenizer())
 
 
-def _pipeline_class(variant: str) -> type:
-    from diffusers import QwenImagePipeline
+def tiny_pipeline(seed: int = 0, *, family: str | ModelFamily = DEFAULT_FAMILY) -> Any:
+    """The tiny pipeline of ``family`` in memory (its diffusers class, random weights, CPU)."""
+    import diffusers
 
-    return {"qwen-image": QwenImagePipeline}[variant]
+    family = _family(family)
+    return getattr(diffusers, family.pipeline_class)(**make_tiny_components(seed, family=family))
 
 
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise InvalidInputError(
-            "variant", f"unknown tiny variant {variant!r}.", fix=f"Use one of {VARIANTS}."
-        )
+def _family(family: str | ModelFamily) -> ModelFamily:
+    return family if isinstance(family, ModelFamily) else get_family(family)
 
 
 def _check_seed(seed: int) -> None:
@@ -259,13 +170,15 @@ def _check_seed(seed: int) -> None:
 
 def is_complete_pipeline_dir(path: str | Path) -> bool:
     """True when ``path`` holds model_index.json and every component it names has its files."""
+    from qwen_core.integrity import is_component_spec
+
     path = Path(path)
     try:
         index = json.loads((path / "model_index.json").read_text())
     except (OSError, ValueError):
         return False
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name.startswith("_") or not is_component_spec(spec):
             continue
         folder = path / name
         if not folder.is_dir() or not any(folder.iterdir()):
@@ -275,8 +188,8 @@ def is_complete_pipeline_dir(path: str | Path) -> bool:
     return True
 
 
-def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, *, variant: str = "qwen-image") -> Path:
-    """Build the tiny pipeline into ``out_dir`` (absent or empty) and return its path.
+def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, *, family: str | ModelFamily = DEFAULT_FAMILY) -> Path:
+    """Build the tiny pipeline of ``family`` into ``out_dir`` (absent or empty) and return its path.
 
     Written to a temp folder beside ``out_dir`` first, then renamed, so ``out_dir`` is either complete
     or absent even if the process is killed mid-build (``ensure_tiny_pipeline`` sweeps such leftovers).
@@ -288,8 +201,7 @@ def build_tiny_pipeline(out_dir: str | Path, seed: int = 0, *, variant: str = "q
             f"{out} exists and is not an empty folder.",
             fix="Pick a new or empty folder (make-tiny never overwrites).",
         )
-    components = make_tiny_components(seed, variant=variant)
-    pipe = _pipeline_class(variant)(**components)
+    pipe = tiny_pipeline(seed, family=family)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
@@ -342,19 +254,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "qwen_core"
 
 
-def tiny_dir_name(seed: int = 0, variant: str = "qwen-image") -> str:
+def tiny_dir_name(seed: int = 0, family: str | ModelFamily = DEFAULT_FAMILY) -> str:
     """Cache folder name; carries the recipe version so an older build is never mistaken for this one."""
-    return f"tiny-{variant}-s{seed}-v{TINY_VERSION}"
+    return f"tiny-{_family(family).key}-s{seed}-v{TINY_VERSION}"
 
 
 def ensure_tiny_pipeline(
-    cache_dir: str | Path | None = None, seed: int = 0, *, variant: str = "qwen-image"
+    cache_dir: str | Path | None = None, seed: int = 0, *, family: str | ModelFamily = DEFAULT_FAMILY
 ) -> Path:
-    """Return ``<cache_dir>/tiny-<variant>-s<seed>-v<version>``, building it first unless already complete."""
-    _check_variant(variant)
+    """Return ``<cache_dir>/tiny-<family>-s<seed>-v<version>``, building it first unless already complete."""
+    family = _family(family)
     _check_seed(seed)
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = target / tiny_dir_name(seed, variant)
+    target = target / tiny_dir_name(seed, family)
     if is_complete_pipeline_dir(target):
         return target
     _sweep_stale_partials(target)
@@ -362,7 +274,7 @@ def ensure_tiny_pipeline(
         # Not from us (our builds appear whole, by rename): a hand-made or damaged folder; start over.
         shutil.rmtree(target)
     try:
-        return build_tiny_pipeline(target, seed, variant=variant)
+        return build_tiny_pipeline(target, seed, family=family)
     except InvalidInputError:
         # Another process renamed its build into place first; theirs is as good as ours.
         if is_complete_pipeline_dir(target):
@@ -382,16 +294,19 @@ def _sweep_stale_partials(target: Path, max_age_s: float = 600.0) -> None:
 def configure_make_tiny(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed; same seed -> identical files")
-    parser.add_argument("--variant", choices=VARIANTS, default="qwen-image",
-                        help="pipeline kind (text-to-image)")  # fmt: skip
+    choices = [name for f in FAMILIES.values() for name in (f.key, f.short_name)]
+    parser.add_argument("--family", choices=choices, default=DEFAULT_FAMILY.key, metavar="FAMILY",
+                        help=f"model family (default {DEFAULT_FAMILY.key}); one of {', '.join(FAMILIES)} or the "
+                        "part after 'qwen-image-' (e.g. edit-2509)")  # fmt: skip
 
 
 def run_make_tiny(args: argparse.Namespace) -> int:
     from qwen_core.preflight import folder_size_bytes
 
     start = time.perf_counter()
-    out = build_tiny_pipeline(args.dir, args.seed, variant=args.variant)
+    family = get_family(args.family)
+    out = build_tiny_pipeline(args.dir, args.seed, family=family)
     size_mb = folder_size_bytes(out) / 1e6
-    print(f"tiny {args.variant} pipeline (seed {args.seed}) -> {out}  {size_mb:.1f} MB in "
+    print(f"tiny {family.display_name} pipeline (seed {args.seed}) -> {out}  {size_mb:.1f} MB in "
           f"{time.perf_counter() - start:.1f} s")  # fmt: skip
     return 0

@@ -48,8 +48,13 @@ $stampInput += "cuda=$Cuda"
 $sha = [System.Security.Cryptography.SHA256]::Create()
 $stamp = ([BitConverter]::ToString($sha.ComputeHash([Text.Encoding]::UTF8.GetBytes($stampInput))) -replace "-", "").Substring(0, 16).ToLower()
 $stampFile = Join-Path $Venv (".qwen_setup_" + [int][bool]$Dev)
-& $VPy -c "import torch" 2>$null
-$hasTorch = ($LASTEXITCODE -eq 0)
+# torch and torchvision as a matched pair (the edit models' Qwen2VLProcessor needs torchvision in transformers 5;
+# a torchvision built for another torch fails to load): import both and run one torchvision op.
+function Test-TorchPair {
+    & $VPy -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)" 2>$null | Out-Null
+    return ($LASTEXITCODE -eq 0)
+}
+$hasTorch = Test-TorchPair
 if (-not $Force -and $hasTorch -and (Test-Path $stampFile) -and ((Get-Content $stampFile -Raw).Trim() -eq $stamp)) {
     Write-Host "setup: $Venv is up to date"
     exit 0
@@ -69,14 +74,20 @@ function Get-TorchBuild {
 
 if ($Force -or -not $hasTorch) {
     $build = Get-TorchBuild
-    $spec = if ($build -eq "cpu") { "torch==" + ($(if ($env:QWEN_TORCH_VERSION) { $env:QWEN_TORCH_VERSION } else { "2.13.0" })) }
-            elseif ($env:QWEN_TORCH_VERSION) { "torch==$($env:QWEN_TORCH_VERSION)" } else { "torch" }
-    Write-Host "setup: installing $spec ($build build)"
+    if ($build -eq "cpu") {
+        $spec = @("torch==" + $(if ($env:QWEN_TORCH_VERSION) { $env:QWEN_TORCH_VERSION } else { "2.14.1" }),
+                  "torchvision==" + $(if ($env:QWEN_TORCHVISION_VERSION) { $env:QWEN_TORCHVISION_VERSION } else { "0.29.1" }))
+    } else {
+        $spec = @($(if ($env:QWEN_TORCH_VERSION) { "torch==$($env:QWEN_TORCH_VERSION)" } else { "torch" }),
+                  $(if ($env:QWEN_TORCHVISION_VERSION) { "torchvision==$($env:QWEN_TORCHVISION_VERSION)" } else { "torchvision" }))
+    }
+    Write-Host "setup: installing $($spec -join ' ') ($build build)"
     # On Windows, PyPI has only the CPU build; the CUDA builds live on PyTorch's index.
-    & $VPy -m pip install --disable-pip-version-check -q --retries 1 $spec --extra-index-url "https://download.pytorch.org/whl/$build"
+    & $VPy -m pip install --disable-pip-version-check -q --retries 1 @spec --extra-index-url "https://download.pytorch.org/whl/$build"
     if ($LASTEXITCODE -ne 0) { throw "setup: torch install failed" }
+    if (-not (Test-TorchPair)) { throw "setup: torch and torchvision do not load together; set QWEN_TORCH_VERSION / QWEN_TORCHVISION_VERSION to a matching pair (2.14.1 / 0.29.1) and run with -Force" }
 } else {
-    Write-Host "setup: torch already installed"
+    Write-Host "setup: torch + torchvision already installed"
 }
 
 Write-Host "setup: installing requirements (exact versions from constraints.txt)"

@@ -7,7 +7,9 @@
 #   --force  reinstall even if nothing changed
 #   --cuda   which torch build to install (default: auto = CUDA wheel if nvidia-smi works, else CPU)
 # Env: QWEN_VENV (default <repo>/.venv), QWEN_PYTHON (interpreter to build the venv with),
-#      QWEN_TORCH_VERSION (default 2.13.0 on CPU; newest matching release for CUDA)
+#      QWEN_TORCH_VERSION / QWEN_TORCHVISION_VERSION (default 2.14.1 / 0.29.1 on CPU; newest matching pair for CUDA)
+# torch and torchvision are installed as a matched pair: transformers 5 builds the edit models' Qwen2VLProcessor
+# (and 2.1's Qwen3VLProcessor) only with torchvision, and a torchvision built for another torch fails to load.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,11 +46,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 
+# torchvision must load beside torch (its compiled ops are built for one torch build): import and run one op.
+torch_pair_ok() {
+  "$VPY" -c 'import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)' >/dev/null 2>&1
+}
+
 # The stamp records what was installed, so an unchanged second run does nothing.
 stamp_input="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt"; [ "$DEV" = 1 ] && cat "$ROOT/requirements-dev.txt"; echo "cuda=$CUDA")"
 stamp="$(printf '%s' "$stamp_input" | sha256sum | cut -c1-16)"
 STAMP_FILE="$VENV/.qwen_setup_${DEV}"
-if [ "$FORCE" = 0 ] && [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ] && "$VPY" -c 'import torch' 2>/dev/null; then
+if [ "$FORCE" = 0 ] && [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$stamp" ] && torch_pair_ok; then
   echo "setup: $VENV is up to date"
   exit 0
 fi
@@ -66,21 +73,30 @@ pick_torch_build() {
   fi
 }
 
-if [ "$FORCE" = 1 ] || ! "$VPY" -c 'import torch' 2>/dev/null; then
+if [ "$FORCE" = 1 ] || ! torch_pair_ok; then
   build="$(pick_torch_build)"
   case "$build" in
-    cpu) spec="torch==${QWEN_TORCH_VERSION:-2.13.0}" ;;
-    cu126|cu128|cu130) spec="torch${QWEN_TORCH_VERSION:+==$QWEN_TORCH_VERSION}" ;;
+    # 2.14.1 + 0.29.1: the CPU index serves them as +cpu builds; where it is unreachable, PyPI's CUDA builds of
+    # the same pair run on the CPU too. (torch 2.13.0+cpu beside PyPI's torchvision 0.28.0, a CUDA build, does not
+    # load: "operator torchvision::nms does not exist".)
+    cpu) spec=("torch==${QWEN_TORCH_VERSION:-2.14.1}" "torchvision==${QWEN_TORCHVISION_VERSION:-0.29.1}") ;;
+    cu126|cu128|cu130) spec=("torch${QWEN_TORCH_VERSION:+==$QWEN_TORCH_VERSION}"
+                             "torchvision${QWEN_TORCHVISION_VERSION:+==$QWEN_TORCHVISION_VERSION}") ;;
     *) echo "setup: --cuda must be auto, cpu, cu126, cu128 or cu130 (got '$build')" >&2; exit 2 ;;
   esac
-  echo "setup: installing $spec ($build build)"
+  echo "setup: installing ${spec[*]} ($build build)"
   # PyPI has the CUDA builds only; the CPU build (200 MB instead of several GB) lives on PyTorch's index.
   # Few retries: where that index is unreachable (offline mirrors, locked-down CI) pip would otherwise retry
   # it five times with backoff for each of torch's dependencies before using the other indexes.
-  "$VPY" -m pip install --disable-pip-version-check -q --retries 1 "$spec" \
+  "$VPY" -m pip install --disable-pip-version-check -q --retries 1 "${spec[@]}" \
     --extra-index-url "https://download.pytorch.org/whl/$build"
+  if ! torch_pair_ok; then
+    echo "setup: torch and torchvision do not load together ($("$VPY" -m pip list 2>/dev/null | grep -E '^torch(vision)? ' | tr -s ' ' | tr '\n' ' '))." >&2
+    echo "setup: set QWEN_TORCH_VERSION and QWEN_TORCHVISION_VERSION to a matching pair (2.14.1 / 0.29.1) and run with --force" >&2
+    exit 1
+  fi
 else
-  echo "setup: torch $("$VPY" -c 'import torch; print(torch.__version__)') already installed"
+  echo "setup: torch $("$VPY" -c 'import torch, torchvision; print(torch.__version__, "+ torchvision", torchvision.__version__)') already installed"
 fi
 
 echo "setup: installing requirements (exact versions from constraints.txt)"

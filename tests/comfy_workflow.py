@@ -15,6 +15,7 @@ from typing import Any
 VIRTUAL_NODES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}  # frontend-only, never sent to /prompt
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+UPLOAD_VALUES = {"image"}  # what the frontend saves for an image_upload button
 MODE_ACTIVE = 0
 
 
@@ -46,13 +47,16 @@ def all_inputs(defn: dict[str, Any]) -> dict[str, Any]:
 
 
 def widget_slots(defn: dict[str, Any]) -> list[tuple[str, Any, bool]]:
-    """(name, spec, is_control_value) for each entry of widgets_values, in order."""
+    """(name, spec, is_frontend_only) for each entry of widgets_values, in order. Frontend-only values are never
+    sent to /prompt: a seed's control_after_generate, and the "image" of an `image_upload` button (LoadImage)."""
     slots = []
     for name, spec in all_inputs(defn).items():
         if is_widget(spec):
             slots.append((name, spec, False))
             if has_control(name, spec):
                 slots.append((f"{name}:control_after_generate", ("COMBO",), True))
+            if _options(spec).get("image_upload"):
+                slots.append((f"{name}:upload", ("COMBO",), True))
     return slots
 
 

@@ -4,8 +4,9 @@
 - The session never reaches a hub (HF_HUB_OFFLINE=1, set before any test imports huggingface_hub, which
   reads it at import) and never writes into the repo's reports/ (QWEN_REPORTS_DIR -> a temp dir).
 - ``tiny_model_dir`` / ``tiny_model_dir_b``: two different tiny random Qwen-Image pipelines (seeds 0 and
-  1), built once per session in a temp dir. Treat them as read-only; a test that damages a model folder
-  takes ``tiny_model_copy`` (a private copy of the seed-0 model) instead.
+  1), built once per session in a temp dir; ``tiny_family_dir(key)`` the tiny pipeline of any family. Treat
+  them as read-only; a test that damages a model folder takes ``tiny_model_copy`` (a private copy of the
+  seed-0 model) instead.
 - QWEN_TINY_CACHE points at the fixtures' folder, so ``qwen_core.tiny.ensure_tiny_pipeline()`` (the demo)
   reuses the session's build instead of writing to ~/.cache.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,15 @@ def tiny_model_dir_b(_hermetic_env: None) -> Path:
     from qwen_core.tiny import ensure_tiny_pipeline
 
     return ensure_tiny_pipeline(seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(_hermetic_env: None) -> Callable[[str], Path]:
+    """``tiny_family_dir("edit-2509")``: the tiny pipeline folder of any family (seed 0), built on first use and
+    cached for the session; read-only. ``"qwen-image"`` is the same folder as ``tiny_model_dir``."""
+    from qwen_core.tiny import ensure_tiny_pipeline
+
+    return lambda family: ensure_tiny_pipeline(seed=0, family=family)
 
 
 @pytest.fixture

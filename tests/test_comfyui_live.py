@@ -1,10 +1,12 @@
 """The pack inside a real ComfyUI: skipped unless COMFYUI_DIR points at a ComfyUI checkout.
 
 Starts ``main.py --cpu --listen 127.0.0.1`` (COMFYUI_PYTHON, default this Python, must have ComfyUI's
-requirements and ours) with a private ``--base-directory`` holding only this pack in custom_nodes, two
-tiny models (one in models/diffusers, one in an extra_model_paths.yaml folder) and a tiny random
-RealESRGAN-Compact upscaler in models/upscale_models (made with ComfyUI's Python and spandrel), and a Hub
-stand-in on 127.0.0.1 (set as HF_ENDPOINT) serving the tiny model as ``local/qwen-image-tiny``.
+requirements and ours, torchvision included) with a private ``--base-directory`` holding only this pack in
+custom_nodes, the tiny model of every family in models/diffusers (``<family>-tiny``) plus a second Qwen-Image one
+in an extra_model_paths.yaml folder, tiny ComfyUI single files (fp8, GGUF, scaled fp8 text encoder, VAE), a tiny
+random RealESRGAN-Compact upscaler in models/upscale_models (made with ComfyUI's Python and spandrel), an
+``input/example.png`` for LoadImage, and a Hub stand-in on 127.0.0.1 (set as HF_ENDPOINT) serving each tiny model
+as ``local/<family>-tiny`` for the Downloader.
 Then: the pack imports, the six nodes are in /object_info, the workflows are served as templates, every
 workflow (tiny model selected) runs through POST /prompt to ``status_str == "success"`` with its images
 saved, a graph mixing our Generate with ComfyUI's own upscaler runs twice without reloading our model,
@@ -33,13 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from comfy_workflow import ui_to_api
 from comfy_ws import ComfyEvents
 from hub_server import HubServer
+from PIL import Image
 from single_files import comfy_models_dir
 
 import nodes
+from qwen_core.families import DEFAULT_FAMILY, FAMILIES, family_for_repo, get_family
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "").strip()
 pytestmark = [
@@ -48,7 +53,6 @@ pytestmark = [
 ]
 REPO = Path(__file__).resolve().parent.parent
 PACK = "comfyui-qwen-image"
-TINY_REPO = "local/qwen-image-tiny"
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 UPSCALER = "tiny-compact-x2.safetensors"
 # A random 2x RealESRGAN-Compact, saved with ComfyUI's own Python (spandrel is one of ComfyUI's requirements).
@@ -114,14 +118,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model_dir_b: Path) -> Iterator[Comfy]:
+def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_model_dir_b: Path,
+          tiny_family_dir) -> Iterator[Comfy]:
     base = tmp_path_factory.mktemp("comfy-base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK).symlink_to(REPO, target_is_directory=True)
     diffusers, extra = base / "models" / "diffusers", base / "extra" / "diffusers"
     diffusers.mkdir(parents=True)
     extra.mkdir(parents=True)
-    (diffusers / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+    family_dirs = {key: tiny_family_dir(key) for key in FAMILIES}
+    for key, folder in family_dirs.items():  # qwen-image-tiny is tiny_model_dir
+        (diffusers / f"{key}-tiny").symlink_to(folder, target_is_directory=True)
+    (base / "input").mkdir()
+    Image.fromarray((np.random.RandomState(0).rand(96, 128, 3) * 255).astype(np.uint8)).save(base / "input" / "example.png")
     # The second model sits in an extra_model_paths.yaml folder: the Loader must list it too.
     (extra / "qwen-image-tiny-b").symlink_to(tiny_model_dir_b, target_is_directory=True)
     _write_tiny_loras(base / "models" / "loras", tiny_model_dir)
@@ -133,9 +142,9 @@ def comfy(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_m
     subprocess.run([python, "-c", MAKE_UPSCALER, str(base / "models" / "upscale_models" / UPSCALER)], check=True)
     # ComfyUI's own single files (fp8 diffusion model, GGUF, scaled fp8 text encoder, VAE), tiny versions.
     comfy_models_dir(base / "models", tiny_model_dir, transformer_fmt="fp8", te_fmt="fp8-scaled", gguf="Q8_0")
-    files = {p.relative_to(tiny_model_dir).as_posix(): p for p in tiny_model_dir.rglob("*") if p.is_file()}
     with HubServer() as hub:
-        hub.add_repo(TINY_REPO, files)
+        for key, folder in family_dirs.items():
+            hub.add_repo(f"local/{key}-tiny", {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()})
         port = _free_port()
         drop = ("HF_HUB_OFFLINE", "QWEN_HOME", "HF_TOKEN", "QWEN_REPORTS_DIR")
         env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -183,18 +192,30 @@ def _wait_until_up(server: Comfy, proc: subprocess.Popen) -> None:
     raise AssertionError(f"ComfyUI did not answer within 240 s: {server.log_tail()}")
 
 
+def _family_of(api: dict[str, dict]):
+    """The family a converted workflow loads: its Downloader's repo, else its Loader's (tiny) model."""
+    for node in api.values():
+        if node["class_type"] == "QwenImageDownloader":
+            repo = node["inputs"]["repo_id"]  # a family's repo, or (after with_tiny_models) local/<family>-tiny
+            tiny = repo.removeprefix("local/").removesuffix("-tiny")
+            return family_for_repo(repo) or (get_family(tiny) if tiny in FAMILIES else DEFAULT_FAMILY)
+    loader = next(n["inputs"]["model"] for n in api.values() if n["class_type"] == "QwenImageLoader")
+    return family_for_repo(loader) or get_family(loader.removesuffix("-tiny"))
+
+
 def with_tiny_models(api: dict[str, dict]) -> dict[str, dict]:
-    """Select the tiny models (and small sizes) in a converted workflow; everything else stays as shipped."""
+    """Select the tiny models of the workflow's family (and small sizes); everything else stays as shipped."""
+    family = _family_of(api)
     for node in api.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "QwenImageDownloader":
-            inputs["repo_id"] = TINY_REPO
+            inputs["repo_id"] = f"local/{family.key}-tiny"
         elif kind == "QwenImageLoader" and str(inputs["model"]).startswith("comfy: "):
             gguf = str(inputs["model"]).endswith(".gguf")
             inputs["model"] = TINY_FILES["gguf" if gguf else "fp8"]
             inputs["text_encoder"] = TINY_FILES["text_encoder"]
         elif kind == "QwenImagePreflight" or kind == "QwenImageLoader":
-            inputs["model"] = "qwen-image-tiny"
+            inputs["model"] = f"{family.key}-tiny"
         elif kind == "QwenImageSwitchModel":
             inputs["model"] = "qwen-image-tiny-b"
         elif kind == "QwenImagePixelGovernor":
@@ -213,8 +234,8 @@ def test_pack_imports_and_all_six_nodes_are_registered(comfy: Comfy) -> None:
     info = comfy.get("/object_info")
     assert set(nodes.NODE_CLASS_MAPPINGS) <= set(info)
     loader = info["QwenImageLoader"]["input"]["required"]["model"]
-    # Diffusers folders first, then the models assembled from ComfyUI's diffusion_models/text_encoders/vae.
-    assert loader[0] == ["qwen-image-tiny", "qwen-image-tiny-b", TINY_FILES["gguf"], TINY_FILES["fp8"]]
+    # Diffusers folders (every family's tiny model), then the models assembled from ComfyUI's single files.
+    assert set(loader[0]) == {f"{key}-tiny" for key in FAMILIES} | {"qwen-image-tiny-b", TINY_FILES["gguf"], TINY_FILES["fp8"]}
     optional = info["QwenImageLoader"]["input"]["optional"]
     assert optional["text_encoder"][0] == ["auto", TINY_FILES["text_encoder"]]
     assert optional["vae"][0] == ["auto", "qwen_image_vae.safetensors"]
@@ -241,7 +262,9 @@ def test_workflow_runs_through_prompt(comfy: Comfy, path: Path) -> None:
     entry = comfy.wait(comfy.queue(api))
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[-3000:]
     images = saved_images(entry)
-    expected = sum(1 for n in api.values() if n["class_type"] == "SaveImage")
+    # One file per image: Layered's IMAGE batch holds its layers (RGBA), one PNG each.
+    per_save = _family_of(api).default_layers or 1
+    expected = sum(1 for n in api.values() if n["class_type"] == "SaveImage") * per_save
     assert len(images) == expected >= 1
     for img in images:
         assert (comfy.base / "output" / img["subfolder"] / img["filename"]).stat().st_size > 0
@@ -383,7 +406,7 @@ def test_requeue_of_an_unchanged_graph_comes_from_the_cache(comfy: Comfy) -> Non
     assert comfy.hub.total_served() == served, "the Downloader did not ask the Hub"
 
     downloader = next(k for k, n in api.items() if n["class_type"] == "QwenImageDownloader")
-    target = comfy.base / "models" / "diffusers" / TINY_REPO
+    target = comfy.base / "models" / "diffusers" / f"local/{DEFAULT_FAMILY.key}-tiny"
     (target / "NOTES.txt").write_text("a file added by hand")  # a real change in the model folder
     changed = comfy.run(api)
     assert downloader not in _cached(changed), "a new file in the folder runs the Downloader again"

@@ -39,6 +39,7 @@ ALL = list(nodes.NODE_CLASS_MAPPINGS.items())
 @pytest.fixture
 def models_home(tmp_path: Path, tiny_model_dir: Path, tiny_model_dir_b: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A model store like ComfyUI's models/diffusers holding the two tiny models."""
+    get_residency_manager().release_all()  # an earlier test (the in-process demo) may have left one resident
     home = tmp_path / "diffusers"
     home.mkdir()
     (home / "qwen-image-tiny").symlink_to(tiny_model_dir, target_is_directory=True)

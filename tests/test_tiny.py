@@ -129,8 +129,8 @@ class TestBuildSafety:
         assert err.value.field == "out_dir"
         assert (tmp_path / "keep.txt").read_text() == "mine"
 
-    @pytest.mark.parametrize(("kwargs", "field"), [({"seed": -1}, "seed"), ({"variant": "sdxl"}, "variant")])
-    def test_rejects_bad_seed_and_variant(self, tmp_path: Path, kwargs: dict, field: str):
+    @pytest.mark.parametrize(("kwargs", "field"), [({"seed": -1}, "seed"), ({"family": "sdxl"}, "family")])
+    def test_rejects_bad_seed_and_family(self, tmp_path: Path, kwargs: dict, field: str):
         with pytest.raises(InvalidInputError) as err:
             tiny.build_tiny_pipeline(tmp_path / "x", **kwargs)
         assert err.value.field == field

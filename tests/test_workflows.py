@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from comfy_workflow import (
     CONTROL_VALUES,
+    UPLOAD_VALUES,
     VIRTUAL_NODES,
     all_inputs,
     definitions_from_classes,
@@ -24,6 +25,7 @@ from comfy_workflow import (
 )
 
 import nodes
+from qwen_core.families import family_for_repo, get_family
 
 pytest_plugins = ["download_fixtures"]  # the `hub` fixture (a Hub stand-in on 127.0.0.1) for the pin tool
 
@@ -35,7 +37,10 @@ CORE = {
     "SaveImage": {"input": {"required": {"images": ("IMAGE", {}), "filename_prefix": ("STRING", {"default": "ComfyUI"})}},
                   "output": []},
     "PreviewAny": {"input": {"required": {"source": ("*", {})}}, "output": []},
+    # ComfyUI's input folder ships example.png, which the workflows load.
+    "LoadImage": {"input": {"required": {"image": (["example.png"], {"image_upload": True})}}, "output": ["IMAGE", "MASK"]},
 }
+TINY = "_tiny_cpu"  # workflows that run offline on the CPU with a tiny model made by make-tiny
 DEFS = {**definitions_from_classes(nodes.NODE_CLASS_MAPPINGS), **CORE}
 
 
@@ -74,7 +79,8 @@ def check_widgets(node: dict[str, Any]) -> None:
     assert len(values) == len(slots), f"{node['type']}: {len(values)} values for {[s[0] for s in slots]}"
     for (name, spec, control), value in zip(slots, values, strict=True):
         if control:
-            assert value in CONTROL_VALUES, f"{node['type']}.{name}={value!r}"
+            allowed = UPLOAD_VALUES if name.endswith(":upload") else CONTROL_VALUES
+            assert value in allowed, f"{node['type']}.{name}={value!r}"
         else:
             check_value(node["type"], name, spec, value)
 
@@ -84,6 +90,8 @@ def test_workflows_exist_in_a_folder_comfyui_serves_as_templates() -> None:
     assert {"qwen_image_text_to_image", "qwen_image_low_vram", "qwen_image_model_switch", "qwen_image_tiny_cpu",
             "qwen_image_lightning_8step", "qwen_image_two_loras", "qwen_image_lightning_tiny_cpu",
             "qwen_image_two_loras_tiny_cpu"} <= names
+    family = {"qwen_image_edit_2509", "qwen_image_2_1", "qwen_image_layered"}
+    assert family | {f"{stem}{TINY}" for stem in family} <= names
     assert WORKFLOWS[0].parent.name in COMFY_TEMPLATE_FOLDERS
     for path in WORKFLOWS:  # the template browser shows <name>.jpg as the card's picture
         assert path.with_suffix(".jpg").read_bytes()[:3] == b"\xff\xd8\xff", f"{path.stem}.jpg thumbnail"
@@ -136,8 +144,8 @@ class TestWorkflow:
         repos = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageDownloader"}
         loaders = {n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("QwenImageLoader", "QwenImageSwitchModel")}
         models = wf.get("models", [])
-        if path.stem.endswith("tiny_cpu"):
-            assert not models and not repos and loaders == {"qwen-image-tiny"}  # made locally by make-tiny
+        if path.stem.endswith(TINY):  # made locally by make-tiny: no download, no models entry
+            assert not models and not repos and len(loaders) == 1 and next(iter(loaders)).endswith("-tiny")
             return
         assert models, "the frontend offers downloads from the top-level models list"
         if any(str(name).startswith("comfy: ") for name in loaders):
@@ -271,3 +279,20 @@ def test_pin_tool_writes_the_files_sha256_and_a_commit_url(hub: Any, tmp_path: P
     (entry,) = load(copy)["models"]
     assert entry["hash"] == hashlib.sha256(vae).hexdigest() and entry["hash_type"] == "SHA256"
     assert entry["url"] == f"https://huggingface.co/Qwen/Qwen-Image/resolve/{repo.commit}/vae/diffusion_pytorch_model.safetensors"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_each_workflow_gives_its_model_the_images_it_takes(path: Path) -> None:
+    """The family a workflow loads (its Downloader repo, or the tiny model it names) accepts the images wired into
+    Generate, so the example never meets the image-count refusal; tiny workflows name a family's make-tiny folder."""
+    wf = load(path)
+    repos = [n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageDownloader"]
+    loader = next(n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "QwenImageLoader")
+    family = family_for_repo(repos[0] if repos else loader) or get_family(loader.removesuffix("-tiny"))
+    assert family is not None, path.stem
+    generate = [n for n in wf["nodes"] if n["type"] == "QwenImageGenerate"]
+    for node in generate:
+        wired = [e for e in node["inputs"] if e["name"].startswith("image") and e.get("link") is not None]
+        assert family.check_image_count(len(wired)) is None, f"{path.stem}: {family.display_name} with {len(wired)}"
+    sources = {link[1] for link in wf["links"] if link[5] == "IMAGE"}
+    assert all(n["type"] == "LoadImage" for n in wf["nodes"] if n["id"] in sources and n["type"] != "QwenImageGenerate")
