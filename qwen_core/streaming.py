@@ -451,10 +451,10 @@ def plan_transformer(transformer: nn.Module, budget_gib: float, *, max_pixels: i
     per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix(
         memory_model.dtype_key(dtype), family)
     transient = transient_bytes(transformer, dtype, rows=2 * max(1, max_pixels // 256)) / GIB
-    slot = None
-    if fp8:  # the slot of fp8 storage depends on which matrices are bf16 (an fp8 file's are stored as they are)
-        layouts = [module_layout(b, fp8=True) for b in blocks]
-        slot = max(lay.raw_bytes for lay in layouts) + max(slot_bytes(lay) - lay.raw_bytes for lay in layouts)
+    # A slot is what ModuleStreamer allocates: the largest layout (aligned), plus the dequantised copies of fp8
+    # storage, which re-quantises only bf16/fp16 matrices (an fp8 or GGUF file's blocks stay as stored).
+    layouts = [module_layout(b, fp8) for b in blocks]
+    slot = max(lay.raw_bytes for lay in layouts) + max(slot_bytes(lay) - lay.raw_bytes for lay in layouts)
     block_bytes = [module_bytes(b) for b in blocks]
     return plan_resident(len(blocks), max(block_bytes), module_bytes(transformer) - sum(block_bytes), budget_gib,
                          max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
