@@ -14,6 +14,11 @@ The text encoder is streamed the same way with no resident layers (it runs once 
 are freed after each forward, so its working set does not stay allocated while the transformer runs. The
 VAE stays resident (0.25 GiB) with tiling switched on when the budget is short.
 
+The plan counts stored bytes (an fp8 file's blocks are half a bf16 block, GGUF blocks their quantised size),
+slots as the streamer lays them out, and, beside the measured activations of the dense model, the working memory
+the largest layer allocates inside its own forward (``qwen_core.layer_memory``: fp8 upcast, fp8-matmul input
+copies, GGUF dequantisation).
+
 On a CPU device the same bookkeeping runs with plain copies and no streams, which is what the tests use to
 check that streamed == unstreamed.
 
