@@ -1,6 +1,7 @@
 """One-call GPU benchmark of the single-file paths: fp8 (ComfyUI's files) and GGUF, against our bf16 path.
 
     python bench/files_bench.py --out $OUT            # GPU machine, one run (<= 9 min with the default budget)
+    python bench/files_bench.py --out $OUT --points 'bf16_ours_cap*,fp8_*_cap*,Q8_0_cap*'   # the capped points only
     python bench/files_bench.py --tiny --out /tmp/f   # CPU dry run of the same code, scaled-down transformer
 
 What runs: the full-size Qwen-Image transformer with random weights (bench/fullsize.py), converted in memory to
@@ -13,11 +14,20 @@ what loading a file produces (no 20 GB files needed):
 Per point: ms per step (one batched cond+uncond forward at --size, 64 text tokens; s/image = x50), peak GiB,
 weights GiB, and the relative error of the output against the bf16 model (rel_err, as in bench/RESULTS.md).
 Results go to OUT/files_results.json after every measurement.
+
+A capped ("streamed") point is set up as the product does it on a card of that size: the model is on the host
+when the engine places it (the loader loads to the CPU), the cap holds while the engine plans and allocates, and
+the engine plans for the cap less --stream-margin-gib (as bench/speed.py; the loader plans with 0.9 of a free
+VRAM reading that already excludes the CUDA context). The 2026-12-02 run did neither: it streamed the model
+the conversion had just filled on the GPU (its resident blocks stayed in segments full of the conversion's
+freed temporaries: 4.4 GiB reserved but free in the 12 GiB Q8_0 point, over the cap before the first
+activation) and planned for the whole cap.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import gc
 import sys
 import time
@@ -140,31 +150,51 @@ def weights_gib(model: nn.Module) -> float:
     return round(sum(p.numel() * p.element_size() for p in model.parameters()) / C.GIB, 3)
 
 
+def wanted(args: Any, *keys: str) -> bool:
+    """Whether --points selects any of ``keys`` (comma-separated shell patterns; default: every point)."""
+    patterns = [p.strip() for p in args.points.split(",") if p.strip()]
+    return any(fnmatch.fnmatchcase(k, p) for k in keys for p in patterns)
+
+
+def _stream(model: nn.Module, dev: torch.device, cap: float, args: Any) -> Any:
+    """The streamed engine on ``model`` (on the host) as the product sets it up for a card of ``cap`` GiB."""
+    budget = max(cap - args.stream_margin_gib, 1e-4) if C.cuda() else 1e-4  # CPU dry run: stream every block
+    return enable_streamed_offload(_Pipe(model), dev, budget_gib=budget, max_pixels=args.size ** 2,
+                                   cfg_batching=False)
+
+
 def measure(R: C.Results, key: str, model: nn.Module, kw: dict[str, Any], ref: torch.Tensor | None, args: Any,
             *, cap: float | None = None, unbatched: bool = False) -> None:
+    if not wanted(args, key):
+        return
     if R.left() < 25:
         R.set("skipped", key, "time budget")
         return
-    handle = None
+    dev, handle = kw["hidden_states"].device, None
     try:
         if cap is not None:
-            budget = cap if C.cuda() else 1e-4  # CPU dry run: stream every block
-            handle = enable_streamed_offload(_Pipe(model), kw["hidden_states"].device, budget_gib=budget,
-                                             max_pixels=args.size ** 2, cfg_batching=False)
+            model.to("cpu")  # the engine places the blocks itself, into a clean heap (the loader loads to the CPU)
         with C.memory_cap(cap if C.cuda() else None):
+            placed: dict[str, Any] = {}
+            if cap is not None:
+                handle = _stream(model, dev, cap, args)
+                placed = {"plan": handle.plan.summary(), "budget_gib": handle.plan.budget_gib,
+                          "allocated_after_enable_gib": C.allocated_gib(), "reserved_after_enable_gib": C.reserved_gib()}
             C.reset_peak()
             r = C.time_fn(lambda: forward(model, kw, unbatched=unbatched), reps=args.reps)
             out = forward(model, kw, unbatched=unbatched)
-            r.update(peak_gib=C.peak_gib(), s_per_image=round(r["median_ms"] * STEPS / 1e3, 2),
-                     rel_err_vs_bf16=C.rel_err(out.float().cpu(), ref) if ref is not None else None)
-        if handle is not None:
-            r["plan"] = handle.plan.summary()
+            r.update(peak_gib=C.peak_gib(), reserved_gib=C.reserved_gib(),
+                     s_per_image=round(r["median_ms"] * STEPS / 1e3, 2),
+                     rel_err_vs_bf16=C.rel_err(out.float().cpu(), ref) if ref is not None else None, **placed)
         R.set("points", key, r)
     except Exception as err:  # noqa: BLE001 - one failed point must not end the run
-        R.set("points", key, {"oom": C.is_oom(err), "error": f"{type(err).__name__}: {str(err)[:400]}"})
+        R.set("points", key, {"oom": C.is_oom(err), "error": f"{type(err).__name__}: {str(err)[:400]}",
+                              **({"plan": handle.plan.summary()} if handle is not None else {})})
     finally:
         if handle is not None:
-            handle.disable(restore_device=kw["hidden_states"].device)
+            handle.disable(restore_device=dev)  # outside the cap: the whole model goes back to the device
+        elif cap is not None:
+            model.to(dev)
         C.reset_peak()
 
 
@@ -188,15 +218,20 @@ def run(args: Any) -> None:
     R.set("weights_gib", "bf16", weights_gib(model))
     measure(R, "bf16_ours_full", model, kw, None, args)
     measure(R, "bf16_diffusers_two_forwards_full", model, kw, ref, args, unbatched=True)
-    R.set("convert_s", "fp8", _timed(lambda m=model: to_fp8(m)))
-    R.set("weights_gib", "fp8", weights_gib(model))
-    measure(R, "fp8_upcast_full", model, kw, ref, args)
-    measure(R, f"fp8_upcast_cap{caps[-1]:g}", model, kw, ref, args, cap=caps[-1])
-    if set_fp8_matmul(model, True):
-        measure(R, "fp8_matmul_full", model, kw, ref, args)
-        measure(R, f"fp8_matmul_cap{caps[-1]:g}", model, kw, ref, args, cap=caps[-1])
+    measure(R, f"bf16_ours_cap{caps[-1]:g}", model, kw, ref, args, cap=caps[-1])  # the same run's control
+    cap = f"cap{caps[-1]:g}"
+    if wanted(args, *(f"fp8_{kind}_{where}" for kind in ("upcast", "matmul") for where in ("full", cap))):
+        R.set("convert_s", "fp8", _timed(lambda m=model: to_fp8(m)))
+        R.set("weights_gib", "fp8", weights_gib(model))
+        measure(R, "fp8_upcast_full", model, kw, ref, args)
+        measure(R, f"fp8_upcast_{cap}", model, kw, ref, args, cap=caps[-1])
+        if set_fp8_matmul(model, True):
+            measure(R, "fp8_matmul_full", model, kw, ref, args)
+            measure(R, f"fp8_matmul_{cap}", model, kw, ref, args, cap=caps[-1])
     del model
     for qtype in ("Q8_0", "Q4_K"):
+        if not wanted(args, f"{qtype}_full", *(f"{qtype}_cap{c:g}" for c in caps)):
+            continue
         if R.left() < 60:
             R.set("skipped", qtype, "time budget")
             continue
@@ -225,6 +260,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text-tokens", type=int, default=64)
     p.add_argument("--caps", default="12,16", help="memory caps (GiB) for the streamed points; fp8 uses the last")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--points", default="*",
+                   help="comma-separated shell patterns of the points to run, e.g. 'fp8_*_cap*,Q8_0_cap*' "
+                        "(the bf16 reference output is always computed)")
+    p.add_argument("--stream-margin-gib", type=float, default=2.0,
+                   help="the streamed engine plans for the cap less this (CUDA context + allocator slack of a "
+                        "real card, as bench/speed.py)")
     args = p.parse_args(argv)
     if args.tiny:
         args.size, args.text_tokens, args.reps = min(args.size, 128), min(args.text_tokens, 16), 1

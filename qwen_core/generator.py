@@ -173,7 +173,8 @@ def validate_request(
         warnings.append(f"{family.display_name} is distilled to run without CFG: true_cfg_scale {cfg:g} doubles the "
                         "work per step and usually makes the image worse (use 1).")
     layers = _layers(family, layers)
-    request = GenerationRequest(prompt, negative, steps, float(cfg), seed, batch_size, None, warnings, refs, layers)  # type: ignore[arg-type]
+    request = GenerationRequest(prompt, negative, steps, float(cfg), seed, batch_size, None, warnings,  # type: ignore[arg-type]
+                                images=refs, layers=layers)
     decide_size(request, family, width, height, governor_kwargs, size_multiple)
     return request
 

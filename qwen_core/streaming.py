@@ -14,6 +14,11 @@ The text encoder is streamed the same way with no resident layers (it runs once 
 are freed after each forward, so its working set does not stay allocated while the transformer runs. The
 VAE stays resident (0.25 GiB) with tiling switched on when the budget is short.
 
+The plan counts stored bytes (an fp8 file's blocks are half a bf16 block, GGUF blocks their quantised size),
+slots as the streamer lays them out, and, beside the measured activations of the dense model, the working memory
+the largest layer allocates inside its own forward (``qwen_core.layer_memory``: fp8 upcast, fp8-matmul input
+copies, GGUF dequantisation).
+
 On a CPU device the same bookkeeping runs with plain copies and no streams, which is what the tests use to
 check that streamed == unstreamed.
 
@@ -35,6 +40,7 @@ from torch import nn
 from qwen_core import memory_model
 from qwen_core.errors import InvalidInputError
 from qwen_core.fp8_compute import quantize_rows
+from qwen_core.layer_memory import transient_bytes
 from qwen_core.pipeline_state import peek_state, state_of
 
 GIB = 1024**3
@@ -45,6 +51,7 @@ _FP8_MIN_NUMEL = 1 << 16  # only large matrices are worth quantising; norms and 
 # tensors. The CUDA context itself (~0.5 GiB) is outside a torch memory cap but inside a real card: callers
 # pass a budget below the card's size (the loader uses free memory x a fraction).
 FIXED_OVERHEAD_GIB = 1.5
+_TE_ROWS = 2048  # prompt tokens of the text encoder's largest call (only fp8-matmul layers depend on it)
 
 
 def _align(n: int) -> int:
@@ -111,7 +118,32 @@ PIN_STATS = {"registered": 0, "pin_memory": 0}  # how host buffers were page-loc
 
 
 def module_bytes(module: nn.Module) -> int:
+    """Stored bytes of ``module``'s parameters (fp8 payloads, GGUF blocks and scales included as stored)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def module_layout(module: nn.Module, fp8: bool) -> _ModuleLayout:
+    """Where each parameter of a streamed ``module`` goes in the host buffer and in a device slot. With ``fp8``
+    (fp8 storage), large bf16/fp16 matrices are quantised with per-row scales and dequantised into the slot;
+    everything else (an fp8 file's payload, GGUF blocks) travels and sits in the slot as stored."""
+    entries, off, deq = [], 0, 0
+    for p in module.parameters():
+        quant = fp8 and p.ndim == 2 and p.numel() >= _FP8_MIN_NUMEL and p.dtype in (torch.bfloat16, torch.float16)
+        nbytes = p.numel() * (1 if quant else p.element_size())
+        e = _Entry(p, p.shape, p.dtype, off, nbytes, fp8=quant)
+        off = _align(off + nbytes)
+        if quant:
+            e.scale_off, e.deq_off = off, deq
+            off = _align(off + p.shape[0] * 4)
+            deq += p.numel()
+        entries.append(e)
+    return _ModuleLayout(entries, raw_bytes=off, deq_numel=deq)
+
+
+def slot_bytes(layout: _ModuleLayout) -> int:
+    """Device bytes of one slot holding ``layout``: its raw bytes plus the dequantised copies (fp8 storage)."""
+    deq_dtype = next((e.dtype for e in layout.entries if e.fp8), torch.bfloat16)
+    return layout.raw_bytes + layout.deq_numel * torch.empty((), dtype=deq_dtype, device="meta").element_size()
 
 
 def spread_streamed(num_modules: int, num_streamed: int) -> list[int]:
@@ -156,21 +188,6 @@ class ModuleStreamer:
         self._setup()
 
     # ---- setup -------------------------------------------------------------------------------------
-    def _layout(self, module: nn.Module) -> _ModuleLayout:
-        entries, off, deq = [], 0, 0
-        for p in module.parameters():
-            quant = self.fp8 and p.ndim == 2 and p.numel() >= _FP8_MIN_NUMEL and p.dtype in (torch.bfloat16,
-                                                                                              torch.float16)
-            nbytes = p.numel() * (1 if quant else p.element_size())
-            e = _Entry(p, p.shape, p.dtype, off, nbytes, fp8=quant)
-            off = _align(off + nbytes)
-            if quant:
-                e.scale_off, e.deq_off = off, deq
-                off = _align(off + p.shape[0] * 4)
-                deq += p.numel()
-            entries.append(e)
-        return _ModuleLayout(entries, raw_bytes=off, deq_numel=deq)
-
     def _setup(self) -> None:
         for i, m in enumerate(self.modules):
             if i in self._pos:
@@ -178,7 +195,7 @@ class ModuleStreamer:
             m.to(self.device)
         total = 0
         for i in self.order:
-            lay = self._layout(self.modules[i])
+            lay = module_layout(self.modules[i], self.fp8)
             lay.host_base = total
             total += lay.raw_bytes
             self._layouts[i] = lay
@@ -378,12 +395,14 @@ class StreamingPlan:
     budget_gib: float
     fp8: bool
     notes: tuple[str, ...] = field(default_factory=tuple)
+    transient_gib: float = 0.0  # part of reserve_gib: the largest layer's own working memory (layer_memory)
 
     def summary(self) -> str:
+        layer = f" (incl. {self.transient_gib:.2f} GiB inside one layer)" if self.transient_gib > 0 else ""
         return (f"{len(self.resident)}/{self.num_blocks} blocks resident, {len(self.streamed)} streamed "
                 f"({len(self.streamed) * self.block_gib / (2 if self.fp8 else 1):.1f} GiB over PCIe per "
                 f"forward{', fp8' if self.fp8 else ''}); budget {self.budget_gib:.1f} GiB, activations "
-                f"reserve {self.reserve_gib:.1f} GiB")
+                f"reserve {self.reserve_gib:.1f} GiB{layer}")
 
 
 def activation_gib_per_mpix(dtype: object = "bf16", family: str = memory_model.DEFAULT_FAMILY) -> float:
@@ -394,14 +413,21 @@ def activation_gib_per_mpix(dtype: object = "bf16", family: str = memory_model.D
 
 def plan_resident(num_blocks: int, block_bytes: int, nonblock_bytes: int, budget_gib: float, *,
                   max_pixels: int = 1328 * 1328, num_slots: int = 2, fp8: bool = False,
-                  act_gib_per_mpix: float | None = None, extra_gib: float = 0.0) -> StreamingPlan:
-    """Choose how many blocks stay resident so weights + slots + activations fit ``budget_gib``."""
+                  act_gib_per_mpix: float | None = None, extra_gib: float = 0.0, transient_gib: float = 0.0,
+                  slot_bytes: int | None = None) -> StreamingPlan:
+    """Choose how many blocks stay resident so weights + slots + activations fit ``budget_gib``.
+
+    ``block_bytes``/``nonblock_bytes`` are stored bytes (an fp8 or GGUF block counts what it holds);
+    ``transient_gib`` is what the largest layer allocates inside its forward (``qwen_core.layer_memory``: an
+    upcast fp8 weight, a dequantised GGUF one), reserved beside the activations; ``slot_bytes`` is one slot's
+    size when known from the layout (default: the block, x1.5 with fp8 storage of a bf16 block)."""
     if not budget_gib > 0:
         raise InvalidInputError("budget_gib", f"must be > 0 GiB, got {budget_gib!r}.")
     per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix()
-    reserve = per_mpix * max_pixels / 1e6 + FIXED_OVERHEAD_GIB + extra_gib
+    reserve = per_mpix * max_pixels / 1e6 + transient_gib + FIXED_OVERHEAD_GIB + extra_gib
     block_gib, nonblock_gib = block_bytes / GIB, nonblock_bytes / GIB
-    slot_gib = block_gib * (1.5 if fp8 else 1.0)  # fp8: staging (half) + dequantised copy (full)
+    # fp8 storage of a bf16 block: staging (half) + dequantised copy (full)
+    slot_gib = slot_bytes / GIB if slot_bytes is not None else block_gib * (1.5 if fp8 else 1.0)
     room = budget_gib - nonblock_gib - reserve - num_slots * slot_gib
     n_res = max(0, min(num_blocks, math.floor(room / block_gib))) if block_gib > 0 else num_blocks
     notes: list[str] = []
@@ -415,7 +441,43 @@ def plan_resident(num_blocks: int, block_bytes: int, nonblock_bytes: int, budget
     resident = tuple(i for i in range(num_blocks) if i not in set(streamed))
     return StreamingPlan(num_blocks, resident, tuple(streamed), block_gib, nonblock_gib,
                          slot_gib if streamed else 0.0, reserve, budget_gib, fp8 and bool(streamed),
-                         tuple(notes))
+                         tuple(notes), transient_gib)
+
+
+def plan_transformer(transformer: nn.Module, budget_gib: float, *, max_pixels: int = 1328 * 1328,
+                     num_slots: int = 2, fp8: bool = False, act_gib_per_mpix: float | None = None,
+                     family: str = memory_model.DEFAULT_FAMILY, other_phase_gib: float = 0.0,
+                     resident_gib: float = 0.0) -> StreamingPlan:
+    """``plan_resident`` for a Qwen-Image transformer as it is (any device, the meta device included): stored
+    bytes of its blocks, the slots its layout needs, and the working memory of its largest layer at
+    ``max_pixels`` (batched CFG: 2 rows per 16x16 pixels). ``other_phase_gib``: the text encoder's working
+    set, which runs at another time and needs the reserve to be at least that large. ``resident_gib``: what
+    else stays on the device all the time (the vision tower of families that show images to the text encoder)."""
+    blocks = list(transformer.transformer_blocks)
+    dtype = _compute_dtype(transformer)
+    per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix(
+        memory_model.dtype_key(dtype), family)
+    transient = transient_bytes(transformer, dtype, rows=2 * max(1, max_pixels // 256)) / GIB
+    # A slot is what ModuleStreamer allocates: the largest layout (aligned), plus the dequantised copies of fp8
+    # storage, which re-quantises only bf16/fp16 matrices (an fp8 or GGUF file's blocks stay as stored).
+    layouts = [module_layout(b, fp8) for b in blocks]
+    slot = max(lay.raw_bytes for lay in layouts) + max(slot_bytes(lay) - lay.raw_bytes for lay in layouts)
+    block_bytes = [module_bytes(b) for b in blocks]
+    return plan_resident(len(blocks), max(block_bytes), module_bytes(transformer) - sum(block_bytes), budget_gib,
+                         max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
+                         transient_gib=transient, slot_bytes=slot,
+                         extra_gib=max(0.0, other_phase_gib - per_mpix * max_pixels / 1e6 - transient) + resident_gib)
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the layers compute in: the model's ``dtype`` (diffusers/transformers: the first floating-point
+    parameter), else the first floating-point parameter that is not an fp8 payload."""
+    fp8 = {d for d in (_FP8, getattr(torch, "float8_e5m2", None)) if d is not None}
+    dtype = getattr(module, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype not in fp8:
+        return dtype
+    return next((p.dtype for p in module.parameters() if p.is_floating_point() and p.dtype not in fp8),
+                torch.float32)
 
 
 # ---- pipeline level ----------------------------------------------------------------------------------
@@ -574,12 +636,12 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     # the text-encoder phase the peak in a 16 GiB cap (H100 run 4: OOM at 1664x1664).
     te_slots = 1
     te_ws_gib = te_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
-    dtype = memory_model.dtype_key(transformer.dtype)
-    per_mpix = act_gib_per_mpix if act_gib_per_mpix is not None else activation_gib_per_mpix(dtype, family)
-    plan = plan_resident(len(blocks), max(module_bytes(b) for b in blocks),
-                         module_bytes(transformer) - sum(module_bytes(b) for b in blocks), budget,
-                         max_pixels=max_pixels, num_slots=num_slots, fp8=fp8, act_gib_per_mpix=per_mpix,
-                         extra_gib=max(0.0, te_ws_gib - per_mpix * max_pixels / 1e6) + vision_gib)
+    if te_streamed:  # an fp8 text encoder upcasts its largest matrix while that layer runs
+        te_ws_gib += max(transient_bytes(m, _compute_dtype(pipe.text_encoder), rows=_TE_ROWS)
+                         for m in te_streamed) / GIB
+    plan = plan_transformer(transformer, budget, max_pixels=max_pixels, num_slots=num_slots, fp8=fp8,
+                            act_gib_per_mpix=act_gib_per_mpix, family=family, other_phase_gib=te_ws_gib,
+                            resident_gib=vision_gib)
     t_streamer = ModuleStreamer(blocks, dev, plan.resident, num_slots=num_slots, fp8=fp8)
     te_streamer = None
     if te_streamed:
@@ -590,6 +652,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
         te_streamer.release()  # nothing of it stays on the device between prompts
     elif getattr(pipe, "text_encoder", None) is not None:
         pipe.text_encoder.to(dev)
+    dtype = memory_model.dtype_key(_compute_dtype(transformer))
     vae_per_mpix = memory_model.family_model(family).vae_gib_per_mpix(dtype) if vae_tiling is None else 0.0
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling, vae_per_mpix)
     if dev.type == "cuda":

@@ -23,7 +23,7 @@ from qwen_core.speed.rope import (
 
 
 def _transformer(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from qwen_core.tiny import _transformer as tiny
+    from qwen_core.tiny_families import qwen_image_transformer as tiny
 
     t = tiny(seed).eval().to(dtype)
     with torch.no_grad():  # the tiny model's init is near-identity; make every block matter

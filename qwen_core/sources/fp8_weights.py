@@ -96,9 +96,11 @@ class Fp8WeightLinear(nn.Module):
                 f"fp8_matmul={self.fp8_matmul}")
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.weight.to(dtype)
+        # Scaled in place on a copy: one weight-sized tensor is alive during the product, not two (the streamed
+        # engine reserves one: qwen_core.layer_memory). Same values as ``w * s``.
+        w = self.weight.to(dtype, copy=True)
         s = self.weight_scale.to(dtype)
-        return w * (s[:, None] if s.ndim == 1 else s)
+        return w.mul_(s[:, None] if s.ndim == 1 else s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_matmul and self.weight.dtype == _E4M3 and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0:
