@@ -94,7 +94,7 @@ def probe_hardware(device: str = "cuda") -> HardwareProbe:
     count = torch.cuda.device_count()
     index = min(index, count - 1)
     props = torch.cuda.get_device_properties(index)
-    free, total = torch.cuda.mem_get_info(index)
+    free, total = _capped_memory(index, *torch.cuda.mem_get_info(index))
     return HardwareProbe(
         cuda_available=True,
         cuda_device_count=count,
@@ -105,6 +105,18 @@ def probe_hardware(device: str = "cuda") -> HardwareProbe:
         mps_available=mps,
         **ram,
     )
+
+
+def _capped_memory(index: int, free: int, total: int) -> tuple[int, int]:
+    """(free, total) bytes as this process may use them: a per-process memory fraction set with
+    ``torch.cuda.set_per_process_memory_fraction`` (by the host application, or a benchmark emulating a smaller
+    card) caps the allocator below the card's size, which ``mem_get_info`` does not show."""
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(get_fraction(index)) if get_fraction is not None else 1.0
+    if not 0 < fraction < 1:
+        return free, total
+    cap = int(total * fraction)
+    return max(0, min(free, cap - torch.cuda.memory_reserved(index))), cap
 
 
 def _resolve_device(requested: str | None, probe: HardwareProbe) -> str:

@@ -171,3 +171,26 @@ def test_importing_the_foundation_touches_no_device():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "clean", out.stderr
+
+
+class TestPerProcessMemoryCap:
+    """Regression (H200 family run, 2026-12-02): in a 16 GiB per-process cap the load's fresh VRAM reading came
+    from mem_get_info (the whole card free), so the streamed engine planned for ~125 GiB and ran out of memory."""
+
+    def test_a_fraction_caps_free_and_total(self, monkeypatch):
+        import torch
+
+        from qwen_core import devices
+
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index=0: 0.1, raising=False)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index=0: 2 * 1024**3)
+        free, total = devices._capped_memory(0, 130 * 1024**3, 140 * 1024**3)
+        assert total == 14 * 1024**3 and free == 12 * 1024**3
+
+    def test_no_fraction_reads_the_card(self, monkeypatch):
+        import torch
+
+        from qwen_core import devices
+
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index=0: 1.0, raising=False)
+        assert devices._capped_memory(0, 100, 140) == (100, 140)
