@@ -197,31 +197,31 @@ def build_generator(args: argparse.Namespace, bridge: Any) -> tuple[Any, dict[st
     (what a reload from disk is for a real model), counted in ``loads``."""
     import torch
 
-    from qwen_core import fullsize
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fullsize
+    from in_memory import InMemorySource
+
+    from qwen_core.devices import dtype_name
     from qwen_core.generator import QwenImageGenerator
-    from qwen_core.loading import InMemoryPipelineLoader
+    from qwen_core.loading import PipelineLoader
 
     loads = {"count": 0}
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     build_on = "cuda" if not args.tiny and args.memory_mode in ("auto", "gpu") else "cpu"
 
-    class ReloadingLoader(InMemoryPipelineLoader):
-        def _build_pipeline(self, plan: Any) -> Any:
+    class ReloadingSource(InMemorySource):
+        """A released pipeline (its components detached by the residency manager) is built again: what a reload
+        from disk is for a real model, counted in ``loads``."""
+
+        def build(self, dtype: Any, light_components: dict[str, Any]) -> Any:
             loads["count"] += 1  # every load of our weights through the residency manager
-            if self._pipe is None or getattr(self._pipe, "transformer", None) is None:
-                self._pipe = fullsize.build_pipeline(build_on, dtype, tiny=args.tiny)
-            return super()._build_pipeline(plan)
+            if getattr(self.pipe, "transformer", None) is None:
+                self.pipe = fullsize.build_pipeline(build_on, dtype, tiny=args.tiny)
+            return super().build(dtype, light_components)
 
-    loader = ReloadingLoader(fullsize.build_pipeline(build_on, dtype, tiny=args.tiny), name="fullsize-random",
-                             memory_mode=args.memory_mode, device=device)
-    original_unload = loader.unload
-
-    def unload() -> None:
-        original_unload()
-        loader._pipe = None  # released: the next load builds (= reloads) it
-
-    loader.unload = unload  # type: ignore[method-assign]
+    source = ReloadingSource(fullsize.build_pipeline(build_on, dtype, tiny=args.tiny), name="fullsize-random")
+    loader = PipelineLoader(source, dtype=dtype_name(dtype), memory_mode=args.memory_mode, device=device)
     return QwenImageGenerator(loader), loads
 
 

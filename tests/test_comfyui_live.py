@@ -331,7 +331,7 @@ def test_download_cancel_keeps_partials_and_the_next_run_resumes(comfy: Comfy) -
     comfy.hub.faults.rate_bps = 1_000_000  # ~6 s: Cancel lands mid-file
     api = {
         "1": {"class_type": "QwenImageDownloader", "inputs": {"repo_id": "local/slow", "revision": "main",
-              "allow_patterns": "", "ignore_patterns": "", "workers": 1, "endpoint": ""}},
+              "allow_patterns": "", "ignore_patterns": "", "workers": 1, "endpoint": "", "verify": False}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
     }
     comfy.hub.reset_counters()
