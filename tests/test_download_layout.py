@@ -140,6 +140,19 @@ class TestComfyLayout:
         assert "diffusion_models, text_encoders, vae, loras" in str(info.value)
         assert not (tmp_path / "models").exists() and hub.total_served() == 0
 
+    def test_pickles_and_two_files_for_one_place_are_refused(self, hub: HubServer, tmp_path: Path) -> None:
+        hub.add_repo("Comfy-Org/Odd_ComfyUI", {"split_files/vae/a.safetensors": b"v" * 3000,
+                                               "split_files/text_encoders/a.safetensors": b"t" * 3000,
+                                               "split_files/loras/old.ckpt": b"p" * 3000})
+        with pytest.raises(DownloadError, match="pickled") as info:
+            fetch(hub, "Comfy-Org/Odd_ComfyUI", tmp_path / "models", allow_patterns="loras/*")
+        assert info.value.exit_code == EXIT_USAGE and "split_files/loras/old.ckpt" in str(info.value)
+        shared = tmp_path / "models" / "shared"  # two kinds in one folder (a hand-written extra_model_paths.yaml)
+        with pytest.raises(DownloadError, match="both be written") as info:
+            fetch(hub, "Comfy-Org/Odd_ComfyUI", tmp_path / "models", allow_patterns="a.safetensors",
+                  comfy_dirs={"vae": shared, "text_encoders": shared})
+        assert info.value.exit_code == EXIT_USAGE and not shared.exists()
+
     def test_a_diffusers_repo_names_the_comfy_org_repo_to_use(self, hub: HubServer, tmp_path: Path) -> None:
         hub.add_repo("Qwen/Qwen-Image", {"model_index.json": b"{}", "vae/config.json": b"{}"})
         with pytest.raises(DownloadError) as info:
@@ -248,6 +261,13 @@ class TestPlacement:
         monkeypatch.setenv("QWEN_HOME", str(tmp_path / "ComfyUI" / "models" / "diffusers"))
         where = placement_for(COMFY, DownloadOptions(layout="comfyui"))
         assert where.final(VAE) == tmp_path / "ComfyUI" / "models" / "vae" / "qwen_image_vae.safetensors"
+        monkeypatch.delenv("QWEN_HOME")
+        paths.register_models_dirs([tmp_path / "Comfy2" / "models" / "diffusers"])  # what the bridge does in ComfyUI
+        try:
+            where = placement_for(COMFY, DownloadOptions(layout="comfyui"))
+        finally:
+            paths.register_models_dirs([])
+        assert where.root == tmp_path / "Comfy2" / "models"
 
 
 class TestConfigsLayout:

@@ -55,7 +55,7 @@ from qwen_core.download.types import (
 )
 from qwen_core.download.workers import FetchOne, run_workers
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError, QwenError
-from qwen_core.paths import models_root, registered_models_dirs, repo_folder, validate_repo_id
+from qwen_core.paths import models_parent, repo_folder, validate_repo_id
 from qwen_core.session_log import get_session_log, redact
 
 logger = logging.getLogger("qwen_core.download")
@@ -135,13 +135,11 @@ def placement_for(repo_id: str, options: DownloadOptions) -> Placement:
     repo_id = validate_repo_id(repo_id)
     if options.layout is not Layout.COMFYUI:
         return Placement.tree(options.local_dir if options.local_dir is not None else repo_folder(repo_id))
-    models = options.local_dir
+    models = options.local_dir if options.local_dir is not None else models_parent()
     if models is None:
-        if not os.environ.get("QWEN_HOME", "").strip() and not registered_models_dirs():
-            raise InvalidInputError("out_dir", f"the comfyui layout needs ComfyUI's models folder: set "
-                                    f"{options.words.target} (e.g. ComfyUI/models), or QWEN_HOME to its "
-                                    f"models/diffusers folder.")
-        models = models_root().parent
+        raise InvalidInputError("out_dir", f"the comfyui layout needs ComfyUI's models folder: set "
+                                f"{options.words.target} (e.g. ComfyUI/models), or QWEN_HOME to its "
+                                f"models/diffusers folder.")
     return Placement.comfy(models, repo_id, options.comfy_dirs)
 
 

@@ -33,6 +33,7 @@ from qwen_core.errors import DownloadError, InvalidInputError
 # A configs-only folder: JSON configs, tokenizer and processor files, the scheduler; no weights.
 CONFIG_PATTERNS = ("model_index.json", "*/config.json", "*/*_config.json", "tokenizer/*", "processor/*",
                    "scheduler/*")  # fmt: skip
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".sft", ".onnx", ".msgpack",
                    ".h5")  # fmt: skip
 
@@ -134,6 +135,11 @@ def _comfy(files: Sequence[RemoteFile], repo_id: str, options: DownloadOptions) 
             f"fills ({', '.join(COMFY_KINDS)}).",
             fix=f"Narrow {words.allow} to files under {SPLIT_DIR}/<{'|'.join(COMFY_KINDS)}>/; fetch other files with "
             f"the diffusers layout.", exit_code=EXIT_USAGE)
+    pickled = [f.path for f in chosen if f.path.lower().endswith(PICKLE_SUFFIXES)]
+    if pickled:
+        raise DownloadError(f"{words.allow} selects {pickled[0]} of {repo_id}, a pickled file: this pack never puts "
+                            f"pickles (which can run code when loaded) into ComfyUI's folders.",
+                            fix=f"Choose its .safetensors (or .gguf) version in {words.allow}.", exit_code=EXIT_USAGE)
     if not chosen:
         raise DownloadError(f"No file of {repo_id} under {SPLIT_DIR}/ matches {words.allow} (and {words.ignore}).",
                             fix=f"Name files it has (names or globs): {_available(split)}.", exit_code=EXIT_USAGE)
