@@ -60,7 +60,7 @@ class QwenImageDownloader:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "repo_id": ("STRING", {"default": "Qwen/Qwen-Image", "tooltip": "Hugging Face repo id, org/name (free text). The Qwen-Image family: " + ", ".join(REPO_SUGGESTIONS) + "."}),
+                "repo_id": ("STRING", {"default": "Qwen/Qwen-Image", "tooltip": "Hugging Face repo id, org/name (free text). The Qwen-Image family: " + ", ".join(REPO_SUGGESTIONS) + ". Layout 'comfyui files': a Comfy-Org repo, " + ", ".join(r.repo_id for r in COMFY_REPOS) + "."}),
                 "revision": ("STRING", {"default": "main", "tooltip": "Branch, tag or 40-character commit hash."}),
                 "allow_patterns": ("STRING", {"default": "", "tooltip": "Only files matching these globs (comma or newline separated); empty = all."}),
                 "ignore_patterns": ("STRING", {"default": "", "tooltip": "Skip files matching these globs (comma or newline separated)."}),

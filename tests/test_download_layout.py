@@ -242,6 +242,13 @@ class TestPlacement:
         assert where.local_name("split_files/loras/qwen/a.safetensors") == "qwen/a.safetensors"
         assert where.staging == tmp_path / STAGING_DIR / "Comfy-Org" / "Qwen-Image_ComfyUI"
 
+    def test_known_comfy_org_repos_belong_to_known_families(self) -> None:
+        from qwen_core.download import COMFY_REPOS
+        from qwen_core.families import known_repo_ids
+
+        assert {d for r in COMFY_REPOS for d in r.diffusers_repos} <= set(known_repo_ids())
+        assert all(comfy_destination(p) for r in COMFY_REPOS for p in r.defaults)
+
     def test_options_are_validated_with_the_parameter_named(self) -> None:
         assert DownloadOptions(layout="comfyui files").layout is Layout.COMFYUI
         assert DownloadOptions(layout="configs only").layout is Layout.CONFIGS

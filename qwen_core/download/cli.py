@@ -53,7 +53,8 @@ def configure_download(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=8, help="files downloaded in parallel (default 8)")
     parser.add_argument("--endpoint", default=None, help="Hub or mirror URL (default: HF_ENDPOINT or huggingface.co)")
     parser.add_argument("--allow", action="append", default=None, metavar="PAT",
-                        help="only files matching this glob (repeatable, or comma-separated)")
+                        help="only files matching this glob (repeatable, or comma-separated); --layout comfyui: file "
+                        "names, folders or globs under split_files/ (e.g. qwen_image_bf16.safetensors, loras/)")
     parser.add_argument("--ignore", action="append", default=None, metavar="PAT",
                         help="skip files matching this glob (repeatable, or comma-separated)")
     parser.add_argument("--dry-run", action="store_true", help="list files, total size and the disk check; fetch nothing")
