@@ -95,6 +95,22 @@ def comfy_file_dirs(kind: str) -> list[Path]:
     return [paths.models_root().parent / kind]
 
 
+def comfy_models_dir() -> Path:
+    """ComfyUI's models folder (``folder_paths.models_dir``); headless, the folder that holds the diffusers store."""
+    if folder_paths is not None:
+        return Path(folder_paths.models_dir)
+    return models_dirs()[0].parent
+
+
+def comfy_download_dirs() -> dict[str, Path]:
+    """Where the Downloader's comfyui layout puts each kind: the first of ComfyUI's folders for it that carries the
+    kind's own name (``models/diffusion_models``, not the legacy ``models/unet`` that ComfyUI lists first), else
+    the first; headless, ``<kind>`` beside the diffusers store."""
+    folders = {kind: comfy_file_dirs(kind) for kind in FILE_FOLDER_KEYS} | {LORA_KEY: lora_dirs()}
+    return {kind: next((d for d in dirs if d.name == kind), dirs[0]) if dirs else comfy_models_dir() / kind
+            for kind, dirs in folders.items()}
+
+
 def comfy_tokenizer_dir() -> Path | None:
     """ComfyUI's own Qwen2.5 tokenizer folder (comfy/text_encoders/qwen25_tokenizer), when running inside ComfyUI."""
     if model_management is None:

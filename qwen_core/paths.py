@@ -68,6 +68,17 @@ def models_root() -> Path:
     return hf_hub_cache()
 
 
+def models_parent() -> Path | None:
+    """The folder that holds the model store: ComfyUI's ``models/`` when the store is its ``models/diffusers``
+    (QWEN_HOME, or the folder the bridge registered). None when the store is the Hugging Face cache, whose parent
+    is no models folder."""
+    home = os.environ.get("QWEN_HOME", "").strip()
+    if home:
+        return Path(home).expanduser().parent
+    registered = registered_models_dirs()
+    return registered[0].parent if registered else None
+
+
 def model_search_dirs() -> list[Path]:
     """Every store to look in for local models, most specific first, without duplicates."""
     dirs: list[Path] = []

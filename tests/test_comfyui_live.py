@@ -331,7 +331,8 @@ def test_download_cancel_keeps_partials_and_the_next_run_resumes(comfy: Comfy) -
     comfy.hub.faults.rate_bps = 1_000_000  # ~6 s: Cancel lands mid-file
     api = {
         "1": {"class_type": "QwenImageDownloader", "inputs": {"repo_id": "local/slow", "revision": "main",
-              "allow_patterns": "", "ignore_patterns": "", "workers": 1, "endpoint": "", "verify": False}},
+              "allow_patterns": "", "ignore_patterns": "", "workers": 1, "endpoint": "", "verify": False,
+              "layout": "diffusers"}},
         "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 1]}},
     }
     comfy.hub.reset_counters()
@@ -360,6 +361,39 @@ def test_download_cancel_keeps_partials_and_the_next_run_resumes(comfy: Comfy) -
     report = again["outputs"]["2"]["text"][0]
     assert "1 resumed" in report and (target / "weights.safetensors").read_bytes() == data
     assert f"{size - partial:,} fetched" in report, "only the missing bytes were fetched"
+
+
+def _choices(info: dict, node: str, name: str) -> list[str]:
+    """A combo input's options from /object_info (the list form, or 0.3.6x+'s ["COMBO", {"options": [...]}])."""
+    spec = info[node]["input"]["required"][name]
+    return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+
+
+def test_downloader_comfyui_files_land_where_comfyui_finds_them(comfy: Comfy) -> None:
+    """Layout 'comfyui files': a Comfy-Org repo's split files go straight to ComfyUI's own folders (not the legacy
+    models/unet ComfyUI lists first), where its native loaders and our Loader list them."""
+    models = comfy.base / "models"
+    files = {"split_files/diffusion_models/qwen_image_tiny_dl.safetensors":
+             (models / "diffusion_models" / "qwen_image_tiny_fp8.safetensors").read_bytes(),
+             "split_files/text_encoders/qwen_2.5_vl_tiny_dl.safetensors":
+             (models / "text_encoders" / "qwen_2.5_vl_tiny_fp8-scaled.safetensors").read_bytes()}
+    comfy.hub.add_repo("Comfy-Org/Tiny_ComfyUI", files)
+    api = {
+        "1": {"class_type": "QwenImageDownloader", "inputs": {
+            "repo_id": "Comfy-Org/Tiny_ComfyUI", "revision": "main", "allow_patterns": "diffusion_models/*, text_encoders/*",
+            "ignore_patterns": "", "workers": 2, "endpoint": "", "verify": False, "layout": "comfyui files"}},
+        "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}},
+    }
+    entry = comfy.run(api)
+    assert entry["outputs"]["2"]["text"][0] == str(models / "diffusion_models")
+    for path, data in files.items():
+        kind, name = path.split("/")[1:]
+        assert (models / kind / name).read_bytes() == data
+    assert not (models / "unet").exists() and not (models / "split_files").exists()
+    info = comfy.get("/object_info")
+    assert "qwen_image_tiny_dl.safetensors" in _choices(info, "UNETLoader", "unet_name")
+    assert "qwen_2.5_vl_tiny_dl.safetensors" in _choices(info, "CLIPLoader", "clip_name")
+    assert "comfy: qwen_image_tiny_dl.safetensors" in _choices(info, "QwenImageLoader", "model")
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from download_helpers import FAST, blob, scaled
 from hub_server import HubServer
 
 from qwen_core.download import DownloadHooks, DownloadOptions, download_repo, resolve_endpoint
-from qwen_core.download.layout import STAGING_DIR, Staging, plan_path
+from qwen_core.download.layout import STAGING_DIR, Placement, Staging, plan_path
 from qwen_core.download.plan import load_plan
 from qwen_core.download.types import (
     EXIT_DISK,
@@ -553,7 +553,7 @@ class TestDamagedBookkeeping:
         assert not blamed and not any("server listed" in m for m in messages)
         if by == "commit":
             assert any("saved listing is damaged" in m for m in messages)
-        assert load_plan(tmp_path) is not None and json.loads(plan_path(tmp_path).read_text())["files"]
+        assert load_plan(Placement.tree(tmp_path)) is not None and json.loads(plan_path(tmp_path).read_text())["files"]
 
     def test_offline_with_a_damaged_plan_says_so(self, hub: HubServer, tmp_path: Path) -> None:
         make_repo(hub)

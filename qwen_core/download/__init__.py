@@ -7,7 +7,9 @@ Modules, lowest layer first (each imports only modules above it in this list, ne
 
     types.py      plain types: options, hooks, progress, result, Endpoint, HttpConfig, exit codes
     endpoint.py   resolve_endpoint(): the one place an Endpoint is decided (workflow field, CLI flag, HF_ENDPOINT)
-    layout.py     the bookkeeping folder .qwen_download/ and atomic JSON writes
+    layout.py     where files go (Placement: the diffusers tree or ComfyUI's folders), the bookkeeping folder
+                  .qwen_download/ and atomic JSON writes
+    selection.py  which files a download takes per layout (patterns; configs only; ComfyUI split files)
     layout.py     also: file-system errors (ENOSPC, EFBIG, ENAMETOOLONG, ...) as messages with a fix
     retry.py      backoff, Retry-After, cancellable sleeps
     file_lock.py  per-file inter-process lock (in-process fallback where the file system has no flock)
@@ -28,6 +30,7 @@ Modules, lowest layer first (each imports only modules above it in this list, ne
 
 from qwen_core.download.endpoint import DEFAULT_ENDPOINT, resolve_endpoint
 from qwen_core.download.repo import download_repo
+from qwen_core.download.selection import COMFY_REPOS, CONFIG_PATTERNS, ComfyRepo
 from qwen_core.download.types import (
     CLI_WORDS,
     NODE_WORDS,
@@ -39,11 +42,15 @@ from qwen_core.download.types import (
     EndpointSource,
     Engine,
     HttpConfig,
+    Layout,
     Words,
 )
 
 __all__ = [
     "CLI_WORDS",
+    "COMFY_REPOS",
+    "CONFIG_PATTERNS",
+    "ComfyRepo",
     "DEFAULT_ENDPOINT",
     "DownloadHooks",
     "DownloadOptions",
@@ -53,6 +60,7 @@ __all__ = [
     "EndpointSource",
     "Engine",
     "HttpConfig",
+    "Layout",
     "NODE_WORDS",
     "Words",
     "download_repo",

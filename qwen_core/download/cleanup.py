@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_core.download.file_lock import FileLock
-from qwen_core.download.layout import STAGING_DIR, Staging
+from qwen_core.download.layout import Placement, Staging
 from qwen_core.download.plan import DamagedPlan, load_plan
 from qwen_core.paths import hf_hub_cache
 
@@ -31,9 +31,13 @@ class CleanupReport:
         return "\n".join(lines)
 
 
-def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_age_s: float = 60.0) -> CleanupReport:
+def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_age_s: float = 60.0,
+                     placement: Placement | None = None) -> CleanupReport:
+    """Partials of the download into ``target`` (the diffusers layout), or of ``placement`` (any layout)."""
     report = CleanupReport()
-    for stage in _our_partials(target) if target is not None else []:
+    if placement is None and target is not None:
+        placement = Placement.tree(target)
+    for stage in _our_partials(placement) if placement is not None else []:
         lock = FileLock(stage.lock, timeout=0)
         if not lock.try_acquire():
             report.skipped_in_use.append(stage.part)
@@ -45,8 +49,8 @@ def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_
             lock.release()
     cutoff = time.time() - min_age_s
     roots = [hub_cache if hub_cache is not None else hf_hub_cache()]
-    if target is not None:
-        roots.append(target / ".cache" / "huggingface" / "download")
+    if placement is not None and not placement.is_comfy:  # the xet engine's (never used for the comfyui layout)
+        roots.append(placement.root / ".cache" / "huggingface" / "download")
     for root in roots:
         if not root.is_dir():
             continue
@@ -61,21 +65,23 @@ def cleanup_partials(target: Path | None, *, hub_cache: Path | None = None, min_
     return report
 
 
-def _our_partials(target: Path) -> list[Staging]:
+def _our_partials(where: Placement) -> list[Staging]:
     """Partials in the bookkeeping folder, plus those of listed files staged in a component folder on another
     disk (layout.py)."""
     found: dict[Path, Staging] = {}
-    if (target / STAGING_DIR).is_dir():
-        for part in sorted((target / STAGING_DIR).rglob("*.part")):
+    if where.staging.is_dir():
+        for part in sorted(where.staging.rglob("*.part")):
             base = part.with_name(part.name[: -len(".part")])
             found[part] = Staging(part, part.with_name(part.name + ".json"), base.with_name(base.name + ".lock"),
                                   base.with_name(base.name + ".ok"))
     try:
-        plan = load_plan(target)
+        plan = load_plan(where)
     except DamagedPlan:
         plan = None
     for f in plan.listing if plan is not None else ():
-        stage = Staging.for_file(target, f.path)
+        if not where.places(f.path):  # a file the comfyui layout never fetches
+            continue
+        stage = where.stage(f.path)
         if stage.part.exists():
             found[stage.part] = stage
     return list(found.values())

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from qwen_core.download.cleanup import cleanup_partials
 from qwen_core.download.endpoint import resolve_endpoint
-from qwen_core.download.repo import download_repo
+from qwen_core.download.repo import download_repo, placement_for
+from qwen_core.download.selection import COMFY_REPOS
 from qwen_core.download.types import (
     EXIT_CANCELLED,
     EXIT_CODES_HELP,
@@ -27,23 +28,33 @@ from qwen_core.download.types import (
     DownloadResult,
     Engine,
     HttpConfig,
+    Layout,
     fmt_bytes,
 )
 from qwen_core.errors import DownloadCancelled, DownloadError, InvalidInputError
 from qwen_core.session_log import get_session_log
 
+_DEFAULTS_HELP = "; ".join(f"{r.repo_id}: " + ", ".join(p.rsplit("/", 1)[-1] for p in r.defaults) for r in COMFY_REPOS)
+
 
 def configure_download(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
-    parser.add_argument("repo_id", help="Hub repo id, e.g. Qwen/Qwen-Image")
+    parser.add_argument("repo_id", help="Hub repo id, e.g. Qwen/Qwen-Image (comfyui layout: Comfy-Org/Qwen-Image_ComfyUI)")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="target folder (default: <model store>/<org>/<name>, see QWEN_HOME)")
+                        help="target folder (default: <model store>/<org>/<name>, see QWEN_HOME); with --layout "
+                        "comfyui: ComfyUI's models folder (default: the folder above QWEN_HOME)")
+    parser.add_argument("--layout", choices=[layout.value for layout in Layout], default=Layout.DIFFUSERS.value,
+                        help="diffusers: the repo as a diffusers folder; comfyui: chosen split_files/<kind>/<file> of "
+                        "a Comfy-Org repo straight into <out-dir>/diffusion_models, text_encoders, vae, loras (default "
+                        f"files: {_DEFAULTS_HELP}; --allow takes file names or globs); configs: a family's diffusers "
+                        "repo without weights (configs, tokenizer, scheduler, processor: a few MB)")
     parser.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     parser.add_argument("--retries", type=int, default=3, help="retries per file without progress (default 3)")
     parser.add_argument("--workers", type=int, default=8, help="files downloaded in parallel (default 8)")
     parser.add_argument("--endpoint", default=None, help="Hub or mirror URL (default: HF_ENDPOINT or huggingface.co)")
     parser.add_argument("--allow", action="append", default=None, metavar="PAT",
-                        help="only files matching this glob (repeatable, or comma-separated)")
+                        help="only files matching this glob (repeatable, or comma-separated); --layout comfyui: file "
+                        "names, folders or globs under split_files/ (e.g. qwen_image_bf16.safetensors, loras/)")
     parser.add_argument("--ignore", action="append", default=None, metavar="PAT",
                         help="skip files matching this glob (repeatable, or comma-separated)")
     parser.add_argument("--dry-run", action="store_true", help="list files, total size and the disk check; fetch nothing")
@@ -91,21 +102,29 @@ def _run(args: argparse.Namespace, printer: _Printer) -> int:
 
     # Tokens only come from HF_TOKEN / `hf auth login`: a --token flag would show in `ps` and shell history.
     try:
-        target = args.out_dir if args.out_dir is not None else repo_folder(args.repo_id)
+        layout = Layout.from_text(args.layout)
+        target = args.out_dir
+        if target is None and layout is not Layout.COMFYUI:
+            target = repo_folder(args.repo_id)
         cfg = HttpConfig(connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
                          backoff_base=args.backoff, lock_timeout=args.lock_timeout, retries=args.retries)
         options = DownloadOptions(
             revision=args.revision, local_dir=target, allow_patterns=args.allow, ignore_patterns=args.ignore,
             endpoint=resolve_endpoint(args.endpoint, source="user"), workers=args.workers, engine=args.engine,
-            offline=True if args.offline else None, dry_run=args.dry_run, verify=args.verify, http=cfg)
+            offline=True if args.offline else None, dry_run=args.dry_run, verify=args.verify, http=cfg,
+            layout=layout)
+        where = placement_for(args.repo_id, options)
     except InvalidInputError as err:
         get_session_log().log_exception(err, context="download")  # download_repo logs its own errors
         raise
     if args.cleanup:
-        return _cleanup(target)
+        print(cleanup_partials(where.root, placement=where).text())
+        return 0
     result = download_repo(args.repo_id, options, DownloadHooks(progress=printer.progress, on_message=printer.message))
     if result.dry_run:
-        _print_dry_run(result, target)
+        _print_dry_run(result, where.root)
+    elif result.layout is Layout.COMFYUI:
+        print("\n".join(str(path) for path in result.destinations))  # one file per line: where each one went
     else:
         print(result.local_dir)
     return 0
@@ -117,14 +136,12 @@ def _fail(text: str, code: int) -> int:
     return code
 
 
-def _cleanup(target: Path) -> int:
-    print(cleanup_partials(target).text())
-    return 0
-
-
 def _print_dry_run(result: DownloadResult, target: Path) -> None:
     print(f"{result.repo_id} @ {result.revision} = commit {result.commit}")
     print(f"{len(result.files)} files, {fmt_bytes(result.bytes_total)} total -> {target}")
+    if result.layout is Layout.COMFYUI:
+        for path, dest in zip(result.files, result.destinations, strict=True):
+            print(f"  {path} -> {dest}")
     for note in result.notes:
         print(f"note: {note}")
     free_at = existing_parent(target)

@@ -35,12 +35,11 @@ from qwen_core.download.verify import (
     write_record,
 )
 from qwen_core.errors import DownloadError
-from qwen_core.paths import safe_join
 
 
 def fetch_file(remote: RemoteFile, job: Job) -> FileOutcome:
     """Make ``<root>/<remote.path>`` a verified copy of the remote file; resumes or skips where it can."""
-    final = safe_join(job.root, remote.path)
+    final = job.where.final(remote.path)
     try:
         return _fetch_file(remote, final, job)
     except InterruptedError:
@@ -50,7 +49,7 @@ def fetch_file(remote: RemoteFile, job: Job) -> FileOutcome:
 
 
 def _fetch_file(remote: RemoteFile, final: Path, job: Job) -> FileOutcome:
-    stage = Staging.for_file(job.root, remote.path)
+    stage = job.where.stage(remote.path)
     if not job.verify and record_matches(remote, final, stage):
         job.add(remote.size)
         return FileOutcome(remote.path, "present", 0)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from qwen_core.download.layout import Placement
 from qwen_core.download.transport import HubClient
 from qwen_core.download.types import CLI_WORDS, EXIT_NETWORK, HttpConfig, Words
 from qwen_core.errors import DownloadCancelled
@@ -16,7 +17,9 @@ from qwen_core.errors import DownloadCancelled
 
 @dataclass
 class Job:
-    """One download_repo call's shared state; workers only touch it through ``add``, ``cancel`` and ``log``."""
+    """One download_repo call's shared state; workers only touch it through ``add``, ``cancel`` and ``log``.
+
+    ``placement`` says where each file goes; without one, every file goes under ``root`` (the diffusers layout)."""
 
     root: Path
     client: HubClient
@@ -30,6 +33,12 @@ class Job:
     fetched_bytes: int = 0  # bytes received over the network in this run
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _warned: set[str] = field(default_factory=set)
+    placement: Placement | None = None
+
+    @property
+    def where(self) -> Placement:
+        """Where each file and its bookkeeping go."""
+        return self.placement if self.placement is not None else Placement.tree(self.root)
 
     @property
     def config(self) -> HttpConfig:

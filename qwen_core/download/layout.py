@@ -14,6 +14,14 @@ The ``.part`` must be on the file system of its final file, or the closing renam
 component folder is a symlink onto another disk, its parts live in ``<root>/<folder>/.qwen_download/`` instead.
 Names longer than 200 bytes are shortened (with a hash) in the bookkeeping folder, so ``.part.json`` still fits
 a 255-byte file-name limit when the file's own name does.
+
+The ComfyUI files layout (``Placement.comfy``) puts each ``split_files/<kind>/<name>`` of a Comfy-Org repo at
+``<ComfyUI folder of kind>/<name>`` and keeps the same bookkeeping in ``<models>/.qwen_download/<org>/<repo>/``
+(same names as above, with the repo path), for three reasons: ComfyUI's model folders get the verified files
+and nothing else (ComfyUI lists no folder of ``models/`` itself, and a hidden one nowhere); each repo keeps its
+own ``plan.json``, so two repos that both fill ``models/vae`` never overwrite each other's listing; and it is on
+the file system of the models folder, like the files (a kind's folder on another disk stages its parts in its
+own ``.qwen_download/``, as above).
 """
 
 from __future__ import annotations
@@ -24,20 +32,38 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from qwen_core.download.types import EXIT_DISK, DiskFullError, FileSizeLimitError, Words
-from qwen_core.errors import DownloadError
-from qwen_core.paths import safe_join
+from qwen_core.download.types import COMFY_KINDS, EXIT_DISK, DiskFullError, FileSizeLimitError, Words
+from qwen_core.errors import DownloadError, InvalidInputError
+from qwen_core.paths import safe_join, validate_repo_id
 
 STAGING_DIR = ".qwen_download"
 PLAN_FILE = "plan.json"
 STAGED_NAME_MAX = 200  # bytes; ".part.json" adds 10, and 255 is the usual file-name limit
+SPLIT_DIR = "split_files"  # where a Comfy-Org repo keeps its files: split_files/<kind>/<name>
 
 
 def plan_path(root: Path) -> Path:
-    return root / STAGING_DIR / PLAN_FILE
+    return Placement.tree(root).plan_file
+
+
+def comfy_destination(path: str) -> tuple[str, str]:
+    """(kind, name inside ComfyUI's folder of that kind) of a repo file ``split_files/<kind>/<name>``.
+
+    InvalidInputError for any other path: a kind ComfyUI's folders this layout fills do not include, a name
+    that would reach into the bookkeeping folder, or one that is not a plain relative path."""
+    parts = path.split("/") if isinstance(path, str) else []
+    if len(parts) < 3 or parts[0] != SPLIT_DIR or parts[1] not in COMFY_KINDS:
+        raise InvalidInputError("path", f"{path!r} is not a file under {SPLIT_DIR}/<kind>/ with kind one of "
+                                f"{', '.join(COMFY_KINDS)}.")
+    name = "/".join(parts[2:])
+    safe_join(Path("."), name)  # a plain relative name: no '..', no absolute path
+    if STAGING_DIR in parts[2:]:
+        raise InvalidInputError("path", f"{path!r} would write into the download bookkeeping folder.")
+    return parts[1], name
 
 
 def staged_name(name: str) -> str:
@@ -64,15 +90,83 @@ class Staging:
 
     @classmethod
     def for_file(cls, root: Path, path: str) -> Staging:
-        final = safe_join(root, path)
-        base = safe_join(root / STAGING_DIR, path)
+        """The bookkeeping of ``path`` in a diffusers-layout download into ``root``."""
+        return Placement.tree(root).stage(path)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the files of one download go, and where its bookkeeping lives.
+
+    ``tree(root)`` (diffusers, configs only): ``<root>/<repo path>``, bookkeeping in ``<root>/.qwen_download``.
+    ``comfy(models, repo_id, folders)``: ``split_files/<kind>/<name>`` at ``<folders[kind]>/<name>``,
+    bookkeeping in ``<models>/.qwen_download/<org>/<repo>`` (the module docstring says why).
+    """
+
+    root: Path  # the target: the model folder, or ComfyUI's models folder
+    staging: Path  # the bookkeeping folder of this download
+    folders: tuple[tuple[str, Path], ...] = ()  # comfyui layout: (kind, folder) for each kind in COMFY_KINDS
+
+    @classmethod
+    def tree(cls, root: Path) -> Placement:
+        return cls(Path(root), Path(root) / STAGING_DIR)
+
+    @classmethod
+    def comfy(cls, models: Path, repo_id: str, folders: Mapping[str, Path] | None = None) -> Placement:
+        """ComfyUI's models folder ``models``; ``folders`` overrides ``<models>/<kind>`` per kind."""
+        models = Path(models)
+        chosen = {kind: models / kind for kind in COMFY_KINDS} | {k: Path(v) for k, v in (folders or {}).items()}
+        return cls(models, safe_join(models / STAGING_DIR, validate_repo_id(repo_id)),
+                   tuple((kind, chosen[kind]) for kind in COMFY_KINDS))
+
+    @property
+    def is_comfy(self) -> bool:
+        return bool(self.folders)
+
+    @property
+    def plan_file(self) -> Path:
+        return self.staging / PLAN_FILE
+
+    def folder_of(self, kind: str) -> Path:
+        return dict(self.folders)[kind]
+
+    def local_name(self, path: str) -> str:
+        """The file's name inside the folder it goes to (the repo path for the tree layout)."""
+        return comfy_destination(path)[1] if self.folders else path
+
+    def final(self, path: str) -> Path:
+        """Where the verified file of repo path ``path`` goes; never outside its folder."""
+        if not self.folders:
+            return safe_join(self.root, path)
+        kind, name = comfy_destination(path)
+        return safe_join(self.folder_of(kind), name)
+
+    def places(self, path: str) -> bool:
+        """Whether this placement has a place for ``path`` (every path in the tree layout)."""
+        try:
+            self.final(path)
+        except InvalidInputError:
+            return False
+        return True
+
+    def target_folders(self, paths: Iterable[str]) -> list[Path]:
+        """The folders files of ``paths`` go into: ``[root]``, or each ComfyUI folder used, in kind order."""
+        if not self.folders:
+            return [self.root]
+        used = {comfy_destination(p)[0] for p in paths}
+        return [folder for kind, folder in self.folders if kind in used]
+
+    def stage(self, path: str) -> Staging:
+        """The bookkeeping of repo path ``path``: ``.part`` on the final file's file system, the rest in staging."""
+        final = self.final(path)
+        base = safe_join(self.staging, path)
         base = base.with_name(staged_name(base.name))
         part_base = base
-        if on_other_device(final.parent, root):
+        if on_other_device(final.parent, self.root):
             part_base = final.parent / STAGING_DIR / staged_name(final.name)
-        return cls(part=part_base.with_name(part_base.name + ".part"),
-                   sidecar=part_base.with_name(part_base.name + ".part.json"),
-                   lock=base.with_name(base.name + ".lock"), record=base.with_name(base.name + ".ok"))
+        return Staging(part=part_base.with_name(part_base.name + ".part"),
+                       sidecar=part_base.with_name(part_base.name + ".part.json"),
+                       lock=base.with_name(base.name + ".lock"), record=base.with_name(base.name + ".ok"))
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

@@ -17,8 +17,9 @@ from urllib.parse import quote, urljoin
 
 import requests
 
-from qwen_core.download.plan import DownloadPlan, ListingProblem, check_layout, remote_file, select
+from qwen_core.download.plan import DownloadPlan, ListingProblem, check_layout, remote_file
 from qwen_core.download.retry import backoff_delay, parse_retry_after
+from qwen_core.download.selection import choose_files, comfy_repo
 from qwen_core.download.transport import MAX_REDIRECTS, HubClient
 from qwen_core.download.types import (
     EXIT_AUTH,
@@ -26,6 +27,7 @@ from qwen_core.download.types import (
     EXIT_NOT_FOUND,
     EXIT_UNSAFE,
     DownloadOptions,
+    Layout,
 )
 from qwen_core.errors import DownloadError, InvalidInputError
 from qwen_core.paths import validate_revision
@@ -72,9 +74,12 @@ def resolve_plan(client: HubClient, repo_id: str, root: Path, options: DownloadO
             f"The listing of {repo_id} from {host} names {err}; refusing the whole download so nothing is written "
             f"outside {root} or half-way.", fix="Use a trusted endpoint; report this repo/mirror.",
             exit_code=EXIT_UNSAFE) from err
-    selected = select(files, options.allow_patterns, options.ignore_patterns)
+    selected = choose_files(files, repo_id, options)
     if not selected:
         notes.append("no file matches the allow/ignore patterns")
+    known = comfy_repo(repo_id)
+    if options.layout is Layout.COMFYUI and not options.allow_patterns and known is not None and known.note:
+        notes.append(f"{known.repo_id}: {known.note}")
     return DownloadPlan(repo_id, revision, commit, selected, tuple(notes), files)
 
 

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qwen_core.download.layout import STAGING_DIR, Staging, plan_path, read_json_object, write_json_atomic
+from qwen_core.download.layout import STAGING_DIR, Placement, read_json_object, write_json_atomic
+from qwen_core.download.selection import choose_files
 from qwen_core.download.types import EXIT_OFFLINE_MISSING, DownloadOptions, DownloadResult, RemoteFile
 from qwen_core.download.verify import record_matches, verify_existing, write_record
 from qwen_core.errors import DownloadError, InvalidInputError
@@ -47,12 +48,13 @@ class DownloadPlan:
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def missing_bytes(self, root: Path) -> int:
-        """Bytes still to fetch: files without a valid verified record, minus what their .part holds."""
+    def missing_bytes(self, where: Placement, files: Sequence[RemoteFile] | None = None) -> int:
+        """Bytes still to fetch of ``files`` (default: all selected): files without a valid verified record,
+        minus what their .part holds."""
         need = 0
-        for f in self.files:
-            stage = Staging.for_file(root, f.path)
-            if record_matches(f, safe_join(root, f.path), stage):
+        for f in self.files if files is None else files:
+            stage = where.stage(f.path)
+            if record_matches(f, where.final(f.path), stage):
                 continue
             try:
                 need += max(f.size - stage.part.stat().st_size, 0)
@@ -60,16 +62,9 @@ class DownloadPlan:
                 need += f.size
         return need
 
-    def complete_in(self, root: Path) -> bool:
+    def complete_in(self, where: Placement) -> bool:
         """Every selected file has a matching verified record (reads only: no lock, no write)."""
-        return all(record_matches(f, safe_join(root, f.path), Staging.for_file(root, f.path)) for f in self.files)
-
-
-def select(files: Sequence[RemoteFile], allow: Sequence[str] | None, ignore: Sequence[str] | None) -> tuple[RemoteFile, ...]:
-    from huggingface_hub.utils import filter_repo_objects
-
-    return tuple(filter_repo_objects(list(files), allow_patterns=list(allow) if allow else None,
-                                     ignore_patterns=list(ignore) if ignore else None, key=lambda f: f.path))
+        return all(record_matches(f, where.final(f.path), where.stage(f.path)) for f in self.files)
 
 
 def remote_file(root: Path, path: object, size: object, sha256: object, etag: object) -> RemoteFile:
@@ -110,8 +105,8 @@ def check_layout(files: Iterable[RemoteFile]) -> tuple[RemoteFile, ...]:
     return tuple(unique.values())
 
 
-def save_plan(root: Path, plan: DownloadPlan) -> None:
-    write_json_atomic(plan_path(root), plan_record(plan))
+def save_plan(where: Placement, plan: DownloadPlan) -> None:
+    write_json_atomic(where.plan_file, plan_record(plan))
 
 
 def plan_record(plan: DownloadPlan) -> dict:
@@ -120,17 +115,17 @@ def plan_record(plan: DownloadPlan) -> dict:
             "files": [f.identity() for f in plan.listing or plan.files]}
 
 
-def saved_record(root: Path) -> dict | None:
+def saved_record(where: Placement) -> dict | None:
     """plan.json as saved, without its time stamp (to tell whether saving again would change anything)."""
-    data = read_json_object(plan_path(root))
+    data = read_json_object(where.plan_file)
     if data is not None:
         data.pop("saved", None)
     return data
 
 
-def load_plan(root: Path) -> DownloadPlan | None:
+def load_plan(where: Placement) -> DownloadPlan | None:
     """The saved plan; None when there is none; DamagedPlan when any field of it is not what we write."""
-    path = plan_path(root)
+    path = where.plan_file
     if not path.exists():
         return None
     data = read_json_object(path)
@@ -147,28 +142,29 @@ def load_plan(root: Path) -> DownloadPlan | None:
         for entry in entries:
             if not isinstance(entry, dict) or set(entry) != {"path", "size", "sha256", "etag"}:
                 raise ListingProblem(f"a file entry of the wrong shape ({str(entry)[:80]})")
-            files.append(remote_file(root, entry["path"], entry["size"], entry["sha256"], entry["etag"]))
+            files.append(remote_file(where.root, entry["path"], entry["size"], entry["sha256"], entry["etag"]))
         files = check_layout(files)
     except (InvalidInputError, ListingProblem) as err:
         raise DamagedPlan(f"{path}: {err}") from err
     return DownloadPlan(repo_id, revision, commit, files, listing=files)
 
 
-def verify_offline(repo_id: str, root: Path, options: DownloadOptions, log: Callable[[str], None]) -> DownloadResult:
+def verify_offline(repo_id: str, where: Placement, options: DownloadOptions,
+                   log: Callable[[str], None]) -> DownloadResult:
     """HF_HUB_OFFLINE: check what is on disk against the last saved plan; fetch nothing.
 
     With ``options.verify`` every file is re-hashed; otherwise a file whose record matches is taken as verified."""
     fix = f"{options.words.offline[:1].upper()}{options.words.offline[1:]} and run the download once with a network."
     try:
-        plan = load_plan(root)
+        plan = load_plan(where)
     except DamagedPlan as err:
         raise DownloadError(f"Offline mode: the saved listing of {repo_id} is damaged ({err}), so nothing can be "
                             f"verified.", fix=fix, exit_code=EXIT_OFFLINE_MISSING) from err
     if plan is None or plan.repo_id != repo_id:
-        raise DownloadError(f"Offline mode: no record of a download of {repo_id} in {root}, so nothing can be "
+        raise DownloadError(f"Offline mode: no record of a download of {repo_id} in {where.root}, so nothing can be "
                             f"verified.", fix=fix, exit_code=EXIT_OFFLINE_MISSING)
-    files = select(plan.files, options.allow_patterns, options.ignore_patterns)
-    bad = [f.path for f in files if not _present(root, f, plan.commit, options.verify)]
+    files = choose_files(plan.files, repo_id, options)
+    bad = [f.path for f in files if not _present(where, f, plan.commit, options.verify)]
     if bad:
         raise DownloadError(f"Offline mode: {len(bad)} of {len(files)} files of {repo_id} are missing or do not "
                             f"verify: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}.", fix=fix,
@@ -176,15 +172,16 @@ def verify_offline(repo_id: str, root: Path, options: DownloadOptions, log: Call
     if options.revision not in (plan.revision, plan.commit):
         log(f"offline: the local copy is {plan.revision}@{plan.commit[:12]}, not {options.revision}")
     how = "re-hashed and verified" if options.verify else "verified"
-    log(f"{len(files)} files of {repo_id}@{plan.commit[:12]} {how} in {root}; nothing fetched")
-    return DownloadResult(repo_id=repo_id, revision=plan.revision, commit=plan.commit, local_dir=root,
+    log(f"{len(files)} files of {repo_id}@{plan.commit[:12]} {how} in {where.root}; nothing fetched")
+    return DownloadResult(repo_id=repo_id, revision=plan.revision, commit=plan.commit, local_dir=where.root,
                           files=tuple(f.path for f in files), bytes_total=sum(f.size for f in files),
                           bytes_fetched=0, files_present=len(files), files_resumed=0, elapsed_s=0.0,
-                          engine="offline")
+                          engine="offline", destinations=tuple(where.final(f.path) for f in files),
+                          layout=options.layout)
 
 
-def _present(root: Path, f: RemoteFile, commit: str, rehash: bool) -> bool:
-    final, stage = safe_join(root, f.path), Staging.for_file(root, f.path)
+def _present(where: Placement, f: RemoteFile, commit: str, rehash: bool) -> bool:
+    final, stage = where.final(f.path), where.stage(f.path)
     if not rehash and record_matches(f, final, stage):
         return True
     try:

@@ -10,7 +10,7 @@ README "Downloads" section, are the ``EXIT_*`` constants below.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -62,6 +62,37 @@ class EndpointSource(str, Enum):
     DEFAULT = "default"  # huggingface.co
 
 
+class Layout(str, Enum):
+    """Where a repo's files go.
+
+    ``diffusers``: the whole repo (or the patterns' files) as a diffusers folder, ``<store>/<org>/<name>``.
+    ``comfyui``: chosen ``split_files/<kind>/<file>`` of a Comfy-Org repo straight into ComfyUI's folders
+    (``models/diffusion_models``, ``text_encoders``, ``vae``, ``loras``), for our Loader and native workflows.
+    ``configs``: a family's diffusers repo without weights (model_index.json, configs, tokenizer, scheduler,
+    processor): the few MB a model assembled from ComfyUI's files needs beside them.
+    """
+
+    DIFFUSERS = "diffusers"
+    COMFYUI = "comfyui"
+    CONFIGS = "configs"
+
+    @classmethod
+    def from_text(cls, value: object) -> Layout:
+        """The CLI's ``diffusers|comfyui|configs`` or the node's ``diffusers|comfyui files|configs only``."""
+        if isinstance(value, Layout):
+            return value
+        words = str(value).strip().lower().split()
+        try:
+            return cls(words[0] if words else "")
+        except ValueError as err:
+            raise InvalidInputError("layout", f"{value!r} is not one of diffusers, comfyui (comfyui files), configs "
+                                    f"(configs only).") from err
+
+
+# ComfyUI's folders the comfyui layout fills, by the name of the folder under split_files/ in a Comfy-Org repo.
+COMFY_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a download goes, whether the user's token may go there, and the guard its redirects must pass.
@@ -93,6 +124,9 @@ class Words:
     ignore: str = "--ignore"
     offline: str = "unset HF_HUB_OFFLINE (or drop --offline)"
     rerun: str = "run the same command again"
+    repo: str = "the repo id"
+    allow: str = "--allow"
+    layout: str = "--layout"
 
 
 CLI_WORDS = Words()
@@ -103,6 +137,9 @@ NODE_WORDS = Words(
     ignore="the `ignore_patterns` field",
     offline="unset HF_HUB_OFFLINE in the environment that starts ComfyUI",
     rerun="queue the workflow again",
+    repo="the `repo_id` field",
+    allow="the `allow_patterns` field",
+    layout="the `layout` field",
 )
 
 
@@ -155,6 +192,10 @@ class DownloadOptions:
     verify: bool = False  # re-hash every present file (sha256 / git blob id) instead of trusting its record
     http: HttpConfig = field(default_factory=HttpConfig)
     words: Words = CLI_WORDS  # NODE_WORDS when the Downloader node calls
+    layout: Layout = Layout.DIFFUSERS
+    # comfyui layout: the folder of each kind in COMFY_KINDS (default: ``<local_dir>/<kind>``, where local_dir
+    # is ComfyUI's models folder); the ComfyUI bridge passes ComfyUI's own folders.
+    comfy_dirs: Mapping[str, Path] | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -173,6 +214,14 @@ class DownloadOptions:
             raise InvalidInputError("endpoint", "must be an Endpoint from qwen_core.download.resolve_endpoint().")
         if self.http.retries < 0:
             raise InvalidInputError("retries", f"{self.http.retries} must be 0 or more.")
+        set_(self, "layout", Layout.from_text(self.layout))
+        if self.comfy_dirs is not None:
+            if self.layout is not Layout.COMFYUI:
+                raise InvalidInputError("comfy_dirs", f"is only for the comfyui layout, not {self.layout.value}.")
+            unknown = sorted(set(self.comfy_dirs) - set(COMFY_KINDS))
+            if unknown:
+                raise InvalidInputError("comfy_dirs", f"{unknown[0]!r} is not one of {', '.join(COMFY_KINDS)}.")
+            set_(self, "comfy_dirs", {kind: Path(folder) for kind, folder in self.comfy_dirs.items()})
 
 
 @dataclass(frozen=True)
@@ -244,6 +293,8 @@ class DownloadResult:
     engine: str  # "http", "xet", "local" (complete copy, no network), "offline"
     dry_run: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
+    destinations: tuple[Path, ...] = ()  # where each of ``files`` is on disk (the comfyui layout maps them)
+    layout: Layout = Layout.DIFFUSERS
 
 
 class DiskFullError(DownloadError):

@@ -15,7 +15,7 @@ import requests
 
 from qwen_core.download.file_lock import FileLock
 from qwen_core.download.job import Job
-from qwen_core.download.layout import Staging, fs_error
+from qwen_core.download.layout import fs_error
 from qwen_core.download.plan import DownloadPlan
 from qwen_core.download.types import (
     EXIT_AUTH,
@@ -27,7 +27,6 @@ from qwen_core.download.types import (
 )
 from qwen_core.download.verify import record_matches, verify_existing, write_record
 from qwen_core.errors import DownloadError
-from qwen_core.paths import safe_join
 
 
 def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
@@ -45,7 +44,7 @@ def server_offers_xet(plan: DownloadPlan, job: Job) -> bool:
 
 
 def fetch_file_xet(remote: RemoteFile, job: Job) -> FileOutcome:
-    final = safe_join(job.root, remote.path)
+    final = job.where.final(remote.path)
     try:
         return _fetch_file_xet(remote, final, job)
     except InterruptedError:
@@ -60,7 +59,7 @@ def _fetch_file_xet(remote: RemoteFile, final: Path, job: Job) -> FileOutcome:
     # Read by hf_xet when it starts: more parallel chunk fetches, more memory. The user's own value wins.
     os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
     job.check_cancel()
-    stage = Staging.for_file(job.root, remote.path)
+    stage = job.where.stage(remote.path)
     if not job.verify and record_matches(remote, final, stage):
         job.add(remote.size)
         return FileOutcome(remote.path, "present", 0)

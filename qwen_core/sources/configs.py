@@ -6,7 +6,8 @@ full diffusers folder serves as well. Inside ComfyUI the tokenizer may come from
 ``comfy/text_encoders/qwen25_tokenizer`` instead (``tokenizer_dir``).
 
 API: ``check_configs_folder(path) -> ConfigsFolder``, ``write_configs_folder(diffusers_folder, out)`` (a
-configs-only copy, e.g. for tests), ``CONFIG_PATTERNS`` (what to download for a configs-only folder).
+configs-only copy, e.g. for tests). What a configs-only download fetches is ``qwen_core.download.CONFIG_PATTERNS``
+(the Downloader's layout 'configs only').
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ from qwen_core.families import ModelFamily
 from qwen_core.integrity import find_pickle_files, read_model_index, resolve_model_dir
 from qwen_core.model_source import build_light_component
 
-# Hub allow-patterns of a configs-only download: JSON configs, tokenizer/processor files, no weights.
-CONFIG_PATTERNS = ("model_index.json", "*/config.json", "*/*_config.json", "tokenizer/*", "processor/*",
-                   "scheduler/*")  # fmt: skip
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
-_GET_CONFIGS = ("Download the family's configs (a few MB, no weights): `python -m qwen_core download Qwen/Qwen-Image "
-                "--allow-patterns model_index.json '*/config.json' 'tokenizer/*' 'scheduler/*'`, or use a full "
-                "diffusers folder of the same family.")  # fmt: skip
+_GET_CONFIGS = ("Download the family's configs (a few MB, no weights): the Downloader with layout 'configs only', "
+                "or `python -m qwen_core download Qwen/Qwen-Image --layout configs`; or use a full diffusers folder "
+                "of the same family.")  # fmt: skip
 
 
 @dataclass(frozen=True)
