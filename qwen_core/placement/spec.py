@@ -31,7 +31,7 @@ AUTO = "auto"
 PRESETS = (SINGLE, AUTO, "text_encoder=cuda:1", "text_encoder=cpu", "transformer=cuda:0,cuda:1")
 MAX_SPLIT = 16
 _KEYS = {"text_encoder": "text_encoder", "te": "text_encoder", "transformer": "transformer", "dit": "transformer"}
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d{1,2})?)$")
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d{1,2})?)$")
 _FIX = ("Write pairs like `text_encoder=cuda:1` or `transformer=cuda:0,cuda:1 te=cuda:1`; or choose single or "
         "auto.")
 
@@ -120,11 +120,19 @@ def even_split(num_blocks: int, parts: int) -> tuple[int, ...]:
 
 
 def normalize_device(text: str, field: str = "devices") -> str:
-    """``cpu`` or ``cuda:N`` (``cuda`` alone is ``cuda:0``, as torch reads it with one visible GPU)."""
+    """``cpu``, ``mps`` or ``cuda:N`` (``cuda`` alone is ``cuda:0``, as torch reads it with one visible GPU)."""
     value = str(text).strip().lower()
     if not _DEVICE_RE.match(value):
         raise InvalidInputError(field, f"{text!r} is not a device; use cpu or cuda:N.", fix=_FIX)
     return "cuda:0" if value == "cuda" else value
+
+
+def _placeable(text: str, field: str) -> str:
+    device = normalize_device(text, field)
+    if device == "mps":
+        raise InvalidInputError(field, "mps is a single device; placement spreads components over CUDA cards and "
+                                "the CPU.", fix="Choose single on a Mac.")
+    return device
 
 
 def is_auto(text: object) -> bool:
@@ -164,7 +172,7 @@ def parse_devices(text: str | Placement | None, device: str, *, field: str = "de
 def _build(chosen: dict[str, str], device: str, field: str) -> Placement:
     transformer = (device,)
     if "transformer" in chosen:
-        transformer = tuple(normalize_device(d, field) for d in chosen["transformer"].split(",") if d.strip())
+        transformer = tuple(_placeable(d, field) for d in chosen["transformer"].split(",") if d.strip())
         if len(set(transformer)) != len(transformer):
             raise InvalidInputError(field, f"{chosen['transformer']!r} names a device twice.", fix=_FIX)
         if len(transformer) > MAX_SPLIT:
@@ -173,7 +181,7 @@ def _build(chosen: dict[str, str], device: str, field: str) -> Placement:
             raise InvalidInputError(field, "a split transformer runs on CUDA devices only.", fix=_FIX)
     text_encoder = None
     if "text_encoder" in chosen:
-        text_encoder = normalize_device(chosen["text_encoder"], field)
+        text_encoder = _placeable(chosen["text_encoder"], field)
         if text_encoder == transformer[0]:
             text_encoder = None  # with the transformer on the main card: nothing to place
     return Placement(transformer, text_encoder)
