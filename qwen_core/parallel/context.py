@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from qwen_core.errors import InvalidInputError, QwenError
-from qwen_core.parallel.settings import ContextParallelSettings, CpAttention, DistributedEnv
+from qwen_core.parallel.settings import ContextParallelSettings, CpAttention, DistributedEnv, ulysses_problem
 from qwen_core.pipeline_state import state_of
 from qwen_core.session_log import get_session_log
 
@@ -141,6 +141,10 @@ def enable_context_parallel(pipe: Any, settings: ContextParallelSettings) -> Con
         raise InvalidInputError("memory_mode", "context parallelism runs the whole model resident on every card.",
                                 fix="Use memory_mode gpu and devices single.")
     transformer = pipe.transformer
+    heads = int(transformer.config.num_attention_heads)
+    problem = ulysses_problem(heads, settings.degree) if settings.attention is CpAttention.ULYSSES else None
+    if problem:
+        raise InvalidInputError("context_parallel", problem, fix="Use one of those degrees, or cp_attention ring.")
     device = next(transformer.parameters()).device
     notes = []
     if state.cfg_batcher is not None:

@@ -63,6 +63,25 @@ class ContextParallelSettings:
         return f"context parallel x{self.degree} ({self.attention.value})"
 
 
+def ulysses_splits(heads: int, degree: int) -> bool:
+    """Whether Ulysses attention can split ``heads`` attention heads ``degree`` ways. diffusers' "anything"
+    variant pads the heads to a multiple of the degree, but only by fewer than each process then holds
+    (``_maybe_pad_qkv_head``): 24 heads (Qwen-Image) split 2, 3, 4, 5, 6, 8, 12 or 24 ways, not 7 or 16."""
+    if heads % degree == 0:
+        return True
+    pad = degree - heads % degree
+    return pad < (heads + pad) // degree
+
+
+def ulysses_problem(heads: int, degree: int) -> str | None:
+    """Why Ulysses cannot split ``heads`` heads ``degree`` ways (naming the degrees that work), or None."""
+    if ulysses_splits(heads, degree):
+        return None
+    usable = [n for n in range(2, heads + 1) if ulysses_splits(heads, n)]
+    return (f"Ulysses attention cannot split {heads} attention heads {degree} ways (degrees that work: "
+            f"{', '.join(map(str, usable))}).")
+
+
 @dataclass(frozen=True)
 class DistributedEnv:
     """What torchrun told this process."""
