@@ -251,9 +251,10 @@ def _apply_placed(pipe: Any, plan: LoadPlan, family: str) -> str:
     """Components on several devices (``qwen_core.placement``): gpu = each resident on its card (a split
     transformer's blocks on theirs), streamed = the streamed engine on the main card with the text encoder on
     its own card. The boundary hooks are kept in the pipeline's state."""
-    from qwen_core.placement.hooks import apply_placement
+    from qwen_core.placement.hooks import apply_placement, remove_placement
 
     placement, mode = plan.placement, plan.memory_mode
+    remove_placement(state_of(pipe).devices)  # an earlier attempt's hooks (a source that reuses its pipeline)
     allowed = allowed_modes(placement) or ()
     if mode not in allowed:
         raise ValueError(f"memory mode {mode.value} cannot run with devices {placement.key} "

@@ -1,8 +1,12 @@
 """Put a pipeline's components on their devices and move tensors across the device boundaries.
 
-The diffusers pipeline itself is unchanged. It computes on its execution device: ``DiffusionPipeline.device``
-returns the first non-CPU component in its signature order (VAE, text encoder, transformer), and the VAE is
-always on the main card, so latents, timesteps and the seeded noise are created there. What crosses a boundary:
+The diffusers pipeline itself is unchanged. It computes on its execution device (``_execution_device``: latents,
+timesteps, the seeded noise, the prompt embeddings), which must be the main card. Left to itself it would not
+always be: without hooks it is ``DiffusionPipeline.device``, the first non-CPU component in ALPHABETICAL order,
+i.e. the text encoder's card when that is a GPU. So the VAE (the first component the pipeline looks at) gets
+accelerate's ``AlignDevicesHook`` with ``execution_device`` = the main card, which ``_execution_device`` reads
+first: the mechanism diffusers' own ``device_map="balanced"`` relies on. ``apply_placement`` checks the result.
+What crosses a boundary:
 
 - the text encoder (its own card, or the CPU): a forward pre-hook moves its inputs (token ids on the execution
   device) to its card, and a forward hook moves its outputs back to where the inputs came from. The pipeline then
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qwen_core.errors import QwenError
 from qwen_core.placement.spec import Placement
 
 Mover = Callable[[Any, torch.device], Any]
@@ -56,11 +61,17 @@ class PlacementHandle:
     block_counts: tuple[int, ...]
     mover: Mover
     hooks: list[Any] = field(default_factory=list)
+    pinned: nn.Module | None = None  # the module whose accelerate hook names the execution device
 
     def remove(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+        if self.pinned is not None:
+            from accelerate.hooks import remove_hook_from_module
+
+            remove_hook_from_module(self.pinned)
+            self.pinned = None
 
     def describe(self) -> str:
         return self.placement.describe(sum(self.block_counts))
@@ -127,11 +138,30 @@ def _boundary(handle: PlacementHandle, module: nn.Module, device: torch.device, 
     handle.hooks.append(module.register_forward_hook(post, with_kwargs=True))
 
 
+def pin_execution_device(pipe: Any, handle: PlacementHandle, device: torch.device) -> None:
+    """Make the pipeline compute on ``device`` (module docstring), or raise if diffusers would not."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    first = next((m for m in pipe.components.values() if isinstance(m, nn.Module)), None)
+    if first is None:
+        return
+    add_hook_to_module(first, AlignDevicesHook(execution_device=device, io_same_device=True))
+    handle.pinned = first
+    actual = pipe._execution_device
+    if torch.device(actual) != device:
+        handle.remove()
+        raise QwenError(f"the pipeline would compute on {actual}, not on the main card {device}.",
+                        fix="This diffusers version chooses its execution device differently; use devices single "
+                            "and report the diffusers version.")
+
+
 def apply_placement(pipe: Any, placement: Placement, *, mover: Mover = send, transformer: bool = True) -> PlacementHandle:
-    """Place ``pipe``'s weights (``place_weights``) and install the boundary hooks (module docstring).
-    ``transformer`` False: only the text encoder is placed and hooked (the streamed engine owns the rest)."""
+    """Place ``pipe``'s weights (``place_weights``), pin its execution device to the main card and install the
+    boundary hooks (module docstring). ``transformer`` False: only the text encoder is placed (the streamed
+    engine owns the transformer and the VAE); the hooks are the same."""
     counts = place_weights(pipe, placement, transformer=transformer)
     handle = PlacementHandle(placement, counts, mover)
+    pin_execution_device(pipe, handle, torch.device(placement.main))
     te = getattr(pipe, "text_encoder", None)
     if placement.text_encoder is not None and isinstance(te, nn.Module):
         _boundary(handle, te, torch.device(placement.text_encoder), back=True)
