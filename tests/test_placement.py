@@ -298,3 +298,46 @@ class TestRealRuns:
         assert pipe._execution_device == torch.device("cuda", 3)
         remove_placement(handle)
         assert not hasattr(pipe.vae, "_hf_hook") and handle.hooks == []
+
+
+class TestLoaderNode:
+    """ComfyUI runs one process: the Loader offers placement, and says where one-image parallelism lives."""
+
+    def test_widgets(self):
+        from nodes.loader import QwenImageLoader
+
+        optional = QwenImageLoader.INPUT_TYPES()["optional"]
+        choices, options = optional["devices"]
+        assert choices[:2] == ["single", "auto"] and choices[-1] == "custom" and options["default"] == "single"
+        assert "--context-parallel" in options["tooltip"] and "one process" in options["tooltip"]
+        assert optional["custom_devices"][0] == "STRING" and optional["custom_devices"][1]["tooltip"]
+
+    @pytest.mark.parametrize(("devices", "custom", "verdict"), [
+        ("single", "", True),
+        ("text_encoder=cuda:1", "", True),
+        ("auto", "", True),
+        ("custom", "te=cuda:1 dit=cuda:0,cuda:2", True),
+        ("custom", "", "`custom_devices`: is empty"),
+        ("custom", "te=gpu", "`custom_devices`: 'gpu' is not a device"),
+        ("custom", "vae=cuda:1", "`custom_devices`: the VAE runs"),
+    ])  # fmt: skip
+    def test_validation_names_the_widget(self, devices, custom, verdict):
+        from nodes.loader import QwenImageLoader
+
+        result = QwenImageLoader.VALIDATE_INPUTS(model="x", devices=devices, custom_devices=custom)
+        assert result is True if verdict is True else verdict in result
+
+    def test_the_handle_carries_the_placement(self, tiny_model_dir, tmp_path, monkeypatch):
+        from nodes import common
+        from nodes.loader import QwenImageLoader
+
+        home = tmp_path / "diffusers"
+        home.mkdir()
+        (home / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
+        monkeypatch.setenv("QWEN_HOME", str(home))
+        (handle,) = QwenImageLoader().load("tiny", "auto", "auto", "auto", devices="custom", custom_devices="te=cpu")
+        assert handle.devices == "te=cpu" and handle.loader_kwargs()["placement"] == "te=cpu"
+        assert handle.key != common.PipeHandle(handle.path).key  # another resident model
+        assert common.generator_for(handle).loader.devices.is_single  # te=cpu on a CPU-only box: one device
+        with pytest.raises(InvalidInputError, match="`custom_devices`"):
+            QwenImageLoader().load("tiny", "auto", "auto", "auto", devices="custom", custom_devices="te=")
