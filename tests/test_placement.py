@@ -341,3 +341,41 @@ class TestLoaderNode:
         assert common.generator_for(handle).loader.devices.is_single  # te=cpu on a CPU-only box: one device
         with pytest.raises(InvalidInputError, match="`custom_devices`"):
             QwenImageLoader().load("tiny", "auto", "auto", "auto", devices="custom", custom_devices="te=")
+
+
+class TestPreflight:
+    """With several cards, Preflight shows each reading and the same ``auto`` placement the loader plans."""
+
+    VERSIONS = {"torch": "2.11.0+cu130", "diffusers": "0.42.1", "transformers": "5.24.0", "huggingface_hub": "2.4.0",
+                "accelerate": "1.15.0", "safetensors": "0.8.0"}
+    LISTING = {f"{name}/diffusion_pytorch_model.safetensors": n * 2 for name, n in PARAMS.items()}
+
+    def _report(self, free: tuple[float, ...]):
+        from qwen_core.devices import DeviceConfig
+        from qwen_core.preflight import perform_preflight_checks
+
+        cfg = DeviceConfig("cuda", torch.bfloat16, "native", "test", "Test GPU", 48.0, free[0], 256.0, 200.0, (9, 0),
+                           True)
+        return perform_preflight_checks(device_config=cfg, file_sizes=self.LISTING, versions=self.VERSIONS,
+                                        cuda_info={}, disk_free=lambda p: 10**13, cards=cards(*free))
+
+    @pytest.mark.parametrize("free", [(47.0, 47.0), (44.5, 44.5), (23.0, 23.0)])
+    def test_preflight_and_the_loader_agree(self, tiny_model_dir, monkeypatch, free):
+        report = self._report(free)
+        check = report.check("devices")
+        assert check.measured.startswith("2 CUDA cards: cuda:0") and report.profile.devices in check.recommendation
+        fake_cuda(monkeypatch, *free)
+        monkeypatch.setattr(type(PipelineLoader(tiny_model_dir).source.folder), "num_params",
+                            lambda self, name: PARAMS.get(name, 0))
+        loader = PipelineLoader(tiny_model_dir, placement="auto")
+        loader.plan = loader.refresh_plan(loader.plan, rechoose=True)
+        assert loader.devices.key == report.profile.devices
+        if not loader.devices.is_split:  # the tiny model splits its 2 blocks differently from the measured 60
+            assert loader.plan.memory_mode.value == report.profile.memory_mode
+            decision = governor.clamp_image_size(1328, 1328, **loader.governor_inputs())
+            assert decision.max_pixels == report.profile.max_pixels
+
+    def test_one_card_reports_as_before(self):
+        report = self._report((47.0,))
+        assert report.profile.devices == "single" and all(c.name != "devices" for c in report.checks)
+        assert report.profile.memory_mode != "gpu"  # 47 GiB cannot hold all 54 GiB of weights
