@@ -16,10 +16,20 @@ fit it:
   "Native attention does not support return_lse=True", so ring runs cuDNN attention (``_native_cudnn``) or the
   flash-attn package when it was chosen; neither exists on the CPU.
 
-One shim: diffusers 0.42.1's ``ModelMixin._resolve_parallel_config`` computes the process's device as
-``rank % torch.accelerator.device_count()``, which divides by zero on a machine without an accelerator. On such
-a machine (CPU + gloo: the tests) ``device_count`` reads 1 while ``enable_parallelism`` runs, so the device is
-"cpu:0" = the CPU. Nothing else differs between CPU/gloo and CUDA/NCCL in this path.
+What a CPU with gloo lacks, and what we do about it (diffusers 0.42.1):
+
+- ``ModelMixin._resolve_parallel_config`` computes the process's device as ``rank %
+  torch.accelerator.device_count()``, which divides by zero without an accelerator. On such a machine
+  ``device_count`` reads 1 while ``enable_parallelism`` runs (``_accelerator_count_shim``): the device is then
+  "cpu:0", the CPU.
+- "Ulysses anything" gathers each process's sequence length on ``torch.accelerator.current_accelerator()``
+  unless the process group's backend string names "cpu"; a CUDA build of torch on a machine without a GPU
+  names CUDA there and fails ("Found no NVIDIA driver"). The CPU group is therefore "cpu:gloo" (and the CUDA
+  one "cpu:gloo,cuda:nccl", which keeps those small gathers off the GPU, as diffusers suggests).
+- ring attention needs a kernel that returns the log-sum-exp (above): none on the CPU.
+
+The collectives themselves (all-to-all, all-gather through torch's functional collectives) run on gloo as they
+do on NCCL.
 """
 
 from __future__ import annotations
@@ -81,7 +91,7 @@ def init_process_group(env: DistributedEnv, device: str, *, timeout_s: float = D
         torch.cuda.set_device(torch.device(device))
         backend = "cpu:gloo,cuda:nccl"
     else:
-        backend = "gloo"
+        backend = "cpu:gloo"  # "cpu" in the name: diffusers then gathers sequence lengths on the host
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
