@@ -162,6 +162,20 @@ class TestOneProcess:
         with pytest.raises(QwenError, match="needs 2 processes; this group has 0"):
             enable_context_parallel(object(), ContextParallelSettings(2))
 
+    def test_a_transformer_without_a_cp_plan_is_refused(self, monkeypatch):
+        """Qwen-Image 2.1's transformer declares no ``_cp_plan`` in diffusers 0.42.1: a clear error, not diffusers'."""
+        import types
+
+        import torch.distributed as dist
+
+        from qwen_core.parallel.context import enable_context_parallel
+
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        transformer = types.SimpleNamespace(_cp_plan=None, config=types.SimpleNamespace(num_attention_heads=24))
+        with pytest.raises(InvalidInputError, match="`context_parallel`: SimpleNamespace declares no context-parallel"):
+            enable_context_parallel(types.SimpleNamespace(transformer=transformer), ContextParallelSettings(2))
+
     def test_modes_that_do_not_hold_the_model_are_refused_before_joining(self):
         from qwen_core.parallel.run import _loader_kwargs
 

@@ -133,6 +133,20 @@ def _backend_for(settings: ContextParallelSettings, current: str, device: torch.
     return RING_CUDA_BACKEND
 
 
+def check_transformer(transformer: Any, settings: ContextParallelSettings) -> None:
+    """The transformer has a context-parallel plan, and Ulysses can split its heads ``settings.degree`` ways."""
+    if getattr(transformer, "_cp_plan", None) is None:
+        import diffusers
+
+        raise InvalidInputError("context_parallel", f"{type(transformer).__name__} declares no context-parallel plan "
+                                f"(`_cp_plan`) in diffusers {diffusers.__version__}.",
+                                fix="Run this model on one card, or spread it over cards with devices.")
+    heads = int(transformer.config.num_attention_heads)
+    problem = ulysses_problem(heads, settings.degree) if settings.attention is CpAttention.ULYSSES else None
+    if problem:
+        raise InvalidInputError("context_parallel", problem, fix="Use one of those degrees, or cp_attention ring.")
+
+
 def enable_context_parallel(pipe: Any, settings: ContextParallelSettings) -> ContextParallelHandle:
     """Turn on diffusers' context parallelism for ``pipe``'s transformer (see the module docstring). The process
     group must be up with ``settings.degree`` processes; call it on every process, after loading."""
@@ -146,15 +160,12 @@ def enable_context_parallel(pipe: Any, settings: ContextParallelSettings) -> Con
         have = dist.get_world_size() if dist.is_initialized() else 0
         raise QwenError(f"context parallel x{settings.degree} needs {settings.degree} processes; this group has "
                         f"{have}.", fix="Launch with the torchrun command `generate --context-parallel N` prints.")
+    transformer = pipe.transformer
+    check_transformer(transformer, settings)
     state = state_of(pipe)
     if state.streaming is not None or state.devices is not None:
         raise InvalidInputError("memory_mode", "context parallelism runs the whole model resident on every card.",
                                 fix="Use memory_mode gpu and devices single.")
-    transformer = pipe.transformer
-    heads = int(transformer.config.num_attention_heads)
-    problem = ulysses_problem(heads, settings.degree) if settings.attention is CpAttention.ULYSSES else None
-    if problem:
-        raise InvalidInputError("context_parallel", problem, fix="Use one of those degrees, or cp_attention ring.")
     device = next(transformer.parameters()).device
     notes = []
     if state.cfg_batcher is not None:

@@ -142,11 +142,11 @@ def pin_execution_device(pipe: Any, handle: PlacementHandle, device: torch.devic
     """Make the pipeline compute on ``device`` (module docstring), or raise if diffusers would not."""
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 
-    first = next((m for m in pipe.components.values() if isinstance(m, nn.Module)), None)
-    if first is None:
+    vae = getattr(pipe, "vae", None)
+    if not isinstance(vae, nn.Module):
         return
-    add_hook_to_module(first, AlignDevicesHook(execution_device=device, io_same_device=True))
-    handle.pinned = first
+    add_hook_to_module(vae, AlignDevicesHook(execution_device=device, io_same_device=True))
+    handle.pinned = vae
     actual = pipe._execution_device
     if torch.device(actual) != device:
         handle.remove()
