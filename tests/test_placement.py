@@ -285,10 +285,10 @@ class TestRealRuns:
         assert state.streaming.options["placed_elsewhere"] == ("text_encoder",)
         assert "text encoder on cpu" in placed.placement
 
-    @pytest.mark.parametrize("family", ["qwen-image-edit-2509", "qwen-image-layered"])
+    @pytest.mark.parametrize("family", ["qwen-image-edit-2509", "qwen-image-layered", "qwen-image-2.1"])
     def test_other_families_give_the_same_image(self, tiny_family_dir, family, monkeypatch):
         """Edit-2509 and Layered feed the input image through the text encoder: its pixel values cross to the
-        encoder's device too. (2.1 is not here: main's memory model has no entry for it yet, so it does not load.)"""
+        encoder's device too. 2.1 has its own transformer class and a Qwen3-VL encoder."""
         import numpy as np
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
