@@ -35,6 +35,7 @@ HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 COMFY_PREFIX = "comfy: "  # Loader entries assembled from ComfyUI's single files (models/diffusion_models ...)
 AUTO = "auto"
+CUSTOM = "custom"  # the Loader's devices list: take the custom_devices text instead
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,13 @@ class PipeHandle:
     configs: str = ""
     compile: str = "auto"
     compute: str = "auto"
+    devices: str = "single"  # qwen_core.placement's text: which card runs which component
 
     @property
     def key(self) -> tuple[str, ...]:
         """The generator (and resident model) of this handle: LoRAs are fused into that one model, so handles
         that differ only in LoRAs share it."""
-        base = (self.path, self.dtype, self.memory_mode, self.attention, self.compile, self.compute)
+        base = (self.path, self.dtype, self.memory_mode, self.attention, self.compile, self.compute, self.devices)
         return (*base, self.text_encoder, self.vae, self.configs) if self.is_single_file else base
 
     @property
@@ -72,7 +74,7 @@ class PipeHandle:
 
     def loader_kwargs(self) -> dict[str, str]:
         return {"dtype": self.dtype, "memory_mode": self.memory_mode, "attention": self.attention,
-                "compile": self.compile, "compute": self.compute}
+                "compile": self.compile, "compute": self.compute, "placement": self.devices}
 
 
 def model_choices() -> list[str]:
@@ -135,6 +137,35 @@ def _inside(path: Path, roots: list[Path]) -> bool:
         except ValueError:  # different drives on Windows
             continue
     return False
+
+
+def devices_text(devices: str, custom_devices: str = "") -> tuple[str, str]:
+    """(the placement text, the widget it came from): the list's entry, or the free text for "custom"."""
+    if devices == CUSTOM:
+        return (custom_devices or "").strip(), "custom_devices"
+    return devices, "devices"
+
+
+def check_devices(devices: str, custom_devices: str = "") -> str:
+    """The placement text of the Loader's devices widgets, its syntax checked (InvalidInputError naming the
+    widget); which cards exist is checked when the loader is made, on the machine that runs it."""
+    from qwen_core.placement.spec import is_auto, parse_devices
+
+    text, field = devices_text(devices, custom_devices)
+    if field == "custom_devices" and not text:
+        raise InvalidInputError(field, "is empty.", fix="Write e.g. text_encoder=cuda:1, or pick an entry of devices.")
+    if not is_auto(text):
+        parse_devices(text, "cuda", field=field)
+    return text
+
+
+def validate_devices(devices: str, custom_devices: str = "") -> bool | str:
+    """VALIDATE_INPUTS for the Loader's devices widgets (``check_devices``)."""
+    try:
+        check_devices(devices, custom_devices)
+    except InvalidInputError as err:
+        return str(err)
+    return True
 
 
 def validate_float(name: str, value: float | None, low: float, high: float) -> bool | str:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from qwen_core.placement.spec import PRESETS, SINGLE
+
 from .common import (
     ATTENTIONS,
     AUTO,
     COMFY_PREFIX,
     COMPILES,
     COMPUTES,
+    CUSTOM,
     DTYPES,
     MEMORY_MODES,
     QWEN_PIPE,
     PipeHandle,
+    check_devices,
     configs_choices,
     file_choices,
     generator_for,
@@ -21,9 +25,19 @@ from .common import (
     model_choices,
     resolve_model,
     resolve_single_files,
+    validate_devices,
     validate_model_name,
 )
 
+DEVICES_TOOLTIP = (
+    "Which card runs which part, inside this one ComfyUI process. single: everything on ComfyUI's GPU. auto: "
+    "decided from each card's free VRAM (one card when the model fits; else the text encoder on another card; "
+    "else the transformer's blocks split across the cards). text_encoder=cuda:1 frees ~15 GB on the main card; "
+    "text_encoder=cpu runs the prompt encoding on the CPU (slow, ~1 min per prompt); transformer=cuda:0,cuda:1 "
+    "splits the blocks (fits a model, not faster). custom: the custom_devices text. Several GPUs making ONE image "
+    "faster needs one process per GPU, which ComfyUI is not: use `python -m qwen_core generate --context-parallel "
+    "N` (README 'Several GPUs')."
+)
 
 class QwenImageLoader:
     DESCRIPTION = ("Selects a Qwen-Image diffusers folder from ComfyUI's models/diffusers, or a model assembled from "
@@ -53,24 +67,27 @@ class QwenImageLoader:
                 "model_path": ("STRING", {"forceInput": True, "tooltip": "Overrides model: a folder inside the model folders (e.g. from the Downloader). With a 'comfy: ' model it names the configs folder instead."}),
                 "compile": (COMPILES, {"default": "auto", "tooltip": "torch.compile of the transformer blocks. auto: on for NVIDIA GPUs (QWEN_COMPILE=0 turns it off). The first image on a machine waits for the compile (~15-60 s); later runs load it from the compile cache."}),
                 "compute": (COMPUTES, {"default": "auto", "tooltip": "auto/exact: the model dtype (bf16). fp8: fp8 matrix products on sm_89+ GPUs (RTX 40xx, H100): faster, ~9% relative deviation from bf16 (README 'fp8 compute'). Not with memory_mode streamed."}),
+                "devices": ([*PRESETS, CUSTOM], {"default": SINGLE, "tooltip": DEVICES_TOOLTIP}),
+                "custom_devices": ("STRING", {"default": "", "tooltip": "With devices = custom: pairs like 'te=cuda:1' or 'transformer=cuda:0,cuda:2 text_encoder=cuda:1' (text_encoder/te: one device, cuda:N or cpu; transformer/dit: one or several CUDA devices, the first is the main card with the VAE). Memory modes with several devices: gpu or streamed (auto picks)."}),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model: str = AUTO, text_encoder: str = AUTO, vae: str = AUTO, configs: str = AUTO) -> bool | str:
+    def VALIDATE_INPUTS(cls, model: str = AUTO, text_encoder: str = AUTO, vae: str = AUTO, configs: str = AUTO,
+                        devices: str = SINGLE, custom_devices: str = "") -> bool | str:
         # Names not in the lists are accepted (a Downloader may fetch them in the same run); they must still be
         # plain relative names, and loading reports a missing file naming the input.
         for value in (model.removeprefix(COMFY_PREFIX), text_encoder, vae, configs):
             verdict = validate_model_name(value)
             if verdict is not True:
                 return verdict
-        return True
+        return validate_devices(devices, custom_devices)
 
     def load(self, model: str, dtype: str, memory_mode: str, attention: str, text_encoder: str = AUTO,
              vae: str = AUTO, configs: str = AUTO, model_path: str | None = None, compile: str = "auto",
-             compute: str = "auto") -> tuple[PipeHandle]:
+             compute: str = "auto", devices: str = SINGLE, custom_devices: str = "") -> tuple[PipeHandle]:
         install_comfy_hooks()
-        speed = {"compile": compile, "compute": compute}
+        speed = {"compile": compile, "compute": compute, "devices": check_devices(devices, custom_devices)}
         if model.startswith(COMFY_PREFIX):
             path, te, vae_file, configs_dir = resolve_single_files(model, text_encoder, vae, configs, model_path)
             handle = PipeHandle(str(path), dtype, memory_mode, attention, text_encoder=te, vae=vae_file,

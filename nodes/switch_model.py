@@ -50,7 +50,7 @@ class QwenImageSwitchModel:
     def switch(self, pipe: PipeHandle, model: str, model_path: str | None = None, after: Any = None) -> tuple[PipeHandle, str]:
         install_comfy_hooks()
         new = PipeHandle(str(resolve_model(model, model_path)), pipe.dtype, pipe.memory_mode, pipe.attention,
-                         compile=pipe.compile, compute=pipe.compute)
+                         compile=pipe.compile, compute=pipe.compute, devices=pipe.devices)
         old_key, new_loader = generator_for(pipe).loader.residency_key, generator_for(new).loader  # B is checked before A goes
         try:  # weights now, so the report shows the new model's real footprint
             report = switch_model(old_key if old_key != new_loader.residency_key else None, new_loader.load)

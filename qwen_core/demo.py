@@ -95,6 +95,17 @@ def configure_generate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", help="auto, sdpa or flash (default auto)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
     _add_image_args(parser)
+    cards = parser.add_argument_group("several GPUs (README 'Several GPUs')")
+    cards.add_argument("--devices", default="single", metavar="SPEC",
+                       help="which card runs which component, in this one process: single (default), auto, or pairs "
+                            "like 'text_encoder=cuda:1', 'te=cpu', 'transformer=cuda:0,cuda:1' (blocks split)")
+    cards.add_argument("--context-parallel", type=int, default=None, metavar="N",
+                       help="denoise one image on N GPUs (one process each, diffusers' context parallelism): prints "
+                            "the torchrun command to run (or runs it with --launch); under torchrun it generates")
+    cards.add_argument("--cp-attention", default="ulysses", choices=("ulysses", "ring"),
+                       help="how attention spans the processes (default ulysses; ring needs CUDA)")
+    cards.add_argument("--launch", action="store_true",
+                       help="with --context-parallel: start the torchrun command instead of printing it")
 
 
 class _Progress:
@@ -164,11 +175,13 @@ def _outputs(out: Path, count: int) -> list[Path]:
 
 
 def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batch: int, model_name: str,
-                       images: list[Any] | None = None) -> list[Path]:
+                       images: list[Any] | None = None, *, write: bool = True) -> list[Path]:
+    """Generate, print the timings and write the PNGs. ``write`` False (context-parallel ranks other than 0):
+    the same computation, silently."""
     from qwen_core.presets import load_presets
 
     steps = load_presets().quality(args.preset).steps if args.preset else args.steps
-    progress = _Progress(steps)
+    progress = _Progress(steps) if write else None
     try:
         result = generator.generate(
             args.prompt, args.negative, images=images, width=args.width, height=args.height, steps=args.steps,
@@ -176,7 +189,10 @@ def _generate_and_save(generator: Any, args: argparse.Namespace, out: Path, batc
             preset=args.preset,
         )  # fmt: skip
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
+    if not write:
+        return []
     for warning in result.warnings:
         print(f"  warning: {warning}")
     for name in result.loras:
@@ -276,10 +292,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from qwen_core.generator import QwenImageGenerator
 
     out = _check_out(args.out)
+    if args.context_parallel is not None:
+        return _run_context_parallel(args, out)
     started = time.perf_counter()
     generator = QwenImageGenerator(
         _model_argument(args), dtype=args.dtype, memory_mode=args.memory_mode, attention=args.attention,
-        device=args.device, loras=args.lora,
+        device=args.device, loras=args.lora, placement=args.devices,
     )
     loader = generator.loader
     print(f"model {loader.path} ({loader.family.display_name}): {loader.device_config.device}, {loader.dtype_name}, "
@@ -292,6 +310,69 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"  load {attempt.describe()}")
     print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
     return 0
+
+
+def _run_context_parallel(args: argparse.Namespace, out: Path) -> int:
+    """Outside torchrun: print (or with --launch run) the torchrun command. Under torchrun: this process's part."""
+    from qwen_core.parallel.settings import (
+        ContextParallelSettings,
+        format_command,
+        torchrun_command,
+        under_torchrun,
+    )
+
+    settings = ContextParallelSettings.parse(args.context_parallel, args.cp_attention)
+    model = _model_argument(args)
+    if not under_torchrun():
+        command = torchrun_command(["generate", *_generate_argv(args)], settings.degree)
+        if not args.launch:
+            print("context parallelism runs one process per GPU; start them with:")
+            print(f"  {format_command(command)}")
+            return 0
+        import subprocess
+
+        return subprocess.run(command, check=False).returncode
+    from qwen_core.parallel.run import parallel_session
+
+    started = time.perf_counter()
+    with parallel_session(model, settings, device=args.device, dtype=args.dtype, attention=args.attention,
+                          loras=args.lora, memory_mode=args.memory_mode, placement=args.devices) as session:
+        loader = session.generator.loader
+        if session.is_writer:
+            print(f"model {loader.path} ({loader.family.display_name}): {session.handle.describe()}, "
+                  f"{loader.dtype_name}, process group {session.backend}")
+        images = _load_images(args.images, loader.family, demo=False)
+        _generate_and_save(session.generator, args, out, args.batch, str(loader.path), images,
+                           write=session.is_writer)
+    if session.is_writer:
+        print(f"done in {time.perf_counter() - started:.1f} s; session log: {_log_path()}")
+    return 0
+
+
+def _generate_argv(args: argparse.Namespace) -> list[str]:
+    """``generate``'s parsed arguments as a command line again (what each torchrun process receives)."""
+    argv = ["--prompt", args.prompt, "--out", str(args.out), "--seed", str(args.seed), "--batch", str(args.batch),
+            "--context-parallel", str(args.context_parallel), "--cp-attention", args.cp_attention]
+    for flag, value in (("--width", args.width), ("--height", args.height), ("--steps", args.steps),
+                        ("--cfg", args.cfg), ("--layers", args.layers)):
+        if value is not None:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    for image in args.images or []:
+        argv += ["--image", str(image)]
+    for flag, value in (("--model", args.model), ("--transformer-file", args.transformer_file),
+                        ("--text-encoder-file", args.text_encoder_file), ("--vae-file", args.vae_file),
+                        ("--configs", args.configs), ("--negative", args.negative), ("--dtype", args.dtype),
+                        ("--memory-mode", args.memory_mode), ("--attention", args.attention),
+                        ("--device", args.device), ("--preset", args.preset)):
+        if value not in (None, "", "auto"):
+            argv += [flag, str(value)]
+    if args.devices not in (None, "", "single"):
+        argv += ["--devices", args.devices]
+    if args.fp8_matmul:
+        argv.append("--fp8-matmul")
+    for lora in args.lora:
+        argv += ["--lora", lora]
+    return argv
 
 
 def _model_argument(args: argparse.Namespace) -> Any:

@@ -291,6 +291,7 @@ class QwenImageGenerator:
             "attention": self.loader.attention_choice, "device": self.loader.device_config.device,
             "loras": self.loader.loras,
             "compile": self.loader.compile_choice, "compute": self.loader.compute_choice,
+            "placement": self.loader.placement_choice,
         } | loader_kwargs  # fmt: skip
         new_loader = PipelineLoader(path, **kwargs)
         old_key = self.loader.residency_key

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from qwen_core import memory_model as mm
 from qwen_core.errors import InvalidInputError
+from qwen_core.placement.plan import blocks_card_pixels
 from qwen_core.presets import MAX_SIDE
 from qwen_core.validation import whole_number
 
@@ -37,6 +38,16 @@ MIN_SIDE = 16
 ALIGN = 16
 MIN_USEFUL_PIXELS = mm.MIN_USEFUL_PIXELS
 _LIGHTEST_MODES = ("streamed", "sequential")
+
+
+@dataclass(frozen=True)
+class OtherCard:
+    """A card that runs some of a split transformer's blocks (``qwen_core.placement``): its free-VRAM reading and
+    the weights it holds. It never decodes, so its window is the transformer's activations beside its blocks."""
+
+    device: str
+    vram_gb: float
+    weights: mm.WeightSizes
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,9 @@ class Situation:
     # The sequence beside the output image: reference images' tokens (as pixels) and Layered's frames per pixel.
     extra_pixels: int = 0
     pixel_cost: float = 1.0
+    # The main card is the one read above (VAE, latents; its weights exclude a text encoder placed elsewhere);
+    # the cards a split transformer also runs on bound the window too.
+    other_cards: tuple[OtherCard, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,8 +129,15 @@ def _mode_window(situation: Situation, memory_model_path: str | os.PathLike | No
     if mode != "auto":
         pixels = mm.window_pixels(mode, s.vram_gb, weights=s.weights, family=s.family, dtype=dtype,
                                   memory_fraction=s.memory_fraction, path=memory_model_path)
-        if pixels >= MIN_USEFUL_PIXELS or mode in _LIGHTEST_MODES:
-            return Window(pixels, mode, f"memory model {mode}/{dtype}: {pixels / 1e6:.2f} MP fit in {where}")
+        reason = f"memory model {mode}/{dtype}: {pixels / 1e6:.2f} MP fit in {where}"
+        for card in s.other_cards:
+            theirs = blocks_card_pixels(card.vram_gb, card.weights.total, family=s.family, dtype=dtype)
+            if theirs < pixels:
+                pixels = theirs
+                reason = (f"{card.device} ({card.weights.total:.1f} GiB of blocks, {card.vram_gb:g} GB free) holds "
+                          f"{theirs / 1e6:.2f} MP")
+        if pixels >= MIN_USEFUL_PIXELS or mode in _LIGHTEST_MODES or s.other_cards:
+            return Window(pixels, mode, reason)
     choice = mm.choose_memory_mode(s.weights, s.vram_gb, family=s.family, dtype=dtype,
                                    memory_fraction=s.memory_fraction, path=memory_model_path)
     lead = "auto memory mode" if mode == "auto" else f"'{mode}' does not fit {where}, the loader falls back to"

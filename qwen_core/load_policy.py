@@ -28,6 +28,8 @@ from qwen_core import memory_model as mm
 from qwen_core.errors import QwenError
 from qwen_core.memory_model import streaming_available as streaming_available  # re-exported for loading
 from qwen_core.options import MemoryMode
+from qwen_core.pipeline_state import state_of
+from qwen_core.placement.spec import Placement
 from qwen_core.session_log import get_session_log
 from qwen_core.speed.options import SpeedOptions
 
@@ -37,6 +39,12 @@ LIGHTER_MODE: dict[MemoryMode, MemoryMode] = {
     MemoryMode.STREAMED: MemoryMode.GROUP_OFFLOAD,
     MemoryMode.GROUP_OFFLOAD: MemoryMode.SEQUENTIAL,
 }
+# With components on several devices (``qwen_core.placement``) diffusers' offload modes, which run every
+# component on one device, do not apply: the text encoder has its card, the transformer's card is resident or
+# streamed. A split transformer is resident only.
+PLACED_LIGHTER_MODE: dict[MemoryMode, MemoryMode] = {MemoryMode.GPU: MemoryMode.STREAMED}
+PLACED_MODES = (MemoryMode.GPU, MemoryMode.STREAMED)
+SPLIT_MODES = (MemoryMode.GPU,)
 MIN_MEMORY_FRACTION = 0.5
 PIXEL_SCALE_PER_OOM = 0.75
 SDPA = devices.SDPA_BACKEND
@@ -78,11 +86,19 @@ class LoadPlan:
     pixel_scale: float = 1.0
     vram_gib: float | None = None
     speed: SpeedOptions = SpeedOptions()
+    placement: Placement | None = None  # None or single: everything on the loader's device
+    other_cards: tuple[tuple[str, float], ...] = ()  # (device, free GiB) of the placement's other CUDA cards
 
     def describe(self) -> str:
         reading = "" if self.vram_gib is None else f", {self.vram_gib:.1f} GiB VRAM free"
+        placed = "" if self.placement is None or self.placement.is_single else f", devices {self.placement.key}"
         return (f"{self.memory_mode.value}/{devices.dtype_name(self.dtype)}, max_memory "
-                f"{self.max_memory_fraction:.0%}, pixel window x{self.pixel_scale:.2f}{reading}")  # fmt: skip
+                f"{self.max_memory_fraction:.0%}, pixel window x{self.pixel_scale:.2f}{reading}{placed}")  # fmt: skip
+
+    @property
+    def placed(self) -> bool:
+        """Components on more than one device (``qwen_core.placement``)."""
+        return self.placement is not None and not self.placement.is_single
 
 
 @dataclass(frozen=True)
@@ -135,8 +151,16 @@ def classify_error(err: BaseException) -> str:
     return "error"
 
 
+def allowed_modes(placement: Placement | None) -> tuple[MemoryMode, ...] | None:
+    """The memory modes a placement can run (None: all of them)."""
+    if placement is None or placement.is_single:
+        return None
+    return SPLIT_MODES if placement.is_split else PLACED_MODES
+
+
 def next_plan(plan: LoadPlan, kind: str) -> LoadPlan | None:
-    """The plan to try after a failure of this kind, or None when the ladder is exhausted."""
+    """The plan to try after a failure of this kind, or None when the ladder is exhausted. A placed plan
+    (components on several devices) steps gpu -> streamed, then down the streamed engine's budget."""
     if kind == "transient":
         return plan
     if kind == "dtype":
@@ -144,7 +168,14 @@ def next_plan(plan: LoadPlan, kind: str) -> LoadPlan | None:
     if kind != "oom":
         return None
     smaller_window = round(plan.pixel_scale * PIXEL_SCALE_PER_OOM, 4)
-    lighter = LIGHTER_MODE.get(plan.memory_mode)
+    ladder, allowed = LIGHTER_MODE, allowed_modes(plan.placement)
+    if allowed is not None:
+        ladder = {k: v for k, v in PLACED_LIGHTER_MODE.items() if k in allowed and v in allowed}
+        if plan.memory_mode not in allowed:
+            return None
+        if plan.memory_mode is MemoryMode.GPU and MemoryMode.GPU not in ladder:
+            return None  # a split transformer: resident or nothing
+    lighter = ladder.get(plan.memory_mode)
     if lighter is not None:
         return replace(plan, memory_mode=lighter, pixel_scale=smaller_window)
     if plan.max_memory_fraction - 0.2 >= MIN_MEMORY_FRACTION - 1e-9:
@@ -164,6 +195,8 @@ def auto_memory_mode(sizes: dict[str, int], config: devices.DeviceConfig, dtype:
 def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig, family: str = mm.DEFAULT_FAMILY) -> str:
     """Place a freshly loaded pipeline according to the plan. The one place memory modes are applied.
     ``family`` is the family's memory-model key (the streamed engine's budget and activation reserve)."""
+    if plan.placed:
+        return _apply_placed(pipe, plan, family)
     device = torch.device(config.device)
     mode = plan.memory_mode
     if device.type == "cpu":
@@ -189,21 +222,60 @@ def apply_memory_mode(pipe: Any, plan: LoadPlan, config: devices.DeviceConfig, f
     elif mode is MemoryMode.SEQUENTIAL:
         pipe.enable_sequential_cpu_offload(device=device)
     elif mode is MemoryMode.STREAMED:
-        engine = _streaming_module()
-        if plan.vram_gib is None:
-            raise ValueError("`plan.vram_gib`: the streamed engine's budget comes from the plan's VRAM reading; "
-                             "this plan has none.")
-        budget, planned = mm.streamed_budget(plan.vram_gib, dtype=devices.dtype_name(plan.dtype), family=family,
-                                             memory_fraction=plan.max_memory_fraction, pixel_scale=plan.pixel_scale)
-        engine.enable_streamed_offload(pipe, device=device, budget_gib=budget, max_pixels=planned, family=family)
-        from qwen_core.speed.apply import apply_speed
-
-        extra = apply_speed(pipe, plan.speed, streamed=True)
-        return (f"streamed on {device} within {budget:.1f} GiB (activations for {planned / 1e6:.2f} MP)"
-                f"{f'; {extra}' if extra else ''}")
+        return _apply_streamed(pipe, plan, device, family)
     else:
         raise ValueError(f"memory mode {mode} must be resolved before loading")
     return f"{mode.value} on {device}"
+
+
+def _apply_streamed(pipe: Any, plan: LoadPlan, device: torch.device, family: str,
+                    placed_elsewhere: tuple[str, ...] = ()) -> str:
+    """The streamed engine on ``device``, its budget from the plan's reading of that card."""
+    engine = _streaming_module()
+    if plan.vram_gib is None and device.type == "cuda":
+        raise ValueError("`plan.vram_gib`: the streamed engine's budget comes from the plan's VRAM reading; "
+                         "this plan has none.")
+    if plan.vram_gib is None:  # a CPU main device (tests): the engine's own default budget (available RAM)
+        budget, planned = None, mm.family_model(family).reference_pixels
+    else:
+        budget, planned = mm.streamed_budget(plan.vram_gib, dtype=devices.dtype_name(plan.dtype), family=family,
+                                             memory_fraction=plan.max_memory_fraction, pixel_scale=plan.pixel_scale)
+    handle = engine.enable_streamed_offload(pipe, device=device, budget_gib=budget, max_pixels=planned,
+                                            family=family, placed_elsewhere=placed_elsewhere)
+    from qwen_core.speed.apply import apply_speed
+
+    extra = apply_speed(pipe, plan.speed, streamed=True)
+    shown = budget if budget is not None else handle.options["budget_gib"]
+    return (f"streamed on {device} within {shown:.1f} GiB (activations for {planned / 1e6:.2f} MP)"
+            f"{f'; {extra}' if extra else ''}")
+
+
+def _apply_placed(pipe: Any, plan: LoadPlan, family: str) -> str:
+    """Components on several devices (``qwen_core.placement``): gpu = each resident on its card (a split
+    transformer's blocks on theirs), streamed = the streamed engine on the main card with the text encoder on
+    its own card. The boundary hooks are kept in the pipeline's state."""
+    from qwen_core.placement.hooks import apply_placement, remove_placement
+
+    placement, mode = plan.placement, plan.memory_mode
+    remove_placement(state_of(pipe).devices)  # an earlier attempt's hooks (a source that reuses its pipeline)
+    allowed = allowed_modes(placement) or ()
+    if mode not in allowed:
+        raise ValueError(f"memory mode {mode.value} cannot run with devices {placement.key} "
+                         f"(allowed: {', '.join(m.value for m in allowed)})")
+    main = torch.device(placement.main)
+    if mode is MemoryMode.STREAMED:
+        text = _apply_streamed(pipe, plan, main, family, placed_elsewhere=("text_encoder",))
+        handle = apply_placement(pipe, placement, transformer=False)
+        state_of(pipe).devices = handle
+        return f"{text}; text encoder on {placement.text_encoder_device}"
+    handle = apply_placement(pipe, placement)
+    state_of(pipe).devices = handle
+    if main.type == "cpu":  # as a single CPU device: no batched CFG, compile only when asked for
+        from qwen_core.speed.apply import apply_speed
+
+        extra = apply_speed(pipe, plan.speed)
+        return f"resident: {handle.describe()}{f' ({extra})' if extra else ''}"
+    return f"gpu: {handle.describe()}{enable_fast_path(pipe, plan.speed)}"
 
 
 def enable_fast_path(pipe: Any, speed: SpeedOptions | None = None) -> str:

@@ -39,6 +39,7 @@ from qwen_core.load_policy import (
     LoadPlan,
     RetryPolicy,
     _reset_sdpa_flag,
+    allowed_modes,
     apply_attention,
     apply_memory_mode,
     auto_memory_mode,
@@ -55,6 +56,8 @@ from qwen_core.memory import get_residency_manager
 from qwen_core.model_source import FolderSource, ModelSource
 from qwen_core.options import AttentionChoice, CompileChoice, ComputeChoice, DtypeChoice, MemoryMode
 from qwen_core.pipeline_state import state_of
+from qwen_core.placement import plan as placement_plan
+from qwen_core.placement.spec import Placement, is_auto, normalize_device, parse_devices
 from qwen_core.session_log import get_session_log, redact
 from qwen_core.speed.options import resolve_speed
 
@@ -92,7 +95,8 @@ def _estimate_device_bytes(sizes: dict[str, int], plan: LoadPlan) -> int:
 class PipelineLoader:
     """A light handle on one model: the source validated, tokenizer/processor and scheduler built now, weights on
     first use. ``model`` is a diffusers folder (path) or any ``ModelSource``. ``attempts`` lists every
-    weight-load attempt (also in the session log)."""
+    weight-load attempt (also in the session log). ``placement``: which card runs which component (the ``devices``
+    text of ``qwen_core.placement.spec``, or a ``Placement``); ``devices`` holds the resolved ``Placement``."""
 
     def __init__(
         self,
@@ -106,6 +110,7 @@ class PipelineLoader:
         loras: Any = (),
         compile: str | CompileChoice = "auto",
         compute: str | ComputeChoice = "auto",
+        placement: str | Placement = "single",
     ) -> None:
         self.dtype_choice = DtypeChoice.parse(dtype, "dtype")
         self.memory_mode_choice = MemoryMode.parse(memory_mode, "memory_mode")
@@ -121,6 +126,9 @@ class PipelineLoader:
         self.retry = retry or RetryPolicy()
         self.light_components = self.source.light_components()
         self.configs = self.source.configs()
+        # Which card runs which component (qwen_core.placement); the main card becomes this loader's device.
+        self.placement_choice = placement
+        self.devices, self.devices_reason, other_cards = self._resolve_devices(placement, device)
         # Until the first load takes a fresh reading, the plan carries the one from when this handle was made.
         reading = self.device_config.vram_free_gb if self.device_config.device.startswith("cuda") else None
         mode, self.memory_mode_reason = self._initial_mode(reading)
@@ -128,7 +136,8 @@ class PipelineLoader:
         self.compile_choice = CompileChoice.parse(compile, "compile")
         self.compute_choice = ComputeChoice.parse(compute, "compute")
         self.speed = resolve_speed(self.compile_choice, self.compute_choice, device=self.device_config.device)
-        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype, vram_gib=reading, speed=self.speed)
+        self.plan = LoadPlan(memory_mode=mode, dtype=self.device_config.dtype, vram_gib=reading, speed=self.speed,
+                             placement=self.devices, other_cards=other_cards)
         self.attempts: list[LoadAttempt] = []
         self.last_error: BaseException | None = None
         self.placement = ""
@@ -140,8 +149,8 @@ class PipelineLoader:
         get_session_log().info(
             f"loader: {self.path} ({self.family.display_name}) on {self.device_config.device}; plan "
             f"{self.plan.describe()} ({self.memory_mode_reason}); attention {self.device_config.attention_backend} "
-            f"({self.device_config.attention_reason}); {self.speed.describe()} ({self.speed.reason}); weights load "
-            "on first use"
+            f"({self.device_config.attention_reason}); {self.speed.describe()} ({self.speed.reason}); devices "
+            f"{self.devices.describe(self.num_blocks)} ({self.devices_reason}); weights load on first use"
         )
 
     @property
@@ -152,9 +161,89 @@ class PipelineLoader:
         """Bytes of each weighted component in ``dtype`` (default: the plan's)."""
         return self.source.weight_bytes(dtype if dtype is not None else self.plan.dtype)
 
+    @property
+    def num_blocks(self) -> int:
+        """The transformer's blocks (from its config; 60 for Qwen-Image)."""
+        config = self.configs.get("transformer") or {}
+        return int(config.get("num_layers", 60))
+
+    @property
+    def unsupported_memory_modes(self) -> frozenset[str]:
+        """Modes the source cannot hold, and modes the placement cannot run."""
+        allowed = allowed_modes(self.devices)
+        placed = frozenset() if allowed is None else frozenset(m.value for m in MemoryMode
+                                                                if m is not MemoryMode.AUTO and m not in allowed)
+        return frozenset(self.source.unsupported_memory_modes) | placed
+
+    def main_card_bytes(self, dtype: Any) -> dict[str, int]:
+        """Bytes per component on the main card: the text encoder's are not there when it has its own device,
+        a split transformer's only in proportion to the blocks that run there."""
+        sizes = self.source.weight_bytes(dtype)
+        if self.devices.is_single:
+            return sizes
+        from qwen_core import memory_model
+
+        held = placement_plan.main_card_weights(self.devices, memory_model.WeightSizes.from_bytes(sizes),
+                                                self.num_blocks)
+        return {name: int(gib * 1024**3) for name, gib in held.parts if gib > 0}
+
+    def _resolve_devices(self, choice: str | Placement, device: str | None
+                         ) -> tuple[Placement, str, tuple[tuple[str, float], ...]]:
+        """(placement, why, readings of its other CUDA cards). ``auto`` plans from every visible card's free VRAM;
+        an explicit transformer device becomes this loader's device."""
+        main = self.device_config.device
+        if is_auto(choice):
+            placement, reason = self._plan_devices(main)
+        else:
+            placement, reason = parse_devices(choice, main), "as requested"
+        if normalize_device(main, "device") != placement.main:
+            if device not in (None, "", "auto") and normalize_device(device, "device") != placement.main:
+                raise InvalidInputError("devices", f"names {placement.main} for the transformer, but device is "
+                                        f"{device}.", fix="Leave device unset, or make them agree.")
+            self.device_config = devices.get_device_config(device=placement.main, dtype=self.dtype_choice.value,
+                                                           attention=self.attention_choice.value)
+        if not placement.is_single:
+            self._check_devices(placement)
+        others = tuple((d, devices.probe_hardware(d).vram_free_gb or 0.0) for d in placement.cuda_devices()
+                       if d != placement.main)
+        return placement, reason, others
+
+    def _plan_devices(self, main: str) -> tuple[Placement, str]:
+        probe = devices.probe_hardware(main)
+        if not main.startswith("cuda") or probe.cuda_device_count < 2:
+            return Placement.single(main), "auto: one device"
+        first = normalize_device(main, "device")
+        names = [first] + [f"cuda:{i}" for i in range(probe.cuda_device_count) if f"cuda:{i}" != first]
+        cards = [placement_plan.Card(d, devices.probe_hardware(d).vram_free_gb or 0.0) for d in names]
+        from qwen_core import memory_model
+
+        weights = memory_model.WeightSizes.from_bytes(self.source.weight_bytes(self.device_config.dtype))
+        decision = placement_plan.plan_placement(weights, cards, self.num_blocks,
+                                                 family=self.family.memory_model_key, dtype=self.device_config.dtype)
+        return decision.placement, f"auto: {decision.reason}"
+
+    def _check_devices(self, placement: Placement) -> None:
+        """Every CUDA device the placement names is visible; the memory mode is one it can run."""
+        cuda = placement.cuda_devices()
+        if cuda:
+            count = devices.probe_hardware(cuda[0]).cuda_device_count
+            missing = [d for d in cuda if int(d.partition(":")[2]) >= count]
+            if missing:
+                raise InvalidInputError("devices", f"{', '.join(missing)}: only {count} CUDA device(s) are visible.",
+                                        fix="Check CUDA_VISIBLE_DEVICES (ComfyUI's --cuda-device shows it one "
+                                            "card), or choose single.")
+        allowed = allowed_modes(placement) or ()
+        mode = self.memory_mode_choice
+        if mode is not MemoryMode.AUTO and mode not in allowed:
+            raise InvalidInputError("memory_mode", f"{mode.value} cannot run with devices {placement.key}: "
+                                    f"use {' or '.join(m.value for m in allowed)} (or auto).",
+                                    fix="diffusers' offload modes run every component on one device.")
+
     def _initial_mode(self, vram_gib: float | None) -> tuple[MemoryMode, str]:
         if self.memory_mode_choice is MemoryMode.AUTO:
-            choice = auto_memory_mode(self.source.weight_bytes(self.device_config.dtype), self.device_config,
+            if self.devices.is_split:
+                return MemoryMode.GPU, "a split transformer runs resident"
+            choice = auto_memory_mode(self.main_card_bytes(self.device_config.dtype), self.device_config,
                                       self.device_config.dtype, vram_gib, self.family.memory_model_key)
             return MemoryMode(choice.mode), choice.reason
         return self.memory_mode_choice, "as requested"
@@ -168,7 +257,7 @@ class PipelineLoader:
         registry, not the handle, owns it (ComfyUI may cache a handle for ever, it must not pin 40 GB)."""
         cfg = self.device_config
         return (self.family.key, self.source.identity, cfg.device, self.dtype_choice.value, self.memory_mode_choice.value,
-                "compiled" if self.speed.compile else "eager", self.speed.compute.value)
+                "compiled" if self.speed.compile else "eager", self.speed.compute.value, self.devices.key)
 
     @property
     def pipeline(self) -> Any:
@@ -212,7 +301,8 @@ class PipelineLoader:
             if state.load_plan is not None:  # it may have been loaded through another handle with the same key
                 self.plan, self.placement = state.load_plan, state.placement
             wanted = self.wanted_attention()
-            if state.attention_backend != wanted:
+            # Context parallelism chose its own backend (qwen_core.parallel.context): keep it.
+            if state.attention_backend != wanted and state.context_parallel is None:
                 state.attention_backend = apply_attention(pipe, wanted)
             self.attention_backend = state.attention_backend
             self._sync_loras(pipe)
@@ -246,15 +336,28 @@ class PipelineLoader:
         if not self.device_config.device.startswith("cuda"):
             return plan
         free = devices.probe_hardware(self.device_config.device).vram_free_gb
-        if not rechoose:
-            return dataclasses.replace(plan, vram_gib=free)
-        choice = auto_memory_mode(self.source.weight_bytes(plan.dtype), self.device_config, plan.dtype, free,
+        others = tuple((d, devices.probe_hardware(d).vram_free_gb or 0.0) for d, _ in plan.other_cards)
+        self._check_text_encoder_card(others, plan.dtype)
+        if not rechoose or self.devices.is_split:
+            return dataclasses.replace(plan, vram_gib=free, other_cards=others)
+        choice = auto_memory_mode(self.main_card_bytes(plan.dtype), self.device_config, plan.dtype, free,
                                   self.family.memory_model_key)
         mode = MemoryMode(choice.mode)
         if mode is not plan.memory_mode:
             get_session_log().info(f"loader: auto memory mode now {mode.value} (was {plan.memory_mode.value}): {choice.reason}")
         self.memory_mode_reason = choice.reason
-        return dataclasses.replace(plan, memory_mode=mode, vram_gib=free)
+        return dataclasses.replace(plan, memory_mode=mode, vram_gib=free, other_cards=others)
+
+    def _check_text_encoder_card(self, readings: tuple[tuple[str, float], ...], dtype: Any) -> None:
+        """The text encoder's own card must hold it (before any weight moves there)."""
+        te_device = self.devices.text_encoder
+        free = dict(readings).get(te_device) if te_device else None
+        te_gib = self.source.weight_bytes(dtype).get("text_encoder", 0) / 1024**3
+        if free is not None and not placement_plan.text_encoder_fits(free, te_gib):
+            raise InvalidInputError("devices", f"the text encoder needs {te_gib:.1f} GiB (+"
+                                    f"{placement_plan.TEXT_ENCODER_MARGIN_GIB:g}) on {te_device}, which has "
+                                    f"{free:.1f} GiB free.", fix="Free that card, put the text encoder on another "
+                                    "card or on cpu, or choose auto.")
 
     def wanted_attention(self) -> str:
         return SDPA if sdpa_forced() else self.device_config.attention_backend
@@ -279,7 +382,7 @@ class PipelineLoader:
         from qwen_core import governor, memory_model
 
         plan = self.plan
-        weights = memory_model.WeightSizes.from_bytes(self.weight_bytes(plan.dtype))
+        weights = memory_model.WeightSizes.from_bytes(self.main_card_bytes(plan.dtype))
         family = self.family.memory_model_key
         planned = None
         if plan.memory_mode is MemoryMode.STREAMED and plan.vram_gib is not None:
@@ -288,12 +391,24 @@ class PipelineLoader:
         situation = governor.Situation(plan.vram_gib, plan.memory_mode.value, self.dtype_name, family,
                                        weights=weights if weights.parts else None,
                                        memory_fraction=plan.max_memory_fraction, plan_pixels=planned,
-                                       extra_pixels=extra_pixels, pixel_cost=pixel_cost)
+                                       extra_pixels=extra_pixels, pixel_cost=pixel_cost,
+                                       other_cards=self._other_cards(plan))
         max_pixels = None  # the governor derives the window from the situation itself
         if plan.pixel_scale < 1:  # an OOM fallback shrank the window
             limit = governor.memory_window(situation).pixels
             max_pixels = max(int(limit * plan.pixel_scale), 16 * 16)
         return {"situation": situation, "max_pixels": max_pixels}
+
+    def _other_cards(self, plan: LoadPlan) -> tuple[Any, ...]:
+        """The governor's view of the cards that run only transformer blocks (a split): reading + what they hold."""
+        from qwen_core import governor, memory_model
+
+        if not self.devices.is_split or plan.vram_gib is None:
+            return ()
+        sizes = memory_model.WeightSizes.from_bytes(self.weight_bytes(plan.dtype))
+        loads = {c.device: c.weights for c in placement_plan.card_loads(self.devices, sizes, self.num_blocks)}
+        return tuple(governor.OtherCard(device, free, loads[device]) for device, free in plan.other_cards
+                     if device in loads)
 
     def describe(self) -> str:
         state = f"loaded ({self.placement}, attention {self.attention_backend})" if self.is_loaded else "not loaded"
@@ -309,14 +424,14 @@ def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None =
     if loader.device_config.device.startswith("cuda"):
         rechoose = loader.memory_mode_choice is MemoryMode.AUTO and not loader.attempts
         if rechoose:  # the first load of an "auto" loader: let ComfyUI free what it holds for the heaviest mode
-            sizes = loader.weight_bytes(plan.dtype)
+            sizes = loader.main_card_bytes(plan.dtype)
             _run_before_load_hooks(_estimate_device_bytes(sizes, dataclasses.replace(plan, memory_mode=MemoryMode.GPU)))
         # One fresh reading, taken now rather than when the handle was made: it decides the auto mode, the
         # streamed engine's budget and the governor's window.
         plan = loader.refresh_plan(plan, rechoose=rechoose)
     for number in range(1, policy.max_attempts + 1):
         start = time.perf_counter()
-        _run_before_load_hooks(_estimate_device_bytes(loader.weight_bytes(plan.dtype), plan))
+        _run_before_load_hooks(_estimate_device_bytes(loader.main_card_bytes(plan.dtype), plan))
         try:
             pipe = loader.load_once(plan)
         except Exception as err:  # noqa: BLE001 - classified below; the last one is re-raised
@@ -327,7 +442,7 @@ def load_model_with_retry(loader: PipelineLoader, *, rng: random.Random | None =
             loader.attempts.append(attempt)
             loader.last_error = err
             following = next_plan(plan, kind) if number < policy.max_attempts else None
-            while following is not None and following.memory_mode.value in loader.source.unsupported_memory_modes:
+            while following is not None and following.memory_mode.value in loader.unsupported_memory_modes:
                 following = next_plan(following, kind)
             if isinstance(err, QwenError) and following is None:
                 log.error(f"loader: {attempt.describe()}", fix=err.fix)

@@ -19,7 +19,9 @@ from typing import Any
 class PipelineState:
     """Typed state of one pipeline. ``load_plan`` is a ``load_policy.LoadPlan``, ``streaming`` a
     ``streaming.StreamingHandle``, ``cfg_batcher`` a ``cfg_batch.CfgBatcher``, ``loras`` a
-    ``lora.fuse.LoraState`` (typed ``Any`` here so this leaf module imports none of them)."""
+    ``lora.fuse.LoraState``, ``devices`` a ``placement.hooks.PlacementHandle`` (components on several devices),
+    ``context_parallel`` a ``parallel.context.ContextParallelHandle`` (typed ``Any`` here so this leaf module
+    imports none of them)."""
 
     load_plan: Any = None
     placement: str = ""
@@ -27,6 +29,8 @@ class PipelineState:
     streaming: Any = None
     cfg_batcher: Any = None
     loras: Any = None
+    devices: Any = None
+    context_parallel: Any = None
 
 
 _states: weakref.WeakKeyDictionary[Any, PipelineState] = weakref.WeakKeyDictionary()

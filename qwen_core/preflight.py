@@ -3,7 +3,9 @@
 ``perform_preflight_checks()`` measures GPU/VRAM, RAM, disk at the download target, CUDA runtime/driver,
 package versions, flash-attn and (when given) the ComfyUI version, and returns a ``PreflightReport`` with
 one ``Check`` per item (status ok/warn/fail, measured, needed, message, recommendation), an overall status
-(the worst check) and a recommended profile (device, dtype, memory mode, max pixels from the governor).
+(the worst check) and a recommended profile (device, dtype, memory mode, max pixels from the governor). With
+two or more CUDA cards a "devices" check shows each card's free VRAM and the ``auto`` placement
+(``qwen_core.placement.plan``); the profile's memory mode and window are then those of the main card under it.
 
 Units: model and disk sizes are GB = 1e9 bytes, as the Hub shows them; VRAM and RAM are GiB, as drivers
 and task managers show them (both printed "GB").
@@ -33,6 +35,7 @@ from qwen_core import __version__, governor
 from qwen_core import memory_model as mm
 from qwen_core.errors import InvalidInputError
 from qwen_core.paths import models_root, validate_repo_id
+from qwen_core.placement import plan as placement_plan
 
 if TYPE_CHECKING:  # devices imports torch; the CLI's --help should not pay for it
     from qwen_core.devices import DeviceConfig
@@ -83,6 +86,7 @@ class Profile:
     max_pixels: int
     example_size: str  # what 1328x1328 becomes under the governor
     reason: str
+    devices: str = "single"  # the Loader's devices value (qwen_core.placement) this profile is for
 
 
 @dataclass
@@ -121,8 +125,9 @@ class PreflightReport:
             if c.recommendation:
                 lines.append(f"       -> {c.recommendation}")
         p = self.profile
-        lines += ["", f"Recommended profile: device={p.device} dtype={p.dtype} memory_mode={p.memory_mode} "
-                      f"attention={p.attention_backend} max_pixels={p.max_pixels} ({p.max_pixels / 1e6:.2f} MP; "
+        lines += ["", f"Recommended profile: device={p.device} devices={p.devices!r} dtype={p.dtype} memory_mode="
+                      f"{p.memory_mode} attention={p.attention_backend} max_pixels={p.max_pixels} "
+                      f"({p.max_pixels / 1e6:.2f} MP; "
                       f"1328x1328 -> {p.example_size})", f"  why: {p.reason}"]
         return "\n".join(lines)
 
@@ -241,6 +246,62 @@ def check_vram(dev: DeviceConfig, choice: mm.MemoryChoice, needed: str, referenc
                      f"Memory mode '{choice.mode}' holds at most {choice.max_pixels / 1e6:.2f} MP here: the governor "
                      f"reduces larger sizes.", "Free VRAM for the native size, or accept the smaller images.")
     return Check("vram", OK, measured, needed, f"Memory mode '{choice.mode}' fits this card.", "")
+
+
+def read_cards(dev: DeviceConfig) -> list[placement_plan.Card]:
+    """Every visible CUDA card's free VRAM, the device's own first (none off CUDA)."""
+    if not dev.device.startswith("cuda"):
+        return []
+    from qwen_core.devices import probe_hardware
+
+    count = probe_hardware(dev.device).cuda_device_count
+    first = dev.device if ":" in dev.device else "cuda:0"
+    names = [first, *(f"cuda:{i}" for i in range(count) if f"cuda:{i}" != first)]
+    return [placement_plan.Card(name, probe_hardware(name).vram_free_gb or 0.0) for name in names]
+
+
+def check_devices(cards: list[placement_plan.Card], decision: placement_plan.PlacementDecision) -> Check:
+    measured = f"{len(cards)} CUDA cards: " + ", ".join(f"{c.device} {c.free_gib:.1f} GB free" for c in cards)
+    key = decision.placement.key
+    rec = "" if key == "single" else f"Loader devices: {key} (or auto, which decides the same at load)."
+    return Check("devices", OK, measured, "one card, or the model spread over several", decision.reason, rec)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """The profile's memory decision under the ``auto`` placement: the main card's choice, the Loader's devices
+    text, the weights on the main card (None: all of them) and the other cards of a split."""
+
+    choice: mm.MemoryChoice
+    devices: str = "single"
+    main_weights: mm.WeightSizes | None = None
+    other_cards: tuple = ()
+
+
+def _placed_choice(dev: DeviceConfig, weights: mm.WeightSizes | None, family: str, cards: list[placement_plan.Card],
+                   checks: list[Check]) -> _Placed:
+    """What the loader's ``auto`` placement and ``auto`` memory mode would decide with these readings."""
+    if len(cards) < 2:
+        return _Placed(recommend_memory_mode(dev, weights, family))
+    fam = mm.family_model(family)
+    full = weights if weights is not None and weights.get("transformer") else fam.weights(dev.dtype_name)
+    blocks = fam.step_time.transformer_blocks if fam.step_time else 60
+    decision = placement_plan.plan_placement(full, cards, blocks, family=family, dtype=dev.dtype_name)
+    checks.append(check_devices(cards, decision))
+    placement = decision.placement
+    if placement.is_single:
+        return _Placed(recommend_memory_mode(dev, weights, family))
+    loads = placement_plan.card_loads(placement, full, blocks)
+    main = next(c.weights for c in loads if c.main)
+    if placement.is_split:  # resident on every card; the governor bounds the window by each of them
+        window = mm.window_pixels("gpu", cards[0].free_gib, weights=main, family=family, dtype=dev.dtype_name)
+        choice = mm.MemoryChoice("gpu", decision.reason, cards[0].free_gib, window, fam.reference_pixels)
+    else:
+        choice = mm.choose_memory_mode(main, cards[0].free_gib, family=family, dtype=dev.dtype_name, device=dev.device)
+    free = {c.device: c.free_gib for c in cards}
+    others = tuple(governor.OtherCard(c.device, free[c.device], c.weights) for c in loads
+                   if placement.is_split and not c.main and c.device in placement.transformer)
+    return _Placed(choice, placement.key, main, others)
 
 
 def check_ram(dev: DeviceConfig, memory_mode: str, size_gb: float | None) -> Check:
@@ -413,9 +474,11 @@ def perform_preflight_checks(
     versions: Mapping[str, str | None] | None = None,
     cuda_info: Mapping[str, str | None] | None = None,
     disk_free: Callable[[Path], int] = _free_bytes,
+    cards: list[placement_plan.Card] | None = None,
 ) -> PreflightReport:
     """Run every check. ``model``: a repo id or a local folder (default Qwen/Qwen-Image). ``file_sizes``:
-    the repo listing (name -> bytes) when the caller has it. The rest injects readings (tests, ComfyUI)."""
+    the repo listing (name -> bytes) when the caller has it. The rest injects readings (tests, ComfyUI);
+    ``cards``: every CUDA card's free VRAM, the device's own first (default: read)."""
     if file_sizes is not None and not isinstance(file_sizes, Mapping):
         file_sizes = list(file_sizes)  # read twice: the disk size and the weights per component
     explicit = model is not None
@@ -436,7 +499,9 @@ def perform_preflight_checks(
         checks.append(device_problem)
     family = mm.DEFAULT_FAMILY
     weights = model_weights(model_text, local, file_sizes, dev.dtype_name)
-    choice = recommend_memory_mode(dev, weights, family)
+    placed_checks: list[Check] = []
+    placed = _placed_choice(dev, weights, family, read_cards(dev) if cards is None else cards, placed_checks)
+    choice = placed.choice
     reference = mm.family_model(family).reference_pixels
     needed = _vram_needed(weights or mm.family_model(family).weights(dev.dtype_name), dev.dtype_name, family)
     versions = installed_versions() if versions is None else versions
@@ -450,13 +515,16 @@ def perform_preflight_checks(
         *(check_package(name, versions.get(name), model_text) for name in PACKAGE_RANGES),
         check_flash(dev),
         check_comfyui(comfyui_version),
+        *placed_checks,
     ]
     status = max((c.status for c in checks), key=_RANK.__getitem__)
-    situation = governor.Situation(dev.vram_free_gb, choice.mode, dev.dtype_name, family, weights)
+    situation = governor.Situation(dev.vram_free_gb, choice.mode, dev.dtype_name, family,
+                                   placed.main_weights or weights, other_cards=placed.other_cards)
     example = governor.clamp_image_size(1328, 1328, situation=situation)  # its window is choice.max_pixels
     reason = "; ".join(r for r in (choice.reason, dev.dtype_reason, f"1328x1328: {example.estimate_text}") if r)
-    profile = Profile(dev.device, dev.dtype_name, choice.mode, dev.attention_backend, choice.max_pixels,
-                      f"{example.width}x{example.height}", reason)
+    window = choice.max_pixels if placed.devices == "single" else example.max_pixels
+    profile = Profile(dev.device, dev.dtype_name, choice.mode, dev.attention_backend, window,
+                      f"{example.width}x{example.height}", reason, placed.devices)
     report = PreflightReport(checks, status, profile, model_text, size_gb, str(target), dev.to_dict())
     _log(report)
     return report

@@ -512,6 +512,8 @@ class StreamingHandle:
                 streamer.remove(target if target.type == "cpu" else None)
         if target != self.device:
             for name in ("transformer", "text_encoder", "vae"):
+                if name in self.options.get("placed_elsewhere", ()):
+                    continue  # qwen_core.placement put it on its own card
                 comp = getattr(self.pipe, name, None)
                 if isinstance(comp, nn.Module):
                     comp.to(target)
@@ -606,14 +608,16 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
                             fp8: bool = False, max_pixels: int = 1328 * 1328, num_slots: int = 2,
                             vae_tiling: bool | None = None, stream_text_encoder: bool = True,
                             act_gib_per_mpix: float | None = None, cfg_batching: bool = True,
-                            family: str = memory_model.DEFAULT_FAMILY) -> StreamingHandle:
+                            family: str = memory_model.DEFAULT_FAMILY,
+                            placed_elsewhere: Sequence[str] = ()) -> StreamingHandle:
     """Run ``pipe`` (a diffusers Qwen-Image pipeline) within ``budget_gib`` of device memory.
 
     ``max_pixels`` sizes the activation reserve (the largest image you will ask for; a larger one triggers a
     one-time re-plan with fewer resident blocks, see ``StreamingHandle.replan``). ``fp8`` stores the
     streamed blocks in float8 (lossy, half the PCIe bytes). ``vae_tiling=None`` decides from the budget.
     ``act_gib_per_mpix`` overrides the memory model's activation slope for the transformer's dtype (the bench
-    passes its fresh measurement); ``family`` is the memory model's family key.
+    passes its fresh measurement); ``family`` is the memory model's family key. ``placed_elsewhere``: components
+    ``qwen_core.placement`` runs on another device ("text_encoder"): left where they are, outside the budget.
     ``cfg_batching`` (default on) installs ``qwen_core.cfg_batch`` so both CFG branches share one pass of
     the weights over PCIe (H100, 16 GiB cap: 656 ms per step batched vs 1044 ms as two forwards).
     """
@@ -627,17 +631,18 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     _move_except(transformer, [transformer.transformer_blocks], dev)
     te_streamed, te_left = ([], [])
     vision_gib = 0.0
-    if stream_text_encoder and getattr(pipe, "text_encoder", None) is not None:
-        te_streamed, te_left = _text_encoder_modules(pipe.text_encoder, vision=pipeline_sees_images(pipe))
+    text_encoder = None if "text_encoder" in placed_elsewhere else getattr(pipe, "text_encoder", None)
+    if stream_text_encoder and text_encoder is not None:
+        te_streamed, te_left = _text_encoder_modules(text_encoder, vision=pipeline_sees_images(pipe))
         if not te_left:  # the vision tower stays on the device beside the transformer's resident blocks
-            vision_gib = sum(module_bytes(m) for n, m in pipe.text_encoder.named_modules() if n.endswith("visual")) / GIB
+            vision_gib = sum(module_bytes(m) for n, m in text_encoder.named_modules() if n.endswith("visual")) / GIB
     # One slot for the text encoder: its biggest modules are the 1 GiB embedding and LM head, it runs once per
     # prompt, and its compute (~40 ms) could not hide a second slot's copy anyway. A second 1 GiB slot made
     # the text-encoder phase the peak in a 16 GiB cap (H100 run 4: OOM at 1664x1664).
     te_slots = 1
     te_ws_gib = te_slots * max((module_bytes(m) for m in te_streamed), default=0) / GIB
     if te_streamed:  # an fp8 text encoder upcasts its largest matrix while that layer runs
-        te_ws_gib += max(transient_bytes(m, _compute_dtype(pipe.text_encoder), rows=_TE_ROWS)
+        te_ws_gib += max(transient_bytes(m, _compute_dtype(text_encoder), rows=_TE_ROWS)
                          for m in te_streamed) / GIB
     plan = plan_transformer(transformer, budget, max_pixels=max_pixels, num_slots=num_slots, fp8=fp8,
                             act_gib_per_mpix=act_gib_per_mpix, family=family, other_phase_gib=te_ws_gib,
@@ -645,13 +650,13 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     t_streamer = ModuleStreamer(blocks, dev, plan.resident, num_slots=num_slots, fp8=fp8)
     te_streamer = None
     if te_streamed:
-        _move_except(pipe.text_encoder, te_streamed + te_left, dev)
+        _move_except(text_encoder, te_streamed + te_left, dev)
         for m in te_left:  # the unused vision tower must not sit in the budget
             m.to("cpu")
         te_streamer = ModuleStreamer(te_streamed, dev, [], num_slots=te_slots, release_slots=True)
         te_streamer.release()  # nothing of it stays on the device between prompts
-    elif getattr(pipe, "text_encoder", None) is not None:
-        pipe.text_encoder.to(dev)
+    elif text_encoder is not None:
+        text_encoder.to(dev)
     dtype = memory_model.dtype_key(_compute_dtype(transformer))
     vae_per_mpix = memory_model.family_model(family).vae_gib_per_mpix(dtype) if vae_tiling is None else 0.0
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling, vae_per_mpix)
@@ -660,7 +665,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling, max_pixels=max_pixels,
                              options=dict(budget_gib=budget, fp8=fp8, num_slots=num_slots, vae_tiling=vae_tiling,
                                           stream_text_encoder=stream_text_encoder,
-                                          act_gib_per_mpix=act_gib_per_mpix, family=family))
+                                          act_gib_per_mpix=act_gib_per_mpix, family=family,
+                                          placed_elsewhere=tuple(placed_elsewhere)))
     handle.hook = transformer.register_forward_pre_hook(handle._check_capacity, with_kwargs=True)
     if cfg_batching:
         from qwen_core.cfg_batch import enable_cfg_batching

@@ -222,7 +222,7 @@ class TestNodesOnTinyPipeline:
         assert get_residency_manager().resident_keys() == [new_loader.residency_key] and new_loader.is_loaded
         assert not common.generator_for(a).loader.is_loaded
         assert "before" in report and "after" in report
-        assert a.key == ("%s" % (models_home / "qwen-image-tiny"), "auto", "auto", "auto", "auto", "auto")  # input unchanged
+        assert a.key == ("%s" % (models_home / "qwen-image-tiny"), "auto", "auto", "auto", "auto", "auto", "single")  # input unchanged
 
     def test_generate_error_releases_the_resident_model(self, models_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (handle,) = QwenImageLoader().load("qwen-image-tiny", "auto", "auto", "auto")
