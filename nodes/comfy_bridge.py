@@ -173,15 +173,20 @@ def _subdirs(folder: Path) -> list[Path]:
         return []
 
 
-def resolve_model_folder(name: str) -> Path:
-    """Map a dropdown name back to its folder (first models dir that has it)."""
+def _first_in(roots: list[Path], name: str, exists: Callable[[Path], bool]) -> Path:
+    """``name`` in the first root that has it (else in the first root); a name never leaves its root."""
     from qwen_core import paths
 
-    for root in models_dirs():
+    for root in roots:
         candidate = paths.safe_join(root, name)
-        if candidate.is_dir():
+        if exists(candidate):
             return candidate
-    return paths.safe_join(models_dirs()[0], name)
+    return paths.safe_join(roots[0], name)
+
+
+def resolve_model_folder(name: str) -> Path:
+    """Map a dropdown name back to its folder (first models dir that has it)."""
+    return _first_in(models_dirs(), name, Path.is_dir)
 
 
 def register_reports_dir() -> Path | None:
@@ -543,13 +548,6 @@ def list_loras() -> list[str]:
                 found.append(name)
     return found
 
-
 def resolve_lora(name: str) -> Path:
     """The file of a dropdown name (first LoRA folder that has it); a name never leaves its folder."""
-    from qwen_core import paths
-
-    for root in lora_dirs():
-        candidate = paths.safe_join(root, name)
-        if candidate.is_file():
-            return candidate
-    return paths.safe_join(lora_dirs()[0], name)
+    return _first_in(lora_dirs(), name, Path.is_file)
