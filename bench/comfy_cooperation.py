@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 4; 2 with --tiny)")
     p.add_argument("--memory-mode", default="auto", help="our loader's memory mode")
     p.add_argument("--native", choices=("upscaler", "blob"), default="upscaler")
-    p.add_argument("--native-gib", type=float, default=8.0, help="size of --native blob")
+    p.add_argument("--native-gib", type=float, default=None, help="size of --native blob (default 8; 0.05 with --tiny)")
     p.add_argument("--vram-cap-gib", type=float, default=None, help="simulate a smaller card (allocator cap + "
                    "the free VRAM ComfyUI and our loader read)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("set --comfyui-dir or COMFYUI_DIR")
     args.size = args.size or (64 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 4)
+    args.native_gib = args.native_gib or (0.05 if args.tiny else 8.0)
     return args
 
 
@@ -173,23 +174,36 @@ def run_upscaler(model_name: str, images: Any) -> Any:
     return upscaled
 
 
-def run_blob(mm: Any, gib: float, images: Any) -> Any:
-    """A native model of ``gib`` GiB loaded like any ComfyUI checkpoint (CoreModelPatcher, load_models_gpu)."""
-    import comfy.model_patcher
-    import torch
+class NativeBlob:
+    """A native model of ``gib`` GiB loaded like any ComfyUI checkpoint (CoreModelPatcher, load_models_gpu).
+    Built once, in bf16 on the host (ComfyUI's offload device), and loaded again each round, as ComfyUI's
+    cache keeps a loaded model's patcher across prompts."""
 
-    width = 4096
-    layers = max(1, int(gib * 1024**3 / (width * width * 2)))
-    module = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)]).to(torch.bfloat16)
-    for p in module.parameters():
-        p.data.normal_(0, 0.01)
-    patcher = comfy.model_patcher.CoreModelPatcher(module, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
-    mm.load_models_gpu([patcher], memory_required=256 * 1024**2)
-    x = torch.randn(16, width, dtype=torch.bfloat16, device=mm.get_torch_device())
-    with torch.no_grad():
-        module(x)
-    return images
+    def __init__(self, mm: Any, gib: float) -> None:
+        import comfy.model_patcher
+        import torch
+
+        self.mm, self.width = mm, 4096
+        layers = max(1, int(gib * 1024**3 / (self.width * self.width * 2)))
+        with torch.no_grad():
+            self.module = torch.nn.Sequential(*[torch.nn.Linear(self.width, self.width, bias=False, dtype=torch.bfloat16)
+                                                for _ in range(layers)])
+            for p in self.module.parameters():
+                p.fill_(1.0 / self.width)  # the values don't matter; fill is a memset, random init takes minutes
+        # 0.33 names its plain patcher CoreModelPatcher (swapped for the dynamic one when dynamic VRAM is on);
+        # 0.3.64 has ModelPatcher only
+        patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        self.patcher = patcher_class(self.module, load_device=mm.get_torch_device(),
+                                     offload_device=mm.unet_offload_device())
+
+    def run(self, images: Any) -> Any:
+        import torch
+
+        self.mm.load_models_gpu([self.patcher], memory_required=256 * 1024**2)
+        x = torch.randn(16, self.width, dtype=torch.bfloat16, device=self.mm.get_torch_device())
+        with torch.no_grad():
+            self.module(x)
+        return images
 
 
 def build_generator(args: argparse.Namespace, bridge: Any) -> tuple[Any, dict[str, int]]:
@@ -253,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counter = Counter(mm)
     upscaler = make_upscaler(work / "models" / "upscale_models", args.tiny) if args.native == "upscaler" else None
     gen, loads = build_generator(args, bridge)
+    blob = NativeBlob(mm, args.native_gib) if args.native == "blob" else None
     import torch
 
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "comfy_args": comfy_args,
@@ -269,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["generate_s"] = round(time.perf_counter() - t0, 2)
         calls_before = len(counter.calls)
         t0 = time.perf_counter()
-        native = run_upscaler(upscaler, out.images) if upscaler else run_blob(mm, args.native_gib, out.images)
+        native = run_upscaler(upscaler, out.images) if upscaler else blob.run(out.images)
         row["native_s"] = round(time.perf_counter() - t0, 2)
         row["native_output_shape"] = list(native.shape)
         row["comfy_free_memory_calls"] = counter.calls[calls_before:]

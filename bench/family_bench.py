@@ -61,9 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="timed denoising steps per run (2 with --tiny)")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting cases after this")
     p.add_argument("--skip-streamed", action="store_true", help="only the full-card measurements")
+    p.add_argument("--only-streamed", action="store_true", help="only the 16 GiB streamed rows and governor checks")
+    p.add_argument("--cases", default="", help="comma-separated family keys of the group to run (default: all)")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps = min(args.steps, 2)
+    if args.skip_streamed and args.only_streamed:
+        p.error("--skip-streamed and --only-streamed leave nothing to run; pick one")
+    args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    known = {key for group in CASES.values() for key, _ in group}
+    if args.cases - known:
+        p.error(f"--cases: unknown {sorted(args.cases - known)}; known: {sorted(known)}")
     return args
 
 
@@ -247,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
         pipes = FF.build_group(group, dev, dtype, args.tiny)
         C.sync()
         R.set(f"build:{group}", "seconds", round(time.perf_counter() - t0, 1))
-        for streamed in (False, True) if not args.skip_streamed else (False,):
+        passes = (False,) if args.skip_streamed else (True,) if args.only_streamed else (False, True)
+        for streamed in passes:
             if streamed:
                 next(iter(pipes.values())).to("cpu")  # shared modules: every weight to the host before the cap
                 C.reset_peak()
             for key, n_refs in CASES[group]:
+                if args.cases and key not in args.cases:
+                    continue
                 if R.left() < (90 if streamed else 40):
                     R.set("skipped", f"{key}[{n_refs}]{':streamed' if streamed else ''}", f"{R.left():.0f} s left")
                     continue
