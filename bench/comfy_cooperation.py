@@ -185,11 +185,11 @@ class NativeBlob:
 
         self.mm, self.width = mm, 4096
         layers = max(1, int(gib * 1024**3 / (self.width * self.width * 2)))
-        with torch.no_grad():
-            self.module = torch.nn.Sequential(*[torch.nn.Linear(self.width, self.width, bias=False, dtype=torch.bfloat16)
-                                                for _ in range(layers)])
+        with torch.no_grad():  # built on meta, then host memory: Linear's own init would take minutes on a CPU
+            self.module = torch.nn.Sequential(*[torch.nn.Linear(self.width, self.width, bias=False, dtype=torch.bfloat16,
+                                                                device="meta") for _ in range(layers)]).to_empty(device="cpu")
             for p in self.module.parameters():
-                p.fill_(1.0 / self.width)  # the values don't matter; fill is a memset, random init takes minutes
+                p.fill_(1.0 / self.width)  # the values don't matter
         # 0.33 names its plain patcher CoreModelPatcher (swapped for the dynamic one when dynamic VRAM is on);
         # 0.3.64 has ModelPatcher only
         patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)

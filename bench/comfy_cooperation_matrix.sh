@@ -9,7 +9,8 @@
 #   dyn    ComfyUI's defaults (0.33: dynamic VRAM on), fit and tight
 #   nodyn  --disable-dynamic-vram (0.33), fit only
 #   plain  ComfyUI's defaults for a version without dynamic VRAM (0.3.64), fit only
-# Each configuration writes OUT_DIR/<label>_<config>.json and .log; a configuration that fails or runs past
+#   tight  ComfyUI's defaults, tight only
+# Each configuration writes OUT_DIR/<label>_<config>.json and .log (the log in LOG_DIR if set); a configuration that fails or runs past
 # PER_RUN_S (default 120) is reported and the next one runs.
 set -u
 out=$1 label=$2 comfy=$3
@@ -18,15 +19,16 @@ cap=${CAP:-80} fit=${FIT:-12} tight=${TIGHT:-30} per_run=${PER_RUN_S:-120}
 # Our model resident on the card (memory mode gpu: 53.7 GiB of weights), eager: compiling is beside the point
 # here and would add its first-call time to every fresh process.
 export QWEN_COMPILE=0
-mkdir -p "$out"
+logs=${LOG_DIR:-$out}  # the logs beside the results unless LOG_DIR says otherwise
+mkdir -p "$out" "$logs"
 
 one() {  # name, then the script's arguments
   local name=$1
   shift
   local t0=$SECONDS
   timeout "$per_run" python3 bench/comfy_cooperation.py --comfyui-dir "$comfy" --vram-cap-gib "$cap" --native blob \
-    --memory-mode gpu --json "$out/${label}_$name.json" "$@" >"$out/${label}_$name.log" 2>&1
-  echo "$label $name rc=$? $((SECONDS - t0)) s: $(tail -n 1 "$out/${label}_$name.log" | cut -c1-300)"
+    --memory-mode gpu --json "$out/${label}_$name.json" "$@" >"$logs/${label}_$name.log" 2>&1
+  echo "$label $name rc=$? $((SECONDS - t0)) s: $(tail -n 1 "$logs/${label}_$name.log" | cut -c1-300)"
 }
 
 for mode in "$@"; do
@@ -37,11 +39,14 @@ for mode in "$@"; do
         for hooks in legacy new; do one "${mode}_tight_$hooks" --hooks "$hooks" --native-gib "$tight"; done
       fi
       ;;
+    tight)
+      for hooks in legacy new; do one "tight_$hooks" --hooks "$hooks" --native-gib "$tight"; done
+      ;;
     nodyn)
       for hooks in legacy new; do
         one "nodyn_fit_$hooks" --hooks "$hooks" --native-gib "$fit" --comfy-args=--disable-dynamic-vram
       done
       ;;
-    *) echo "unknown mode '$mode' (dyn, nodyn or plain)" >&2; exit 2 ;;
+    *) echo "unknown mode '$mode' (dyn, nodyn, plain or tight)" >&2; exit 2 ;;
   esac
 done
