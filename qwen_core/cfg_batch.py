@@ -28,6 +28,7 @@ back to the plain unbatched call, so correctness never depends on the fast path.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,11 +49,16 @@ class _Kept:
 
 @dataclass
 class CfgBatcher:
-    """State of the batched-CFG wrapper installed on one pipeline."""
+    """State of the batched-CFG wrapper installed on one pipeline.
 
-    pipe: Any
+    It lives in the pipeline's ``PipelineState`` (held weakly by the pipeline), so it must never reference
+    the pipeline itself: ``orig_encode`` is the pipeline's bound ``encode_prompt`` held as a weak method, and
+    the transformer is held directly (the transformer does not reference its pipeline).
+    """
+
+    transformer: nn.Module
     orig_forward: Any
-    orig_encode: Any
+    orig_encode: Any  # a weakref.WeakMethod, or a plain callable that does not hold the pipeline
     active: bool = True
     recent: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     kept: _Kept | None = None
@@ -62,7 +68,10 @@ class CfgBatcher:
 
     # -- wrappers ----------------------------------------------------------------------------------
     def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
-        result = self.orig_encode(*args, **kwargs)
+        encode = self.orig_encode() if isinstance(self.orig_encode, weakref.WeakMethod) else self.orig_encode
+        if encode is None:
+            raise ReferenceError("the pipeline of this batched-CFG wrapper was released")
+        result = encode(*args, **kwargs)
         if self.active:
             self.recent = [*self.recent[-1:], (result[0], result[1])]
         return result
@@ -125,7 +134,7 @@ class CfgBatcher:
             call["img_shapes"] = kwargs["img_shapes"] * 2
         self.stats["masked"] += mask is not None
         lengths = self._lengths(items)
-        state = split_state_of(self.pipe.transformer)
+        state = split_state_of(self.transformer)
         if state is not None and mask is not None and lengths is not None:
             self.stats["split"] += 1
             # Also passed as an argument: a compiled block then sees the lengths as (symbolic) inputs instead
@@ -305,7 +314,9 @@ def enable_cfg_batching(pipe: Any, *, split_attention: bool = True) -> CfgBatche
         existing.active = True
         return existing
     transformer: nn.Module = pipe.transformer
-    batcher = CfgBatcher(pipe, transformer.forward, pipe.encode_prompt)
+    encode = pipe.encode_prompt
+    weak_encode = weakref.WeakMethod(encode) if getattr(encode, "__self__", None) is pipe else encode
+    batcher = CfgBatcher(transformer, transformer.forward, weak_encode)
     # Instance attributes shadow the class methods; nn.Module.__call__ looks up self.forward, as accelerate's
     # hooks rely on too.
     batcher.restore = {"forward": transformer.__dict__.get("forward"),

@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 import psutil
 
 from qwen_core.errors import InvalidInputError, ModelLoadError, QwenError
+from qwen_core.pipeline_state import discard_state
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -170,6 +171,7 @@ def _detach(pipe: Any, free_weights: bool) -> None:
     """Unhook and detach the components (a function of its own so its locals are gone before gc)."""
     import torch
 
+    discard_state(pipe)  # what it describes (hooks, wrappers, handles) is detached below
     components = getattr(pipe, "components", None)
     modules: dict[str, Any] = dict(components) if isinstance(components, dict) else {"": pipe}
     if hasattr(pipe, "remove_all_hooks"):

@@ -3,8 +3,12 @@
 The loader, the streamed engine and the batched-CFG wrapper each need to remember something about a pipeline
 they set up (the load plan and placement, the attention backend, the streaming handle, the CFG wrapper). That
 state is ours, so it lives in our dataclass, found through ``state_of(pipe)``: nothing is stuck on the
-diffusers objects themselves. The registry holds pipelines weakly, so a released pipeline takes its state
-with it.
+diffusers objects themselves. The registry holds pipelines weakly, so a dropped pipeline takes its state
+with it, and ``discard_state`` drops it at release (a pipeline shell that lives on keeps nothing of ours).
+
+A rule for every value stored here: it must not reference its pipeline strongly (hold it through
+``weakref``). A weak-key entry whose value reaches its own key pins both forever; on a GPU that was a whole
+transformer's VRAM per released model (bench/comfy_cooperation.py found it; tests/test_memory.py guards it).
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ def state_of(pipe: Any) -> PipelineState:
         if state is None:
             state = _states[pipe] = PipelineState()
         return state
+
+
+def discard_state(pipe: Any) -> PipelineState | None:
+    """Forget ``pipe``'s state (its release detaches what the state describes); returns what was there."""
+    with _lock:
+        return _states.pop(pipe, None)
 
 
 def peek_state(pipe: Any) -> PipelineState | None:

@@ -30,6 +30,7 @@ API: ``enable_streamed_offload(pipe, device=..., budget_gib=...) -> StreamingHan
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -483,9 +484,10 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 # ---- pipeline level ----------------------------------------------------------------------------------
 @dataclass
 class StreamingHandle:
-    """What ``enable_streamed_offload`` set up; ``disable()`` undoes it."""
+    """What ``enable_streamed_offload`` set up; ``disable()`` undoes it. Held in the pipeline's state, so it
+    holds the pipeline weakly (``pipeline_state``'s rule)."""
 
-    pipe: Any
+    pipe_ref: weakref.ref
     device: torch.device
     plan: StreamingPlan
     transformer: ModuleStreamer
@@ -497,27 +499,37 @@ class StreamingHandle:
     hook: Any = None
     replans: int = 0  # how many times this pipeline's engine was re-planned for a larger image
 
+    @property
+    def pipe(self) -> Any:
+        pipe = self.pipe_ref()
+        if pipe is None:
+            raise ReferenceError("the pipeline of this streamed engine was released")
+        return pipe
+
     def disable(self, restore_device: str | torch.device | None = None) -> None:
         target = torch.device(restore_device) if restore_device is not None else self.device
+        pipe = self.pipe_ref()  # None: the pipeline is gone; only our own hooks and streamers are left to undo
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-        if self.cfg_batcher is not None:
+        if self.cfg_batcher is not None and pipe is not None:
             from qwen_core.cfg_batch import disable_cfg_batching
 
-            disable_cfg_batching(self.pipe)
-            self.cfg_batcher = None
+            disable_cfg_batching(pipe)
+        self.cfg_batcher = None
         for streamer in (self.transformer, self.text_encoder):
             if streamer is not None:
                 streamer.remove(target if target.type == "cpu" else None)
+        if pipe is None:
+            return
         if target != self.device:
             for name in ("transformer", "text_encoder", "vae"):
                 if name in self.options.get("placed_elsewhere", ()):
                     continue  # qwen_core.placement put it on its own card
-                comp = getattr(self.pipe, name, None)
+                comp = getattr(pipe, name, None)
                 if isinstance(comp, nn.Module):
                     comp.to(target)
-        state = peek_state(self.pipe)
+        state = peek_state(pipe)
         if state is not None and state.streaming is self:
             state.streaming = None
 
@@ -662,7 +674,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling, vae_per_mpix)
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # hand back the segments the streamed weights occupied
-    handle = StreamingHandle(pipe, dev, plan, t_streamer, te_streamer, tiling, max_pixels=max_pixels,
+    handle = StreamingHandle(weakref.ref(pipe), dev, plan, t_streamer, te_streamer, tiling, max_pixels=max_pixels,
                              options=dict(budget_gib=budget, fp8=fp8, num_slots=num_slots, vae_tiling=vae_tiling,
                                           stream_text_encoder=stream_text_encoder,
                                           act_gib_per_mpix=act_gib_per_mpix, family=family,

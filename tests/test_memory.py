@@ -71,6 +71,52 @@ class TestReleasePipeline:
         gc.collect()
         assert [r() for r in modules_ref] == [None, None, None], "the shell must not keep weights alive"
 
+    def test_state_of_the_gpu_path_does_not_keep_the_weights_alive(self, tiny_model_dir: Path):
+        """Bug (found on the H200 by bench/comfy_cooperation.py): on CUDA the loader installs batched CFG, whose
+        state (pipeline_state, keyed weakly by the pipeline) held the transformer's forward and the pipeline
+        itself, so a released model kept 38 GiB of VRAM allocated and the pipeline was never collected."""
+        from qwen_core.cfg_batch import enable_cfg_batching
+        from qwen_core.pipeline_state import peek_state
+
+        pipe = load(tiny_model_dir)
+        assert enable_cfg_batching(pipe) is not None  # what enable_fast_path does on a GPU
+        refs = [weakref.ref(m) for m in (pipe, pipe.transformer, pipe.text_encoder, pipe.vae)]
+
+        release_pipeline(pipe, settle_s=0)
+
+        assert peek_state(pipe) is None, "a released pipeline keeps no state of ours"
+        del pipe
+        gc.collect()
+        assert [r() for r in refs] == [None] * 4, "pipeline and weights must be collectable after release"
+
+    def test_streamed_engine_state_does_not_keep_the_weights_alive(self, tiny_model_dir: Path):
+        """The streamed engine's handle (in the same state) held the pipeline too: the 16 GiB users' path."""
+        from qwen_core.pipeline_state import peek_state
+        from qwen_core.streaming import enable_streamed_offload
+
+        pipe = load(tiny_model_dir)
+        enable_streamed_offload(pipe, "cpu", budget_gib=1e-4, max_pixels=64 * 64, num_slots=1)
+        assert peek_state(pipe).streaming is not None and peek_state(pipe).cfg_batcher is not None
+        generate(pipe)
+        refs = [weakref.ref(m) for m in (pipe, pipe.transformer, pipe.text_encoder)]
+
+        release_pipeline(pipe, settle_s=0)
+        del pipe
+        gc.collect()
+        assert [r() for r in refs] == [None] * 3
+
+    def test_a_dropped_pipeline_with_state_is_collected(self, tiny_model_dir: Path):
+        """The state must never keep its own pipeline alive (a WeakKeyDictionary value that references its key
+        pins it forever), also for a pipeline dropped without a release (a failed load attempt)."""
+        from qwen_core.cfg_batch import enable_cfg_batching
+
+        pipe = load(tiny_model_dir)
+        enable_cfg_batching(pipe)
+        refs = [weakref.ref(pipe), weakref.ref(pipe.transformer)]
+        del pipe
+        gc.collect()
+        assert [r() for r in refs] == [None, None]
+
     def test_free_weights_frees_a_module_someone_else_still_holds(self, tiny_model_dir: Path):
         pipe = load(tiny_model_dir)
         kept = pipe.transformer  # e.g. a stray reference in a user's script

@@ -223,6 +223,25 @@ class TestRegionalCompile:
         assert all("forward" not in b.__dict__ for b in t.transformer_blocks)
 
 
+class TestCompileHandleLifetime:
+    def test_a_compiled_transformer_is_collected_when_dropped(self, monkeypatch, tmp_path):
+        """Bug: the handle (a value of a weak-key table keyed by the transformer) held the transformer, so a
+        released model compiled on the GPU (the default path) kept its weights forever."""
+        import gc
+        import weakref
+
+        from qwen_core.speed.compile import compile_blocks
+
+        monkeypatch.setenv("QWEN_COMPILE_CACHE", str(tmp_path / "cc"))
+        t = _transformer()
+        handle = compile_blocks(t, notify=lambda _m: None)  # installs only: nothing compiles before a call
+        ref = weakref.ref(t)
+        del t
+        gc.collect()
+        assert ref() is None and handle.transformer is None
+        handle.remove()  # harmless once the transformer is gone
+
+
 class TestFlash4Plumbing:
     """The flash-attn 4 route with a stand-in kernel (SDPA): selection, probe, routing, fallback."""
 

@@ -46,9 +46,11 @@ def _default_notify(message: str) -> None:
 
 @dataclass
 class CompileHandle:
-    """What ``compile_blocks`` installed on one transformer; ``remove()`` undoes it."""
+    """What ``compile_blocks`` installed on one transformer; ``remove()`` undoes it. Held weakly by the
+    transformer (``_HANDLES``), so it holds the transformer weakly too: a weak-key entry whose value reaches
+    its key would pin the released model's weights forever."""
 
-    transformer: nn.Module
+    transformer_ref: weakref.ref
     dynamic: str
     cache: compile_cache.CacheInfo | None
     notify: Notify
@@ -57,13 +59,20 @@ class CompileHandle:
     first_calls: dict[int, float] = field(default_factory=dict)  # batch size -> seconds of its first call
     _started: float | None = None
 
+    @property
+    def transformer(self) -> nn.Module | None:
+        return self.transformer_ref()
+
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []
-        for block in self.transformer.transformer_blocks:
+        transformer = self.transformer
+        if transformer is None:
+            return
+        for block in transformer.transformer_blocks:
             block.__dict__.pop("forward", None)
-        _HANDLES.pop(self.transformer, None)
+        _HANDLES.pop(transformer, None)
 
     # -- progress ------------------------------------------------------------------------------------
     def _before_first_block(self, batch: int) -> None:
@@ -79,7 +88,8 @@ class CompileHandle:
     def _after_last_block(self, batch: int) -> None:
         if batch in self.seen or self._started is None:
             return
-        out_device = next(self.transformer.parameters()).device
+        transformer = self.transformer
+        out_device = next(transformer.parameters()).device if transformer is not None else torch.device("cpu")
         if out_device.type == "cuda":
             torch.cuda.synchronize(out_device)
         seconds = time.perf_counter() - self._started
@@ -119,7 +129,7 @@ def compile_blocks(transformer: nn.Module, *, dynamic: str = "seq", mode: str | 
         raise ValueError("`transformer` has no transformer_blocks to compile")
     device = next(transformer.parameters()).device
     cache = compile_cache.activate(device) if use_cache else None
-    handle = CompileHandle(transformer, dynamic, cache, notify or _default_notify)
+    handle = CompileHandle(weakref.ref(transformer), dynamic, cache, notify or _default_notify)
     options: dict[str, Any] = {"fullgraph": True, "dynamic": dynamic == "seq"}
     if mode:
         options["mode"] = mode
