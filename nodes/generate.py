@@ -50,6 +50,7 @@ class QwenImageGenerate:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         # qwen_core.generator imports torch: here, not at module top, so the pack's root import stays light.
+        from qwen_core.family_call import MAX_LAYERS
         from qwen_core.generator import CFG_RANGE, MAX_BATCH, MAX_STEPS, SEED_MAX
 
         size = {"min": 16, "max": MAX_SIDE, "step": 16}
@@ -68,6 +69,7 @@ class QwenImageGenerate:
             "optional": {
                 "quality_preset": ("STRING", {"forceInput": True, "tooltip": "From the PixelGovernor: its preset's steps, CFG and scheduler replace the widgets (lightning-8/4 need a Lightning LoRA)."}),
                 **{name: ("IMAGE", {"tooltip": tip}) for name, tip in IMAGE_TOOLTIPS.items()},
+                "layers": ("INT", {"default": 0, "min": 0, "max": MAX_LAYERS, "tooltip": "Qwen-Image-Layered only: how many RGBA layers to split the image into (0 = the model's default, 4; each layer adds to the VRAM need, which the governor counts). Other models refuse a value above 0."}),
             },
             "hidden": HIDDEN,
         }
@@ -80,7 +82,7 @@ class QwenImageGenerate:
 
     def generate(self, pipe: Any, prompt: str, negative_prompt: str, width: int, height: int, steps: int,
                  true_cfg_scale: float, seed: int, batch_size: int, quality_preset: str | None = None,
-                 image1: Any = None, image2: Any = None, image3: Any = None,
+                 image1: Any = None, image2: Any = None, image3: Any = None, layers: int = 0,
                  unique_id: str | None = None) -> dict[str, Any]:
         install_comfy_hooks()
         bar = bridge.Progress(steps, unique_id)
@@ -93,7 +95,7 @@ class QwenImageGenerate:
             result = generator_for(pipe).generate(
                 prompt, negative_prompt, images=[image1, image2, image3], width=width, height=height, steps=steps,
                 true_cfg_scale=true_cfg_scale, seed=seed, batch_size=batch_size, on_step=on_step,
-                should_cancel=bridge.interrupted, preset=quality_preset or None)
+                should_cancel=bridge.interrupted, preset=quality_preset or None, layers=layers or None)
         except InvalidInputError:
             raise  # raised before any compute: nothing to release
         except GenerationCancelled as err:

@@ -113,6 +113,23 @@ class TestGenerateNodeHeadless:
         assert out["ui"]["text"][0].startswith(f"{result.shape[2]}x{result.shape[1]} x{result.shape[0]}")
         get_residency_manager().release_all()
 
+    def test_layers_widget_sets_the_layer_count_and_other_models_refuse_it(self, tiny_family_dir) -> None:
+        from nodes.common import PipeHandle
+        from nodes.generate import QwenImageGenerate
+        from qwen_core.errors import InvalidInputError
+
+        get_residency_manager().release_all()
+        call = dict(prompt="a red fox", negative_prompt="", width=64, height=64, steps=2, true_cfg_scale=1.0, seed=0,
+                    batch_size=1)
+        out = QwenImageGenerate().generate(pipe=PipeHandle(str(tiny_family_dir("layered"))), image1=_image(), layers=2,
+                                           **call)  # fmt: skip
+        assert tuple(out["result"][0].shape) == (2, 544, 736, 4)
+        with pytest.raises(InvalidInputError, match="`layers`: only Qwen-Image-Layered makes layers"):
+            QwenImageGenerate().generate(pipe=PipeHandle(str(tiny_family_dir("qwen-image"))), layers=3, **call)
+        spec = QwenImageGenerate.INPUT_TYPES()["optional"]["layers"]
+        assert spec[0] == "INT" and spec[1]["default"] == 0  # 0: the model's default, so every model accepts it
+        get_residency_manager().release_all()
+
     def test_an_edit_model_without_an_image_is_refused_naming_the_input(self, tiny_family_dir) -> None:
         from nodes.common import PipeHandle
         from nodes.generate import QwenImageGenerate
