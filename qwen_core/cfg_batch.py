@@ -51,8 +51,8 @@ class _Kept:
 class CfgBatcher:
     """State of the batched-CFG wrapper installed on one pipeline.
 
-    It lives in the pipeline's ``PipelineState`` (held weakly by the pipeline), so it must never reference
-    the pipeline itself: ``orig_encode`` is the pipeline's bound ``encode_prompt`` held as a weak method, and
+    It lives in the pipeline's ``PipelineState`` (a table keyed weakly by the pipeline), so it must never
+    reference the pipeline itself: ``orig_encode`` is the pipeline's bound ``encode_prompt`` held as a weak method, and
     the transformer is held directly (the transformer does not reference its pipeline).
     """
 

@@ -46,9 +46,9 @@ def _default_notify(message: str) -> None:
 
 @dataclass
 class CompileHandle:
-    """What ``compile_blocks`` installed on one transformer; ``remove()`` undoes it. Held weakly by the
-    transformer (``_HANDLES``), so it holds the transformer weakly too: a weak-key entry whose value reaches
-    its key would pin the released model's weights forever."""
+    """What ``compile_blocks`` installed on one transformer; ``remove()`` undoes it. Stored in ``_HANDLES``, a
+    table keyed weakly by the transformer, so it holds the transformer weakly too: a weak-key entry whose value
+    reaches its key would pin the released model's weights forever."""
 
     transformer_ref: weakref.ref
     dynamic: str
