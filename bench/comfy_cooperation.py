@@ -19,6 +19,8 @@ GPU (the lead runs these; ~40 GiB of random weights are built once per load):
     COMFYUI_DIR=~/comfy033 python bench/comfy_cooperation.py --hooks legacy --json out_legacy.json
     ... --comfy-args="--disable-dynamic-vram"      # 0.33 with dynamic VRAM off
     ... --vram-cap-gib 48 --native blob --native-gib 12   # a smaller card, a bigger native model
+    ... --vram-cap-gib 100 --native blob --native-gib 30 --second-native-gib 20   # two native models: the
+        # second fits only if ComfyUI pages the first out (dynamic VRAM) or ours goes (what the legacy hook does)
 CPU check of the script itself (seconds; what tests/test_comfyui_live.py runs):
     COMFYUI_DIR=~/comfy033 python bench/comfy_cooperation.py --tiny
 """
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-mode", default="auto", help="our loader's memory mode")
     p.add_argument("--native", choices=("upscaler", "blob"), default="upscaler")
     p.add_argument("--native-gib", type=float, default=None, help="size of --native blob (default 8; 0.05 with --tiny)")
+    p.add_argument("--second-native-gib", type=float, default=None,
+                   help="--native blob: a second native model of this size, loaded after the first each round "
+                        "(with dynamic VRAM ComfyUI can page the first out for it, so ours need not go)")
     p.add_argument("--vram-cap-gib", type=float, default=None, help="simulate a smaller card (allocator cap + "
                    "the free VRAM ComfyUI and our loader read)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -267,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counter = Counter(mm)
     upscaler = make_upscaler(work / "models" / "upscale_models", args.tiny) if args.native == "upscaler" else None
     gen, loads = build_generator(args, bridge)
-    blob = NativeBlob(mm, args.native_gib) if args.native == "blob" else None
+    blobs = [NativeBlob(mm, gib) for gib in (args.native_gib, args.second_native_gib) if gib] \
+        if args.native == "blob" else []
     import torch
 
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "comfy_args": comfy_args,
@@ -284,7 +290,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row["generate_s"] = round(time.perf_counter() - t0, 2)
         calls_before = len(counter.calls)
         t0 = time.perf_counter()
-        native = run_upscaler(upscaler, out.images) if upscaler else blob.run(out.images)
+        native = run_upscaler(upscaler, out.images) if upscaler else out.images
+        for blob in blobs:
+            native = blob.run(native)
         row["native_s"] = round(time.perf_counter() - t0, 2)
         row["native_output_shape"] = list(native.shape)
         row["comfy_free_memory_calls"] = counter.calls[calls_before:]

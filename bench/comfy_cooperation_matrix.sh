@@ -10,6 +10,8 @@
 #   nodyn  --disable-dynamic-vram (0.33), fit only
 #   plain  ComfyUI's defaults for a version without dynamic VRAM (0.3.64), fit only
 #   tight  ComfyUI's defaults, tight only
+#   two    ComfyUI's defaults, two native models (30 + 20 GiB) beside ours on a CAP2 (100) GiB card: the second
+#          fits only if ComfyUI pages the first out; the legacy hook releases ours instead
 # Each configuration writes OUT_DIR/<label>_<config>.json and .log (the log in LOG_DIR if set); a configuration that fails or runs past
 # PER_RUN_S (default 120) is reported and the next one runs.
 set -u
@@ -42,11 +44,16 @@ for mode in "$@"; do
     tight)
       for hooks in legacy new; do one "tight_$hooks" --hooks "$hooks" --native-gib "$tight"; done
       ;;
+    two)  # two native models on a CAP2 card: where the hooks should differ under dynamic VRAM
+      for hooks in legacy new; do
+        one "two_$hooks" --hooks "$hooks" --vram-cap-gib "${CAP2:-100}" --native-gib 30 --second-native-gib 20
+      done
+      ;;
     nodyn)
       for hooks in legacy new; do
         one "nodyn_fit_$hooks" --hooks "$hooks" --native-gib "$fit" --comfy-args=--disable-dynamic-vram
       done
       ;;
-    *) echo "unknown mode '$mode' (dyn, nodyn, plain or tight)" >&2; exit 2 ;;
+    *) echo "unknown mode '$mode' (dyn, nodyn, plain, tight or two)" >&2; exit 2 ;;
   esac
 done
