@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,6 +222,62 @@ class TestRegionalCompile:
             uncompile_blocks(t)
             torch._dynamo.reset()
         assert all("forward" not in b.__dict__ for b in t.transformer_blocks)
+
+
+_COLD_START = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+sys.path.insert(0, sys.argv[1])
+from test_speed import _forward, _transformer
+from qwen_core.speed.compile import compile_blocks
+from qwen_core.speed.rope import install_real_rope
+
+ref = _transformer()
+install_real_rope(ref)
+t = _transformer()
+install_real_rope(t)
+compile_blocks(t, notify=lambda _m: None)
+out = _forward(t, 8, [9, 4])
+expected = _forward(ref, 8, [9, 4])
+print(json.dumps({"traced_graphs": counters["stats"].get("unique_graphs", 0),
+                  "rel": float((out - expected).norm() / expected.norm()),
+                  "precompile": bool(torch._dynamo.config.caching_precompile)}))
+"""
+
+
+@pytest.mark.slow
+class TestColdStartWithWarmCache:
+    """Dynamo's own cache (precompile) in our keyed folder: a second process runs the compiled blocks without
+    tracing them again (the 14 s of a cold start on an H200; bench/RESULTS.md)."""
+
+    def _run(self, cache: Path, **env: str) -> dict:
+        import json
+        import os
+        import subprocess
+        import sys
+
+        full_env = {**os.environ, "QWEN_COMPILE_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "", **env}
+        full_env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        done = subprocess.run([sys.executable, "-c", _COLD_START, str(Path(__file__).parent)], env=full_env,
+                              capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def test_second_process_does_not_trace_again(self, tmp_path):
+        first = self._run(tmp_path / "cc", QWEN_COMPILE_PRECOMPILE="1")
+        second = self._run(tmp_path / "cc", QWEN_COMPILE_PRECOMPILE="1")
+        assert first["precompile"] and first["traced_graphs"] >= 1 and first["rel"] < 1e-5
+        assert (tmp_path / "cc").rglob(compile_cache.ARTIFACTS)
+        assert second["traced_graphs"] == 0 and second["rel"] < 1e-5  # loaded, not traced, and still exact
+
+    @pytest.mark.parametrize(("value", "wanted"), [(None, False), ("0", False), ("1", True), ("on", True)])
+    def test_the_switch_is_opt_in(self, monkeypatch, value, wanted):
+        if value is None:
+            monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(compile_cache.PRECOMPILE_ENV, value)
+        assert compile_cache.precompile_wanted() is wanted
 
 
 class TestCompileHandleLifetime:

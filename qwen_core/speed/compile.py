@@ -99,6 +99,11 @@ class CompileHandle:
         self.notify(f"compile: first forward at batch {batch} took {seconds:.1f} s (compile included)")
         if self.cache is not None and not self.cache.warm:
             compile_cache.mark_warm(self.cache, seconds, f"transformer blocks, batch {batch}")
+        if self.cache is not None and compile_cache.precompile_wanted():
+            try:  # this batch size's traced blocks too (opt-in: compile_cache.PRECOMPILE_ENV)
+                compile_cache.save_artifacts(self.cache)
+            except Exception as err:  # noqa: BLE001 - a cache that cannot be written must not fail the image
+                self.notify(f"compile: could not save the compile cache artifacts ({type(err).__name__}: {err})")
 
 
 # Our state about a transformer, held weakly: a released model takes its handle with it.

@@ -98,6 +98,8 @@ def activate(device: str | torch.device = "cuda") -> CacheInfo:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
             _clear_torch_cache_paths()
     _enable_disk_caches()
+    if precompile_wanted():
+        load_artifacts(path)
     return CacheInfo(path, key, ours, (path / MARKER).is_file())
 
 
@@ -124,6 +126,53 @@ def _enable_disk_caches() -> None:
     inductor_config.fx_graph_cache = True
     if hasattr(functorch_config, "enable_autograd_cache"):
         functorch_config.enable_autograd_cache = True
+    if precompile_wanted():
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.caching_precompile = True
+
+
+# Dynamo's own cache ("precompile", torch >= 2.9), opt-in with QWEN_COMPILE_PRECOMPILE=1: the traced bytecode and
+# guards are saved with torch's cache artifacts into our folder, so a cold process skips tracing too. Without it
+# inductor's caches save codegen only and dynamo re-traces every block on each process start (14 s of the first
+# image on an H200, bench/RESULTS.md); with it the tiny model's first call in a fresh process went from 7.9 s to
+# 0.05 s on a CPU (tests/test_speed.py::TestColdStartWithWarmCache). Opt-in until measured on a GPU: a graph the
+# cache cannot store (e.g. an attention processor class defined inside a function) fails its first call.
+PRECOMPILE_ENV = "QWEN_COMPILE_PRECOMPILE"
+ARTIFACTS = "torch_cache_artifacts.bin"
+_loaded_artifacts: set[Path] = set()
+
+
+def precompile_wanted() -> bool:
+    import torch._dynamo.config as dynamo_config
+
+    on = os.environ.get(PRECOMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return on and hasattr(dynamo_config, "caching_precompile") and hasattr(torch.compiler, "save_cache_artifacts")
+
+
+def load_artifacts(path: Path) -> bool:
+    """Load the saved artifacts of ``path`` into torch's caches (once per process); False if there are none."""
+    file = path / ARTIFACTS
+    if path in _loaded_artifacts or not file.is_file():
+        return False
+    torch.compiler.load_cache_artifacts(file.read_bytes())
+    _loaded_artifacts.add(path)
+    return True
+
+
+def save_artifacts(info: CacheInfo) -> None:
+    """Everything compiled in this process so far, dynamo's traces included, into the folder (atomically)."""
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return
+    fd, tmp = tempfile.mkstemp(dir=info.path, prefix=".artifacts-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(saved[0])
+        os.replace(tmp, info.path / ARTIFACTS)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def mark_warm(info: CacheInfo, seconds: float, what: str) -> None:

@@ -138,8 +138,19 @@ def processor_class() -> type:
     """The ``RealRopeAttnProcessor`` class (built on first use: diffusers is imported lazily)."""
     global _PROCESSOR_CLASS
     if _PROCESSOR_CLASS is None:
-        _PROCESSOR_CLASS = _make_processor_class()
+        cls = _make_processor_class()
+        # A module-level name (served by __getattr__ below): dynamo's compile cache stores graphs that refer to
+        # the processor by module and name, and refuses a class it could not import back by that name.
+        cls.__qualname__ = cls.__name__
+        cls.__module__ = __name__
+        _PROCESSOR_CLASS = cls
     return _PROCESSOR_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RealRopeAttnProcessor":
+        return processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- installing ------------------------------------------------------------------------------------------
