@@ -268,7 +268,7 @@ class TestColdStartWithWarmCache:
         first = self._run(tmp_path / "cc", QWEN_COMPILE_PRECOMPILE="1")
         second = self._run(tmp_path / "cc", QWEN_COMPILE_PRECOMPILE="1")
         assert first["precompile"] and first["traced_graphs"] >= 1 and first["rel"] < 1e-5
-        assert (tmp_path / "cc").rglob(compile_cache.ARTIFACTS)
+        assert any((tmp_path / "cc").rglob(compile_cache.ARTIFACTS))  # the saved traces
         assert second["traced_graphs"] == 0 and second["rel"] < 1e-5  # loaded, not traced, and still exact
 
     @pytest.mark.parametrize(("value", "wanted"), [(None, False), ("0", False), ("1", True), ("on", True)])
