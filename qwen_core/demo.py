@@ -15,13 +15,14 @@ that already holds the session log, is ignored by git, and is the same wherever 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from qwen_core.atomic_io import write_bytes_atomic
 from qwen_core.errors import InvalidInputError
 
 DEMO_PROMPT = "a watercolor fox in a snowy forest at dawn"
@@ -149,23 +150,10 @@ def save_png(image: Any, out: Path, metadata: dict[str, str] | None = None) -> P
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, value)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(array).save(fh, format="PNG", pnginfo=info)  # RGB, or RGBA for layers with alpha
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an image should get the usual permissions
-        os.replace(tmp, out)  # a reader never sees half a PNG
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    png = io.BytesIO()
+    Image.fromarray(array).save(png, format="PNG", pnginfo=info)  # RGB, or RGBA for layers with alpha
+    write_bytes_atomic(out, png.getvalue())  # a reader never sees half a PNG
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it: set, then put back at once
-    os.umask(mask)
-    return mask
 
 
 def _outputs(out: Path, count: int) -> list[Path]:

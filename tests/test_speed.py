@@ -271,6 +271,13 @@ class TestColdStartWithWarmCache:
         assert any((tmp_path / "cc").rglob(compile_cache.ARTIFACTS))  # the saved traces
         assert second["traced_graphs"] == 0 and second["rel"] < 1e-5  # loaded, not traced, and still exact
 
+    def test_a_damaged_artifacts_file_costs_a_compile_not_the_image(self, monkeypatch, tmp_path, caplog):
+        monkeypatch.setattr(compile_cache, "_loaded_artifacts", set())
+        (tmp_path / compile_cache.ARTIFACTS).write_bytes(b"not torch's artifacts")
+        assert compile_cache.load_artifacts(tmp_path) is False
+        assert "could not be loaded" in caplog.text
+        assert compile_cache.load_artifacts(tmp_path) is False  # tried once per process, not again
+
     @pytest.mark.parametrize(("value", "wanted"), [(None, False), ("0", False), ("1", True), ("on", True)])
     def test_the_switch_is_opt_in(self, monkeypatch, value, wanted):
         if value is None:

@@ -26,16 +26,15 @@ own ``.qwen_download/``, as above).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen_core.atomic_io import write_bytes_atomic
 from qwen_core.download.types import COMFY_KINDS, EXIT_DISK, DiskFullError, FileSizeLimitError, Words
 from qwen_core.errors import DownloadError, InvalidInputError
 from qwen_core.paths import safe_join, validate_repo_id
@@ -170,17 +169,9 @@ class Placement:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` to ``path`` through a temp file and a rename; on any error the temp file is removed and the
-    OSError raised (callers turn it into a message with ``fs_error``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write ``obj`` to ``path`` through a temp file and a rename (``atomic_io``); on any error the temp file is
+    removed and the OSError raised (callers turn it into a message with ``fs_error``)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=1).encode())
 
 
 def read_json_object(path: Path) -> dict | None:

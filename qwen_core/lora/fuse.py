@@ -315,8 +315,3 @@ def _update_layer(name: str, module: nn.Module, parts: list, lora: LoraState, lo
 def _activation_dtype(transformer: nn.Module) -> torch.dtype:
     return next((p.dtype for p in transformer.parameters() if p.dtype in (torch.bfloat16, torch.float16, torch.float32)),
                 torch.bfloat16)
-
-
-def remove_loras(pipe: Any, family: ModelFamily) -> LoraReport:
-    """Take every LoRA off ``pipe``: base weights written back bit for bit, side paths removed."""
-    return apply_loras(pipe, (), family)

@@ -65,12 +65,6 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     return out.to(dtype)
 
 
-def fp8_matmul_supported(device: torch.device | str) -> bool:
-    from qwen_core.fp8_compute import fp8_supported
-
-    return fp8_supported(device)
-
-
 class Fp8WeightLinear(nn.Module):
     """``y = x (W * s)^T + b`` with ``W`` kept in fp8 and ``s`` an fp32 scale (scalar or one per row).
 

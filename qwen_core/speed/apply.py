@@ -14,9 +14,9 @@ from typing import Any
 
 from qwen_core.options import ComputeChoice
 from qwen_core.speed import attention
-from qwen_core.speed.compile import Notify, compile_blocks, uncompile_blocks
+from qwen_core.speed.compile import Notify, compile_blocks
 from qwen_core.speed.options import SpeedOptions
-from qwen_core.speed.rope import install_real_rope, remove_real_rope, set_attention_fn
+from qwen_core.speed.rope import install_real_rope, set_attention_fn
 
 
 def apply_speed(pipe: Any, speed: SpeedOptions, *, streamed: bool = False, notify: Notify | None = None) -> str:
@@ -50,12 +50,6 @@ def _fp8(transformer: Any, streamed: bool) -> str:
         return f"fp8 compute n/a on {device}: exact"
     handle = enable_fp8_compute(transformer)
     return f"fp8 compute ({handle.converted} layers)"
-
-
-def remove_speed(pipe: Any) -> None:
-    """Undo compile and the RoPE processors (fp8 layers stay: their bf16 weights were not kept)."""
-    uncompile_blocks(pipe.transformer)
-    remove_real_rope(pipe.transformer)
 
 
 def apply_attention_kernel(transformer: Any, backend: str) -> bool:

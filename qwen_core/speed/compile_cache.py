@@ -19,15 +19,17 @@ the folder, which is harmless.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from qwen_core.atomic_io import write_bytes_atomic
 
 ENV_DIR = "QWEN_COMPILE_CACHE"
 MARKER = "qwen_compiled.json"  # written after a successful first compile: the folder is warm
@@ -155,35 +157,26 @@ def load_artifacts(path: Path) -> bool:
     file = path / ARTIFACTS
     if path in _loaded_artifacts or not file.is_file():
         return False
-    torch.compiler.load_cache_artifacts(file.read_bytes())
-    _loaded_artifacts.add(path)
-    return True
+    _loaded_artifacts.add(path)  # tried once: a file that fails to load is not read again
+    try:  # torch returns None for bytes it rejects (checksum, version) and may raise for others
+        why = None if torch.compiler.load_cache_artifacts(file.read_bytes()) is not None else "rejected by torch"
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign cache only costs a compile, never the image
+        why = f"{type(err).__name__}: {err}"
+    if why is not None:
+        logging.getLogger(__name__).warning("compile cache: %s could not be loaded (%s); compiling afresh, the next "
+                                            "first compile rewrites it", file, why)
+    return why is None
 
 
 def save_artifacts(info: CacheInfo) -> None:
     """Everything compiled in this process so far, dynamo's traces included, into the folder (atomically)."""
     saved = torch.compiler.save_cache_artifacts()
-    if not saved:
-        return
-    fd, tmp = tempfile.mkstemp(dir=info.path, prefix=".artifacts-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(saved[0])
-        os.replace(tmp, info.path / ARTIFACTS)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if saved:
+        write_bytes_atomic(info.path / ARTIFACTS, saved[0])
 
 
 def mark_warm(info: CacheInfo, seconds: float, what: str) -> None:
-    """Record a completed first compile (atomically: a temp file renamed into place)."""
+    """Record a completed first compile (atomically: a reader never sees half a marker)."""
     data = {"key": info.key, "what": what, "first_call_s": round(seconds, 2),
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    fd, tmp = tempfile.mkstemp(dir=info.path, prefix=".marker-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, info.path / MARKER)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes_atomic(info.path / MARKER, json.dumps(data).encode())
