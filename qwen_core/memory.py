@@ -11,10 +11,12 @@ API
   0 while CUDA is not initialised: reading it must not create a CUDA context), a timestamp.
 - ``release_pipeline(pipe, *, settle_s=0.2, free_weights=False)``: remove accelerate offload hooks
   (``remove_all_hooks`` + per module) and diffusers hooks (group offloading and others), detach every
-  component from the pipeline object (so a stale reference to the shell pins nothing), optionally move
-  modules to the meta device (frees weights even if someone else still holds a module), then
-  ``collect_garbage(settle_s)``. ``pipe`` may be a DiffusionPipeline, a torch module, None, or an object
-  with an ``unload()`` method (``PipelineLoader``, ``QwenImageGenerator``), which is called instead.
+  component from the pipeline object (so a stale reference to the shell pins nothing), optionally free the
+  modules' storage at once (``free_weights``), then ``collect_garbage(settle_s)``. A component gc could not
+  collect (something still references it) has its storage freed anyway, with a warning naming what held it:
+  a release always frees the memory, and a leak shows in the log rather than as an OOM at the next load.
+  ``pipe`` may be a DiffusionPipeline, a torch module, None, or an object with an ``unload()`` method
+  (``PipelineLoader``, ``QwenImageGenerator``), which is called instead.
 - ``collect_garbage(settle_s=0.2)``: gc.collect, CUDA synchronize + empty_cache + ipc_collect, glibc
   malloc_trim (so freed CPU weights go back to the OS and RSS really drops), then sleep ``settle_s``.
 - ``safe_model_switch(old=None, *, settle_s=0.2) -> SwitchReport`` (context manager): releases ``old``
@@ -55,6 +57,8 @@ import sys
 import threading
 import time
 import traceback
+import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
@@ -162,13 +166,26 @@ def release_pipeline(pipe: Any, *, settle_s: float = DEFAULT_SETTLE_S, free_weig
     unload = getattr(pipe, "unload", None)
     if callable(unload) and not hasattr(pipe, "components"):
         unload()  # a loader / generator: it releases its own weights (through the residency registry)
-    else:
-        _detach(pipe, free_weights)
+        collect_garbage(settle_s)
+        return
+    detached = _detach(pipe, free_weights)
+    gc.collect()
+    _free_survivors(detached)
     collect_garbage(settle_s)
 
 
-def _detach(pipe: Any, free_weights: bool) -> None:
-    """Unhook and detach the components (a function of its own so its locals are gone before gc)."""
+@dataclass
+class Detached:
+    """Weak references to a released component and its tensors: gc should collect them all."""
+
+    name: str
+    module: weakref.ref
+    tensors: list[weakref.ref]
+
+
+def _detach(pipe: Any, free_weights: bool) -> list[Detached]:
+    """Unhook and detach the components (a function of its own so its locals are gone before gc); returns
+    weak references to what was detached, to check that gc collected it."""
     import torch
 
     discard_state(pipe)  # what it describes (hooks, wrappers, handles) is detached below
@@ -176,13 +193,102 @@ def _detach(pipe: Any, free_weights: bool) -> None:
     modules: dict[str, Any] = dict(components) if isinstance(components, dict) else {"": pipe}
     if hasattr(pipe, "remove_all_hooks"):
         pipe.remove_all_hooks()  # also drops the pipeline's own list of offload hooks
+    detached = []
     for name, component in modules.items():
         if isinstance(component, torch.nn.Module):
             _remove_hooks(component)
             if free_weights:
-                component.to("meta")
+                _drop_weights(component)
+            elif name:  # a bare module released by the caller is the caller's to keep
+                tensors = [weakref.ref(t) for t in [*component.parameters(), *component.buffers()]]
+                detached.append(Detached(name, weakref.ref(component), tensors))
         if name:
             setattr(pipe, name, None)  # DiffusionPipeline.__setattr__ also clears the config entry
+    return detached
+
+
+def _drop_weights(module: Any) -> None:
+    _free_storage([*module.parameters(), *module.buffers()])
+
+
+def _free_storage(tensors: list[Any]) -> None:
+    """Free each tensor's storage in place (as FSDP frees sharded parameters): whoever still holds the
+    module, the tensor or a view of it holds no memory. A storage that cannot be resized (memory-mapped
+    from a file) is swapped for an empty one instead."""
+    import torch
+
+    with torch.no_grad():
+        for tensor in tensors:
+            try:
+                tensor.untyped_storage().resize_(0)
+            except RuntimeError:
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+
+
+def _holds_memory(tensor: Any) -> bool:
+    return tensor.device.type != "meta" and tensor.untyped_storage().nbytes() > 0
+
+
+def _free_survivors(detached: list[Detached]) -> None:
+    """Components (or tensors of them) gc could not collect after their release: something outside the
+    pipeline still references them. Free their storage anyway (the memory is what a release promises) and
+    say what held them, so the leak can be found and fixed."""
+    for item in detached:
+        alive = [t for ref in item.tensors if (t := ref()) is not None and _holds_memory(t)]
+        if alive:
+            size = sum(t.untyped_storage().nbytes() for t in alive) / 1024**3
+            module = item.module()
+            held = describe_referrers(module if module is not None else alive[0])
+            _log_warning(f"released pipeline's {item.name} ({len(alive)} tensors, {size:.2f} GiB) is still "
+                         f"referenced by {held}; its memory was freed anyway")
+            _free_storage(alive)
+        del alive
+
+
+_FOLLOWED = (dict, list, tuple, set, frozenset, types.MethodType, types.CellType)  # holders, not owners
+
+
+def describe_referrers(obj: Any, depth: int = 4, limit: int = 6) -> str:
+    """What keeps ``obj`` alive, as short chains towards an owner (``dict <- CfgBatcher``), for a log line.
+    Containers, cells and bound methods are followed up to ``depth`` steps; frames (calls in progress) and
+    this function's own lists are left out."""
+    import inspect
+
+    keep: list[Any] = []  # our own lists stay alive, so their ids are not reused while we exclude them
+    ours = {id(keep)}
+
+    def held_by(target: Any) -> list[Any]:
+        found = [r for r in gc.get_referrers(target) if id(r) not in ours and not inspect.isframe(r)]
+        keep.append(found)
+        ours.add(id(found))
+        return found
+
+    def label(node: Any) -> str:
+        name = getattr(node, "__qualname__", None) if callable(node) and not isinstance(node, type) else None
+        return f"{type(node).__name__} {name}" if name else type(node).__name__
+
+    nodes, chains = held_by(obj), []
+    labels = [label(node) for node in nodes]
+    keep += [labels, chains]
+    ours.update((id(labels), id(chains)))
+    for _ in range(depth - 1):
+        next_nodes: list[Any] = []
+        next_labels: list[str] = []
+        keep += [next_nodes, next_labels]
+        ours.update((id(next_nodes), id(next_labels)))
+        for node, text in zip(nodes, labels, strict=True):
+            parents = held_by(node) if isinstance(node, _FOLLOWED) else []
+            if not parents:
+                chains.append(text)
+            next_nodes += parents[:limit]
+            next_labels += [f"{text} <- {label(parent)}" for parent in parents[:limit]]
+        nodes, labels = next_nodes, next_labels
+    chains += labels
+    unique = list(dict.fromkeys(chains))
+    if not unique:
+        return "nothing gc can see (a C extension or a native handle)"
+    more = f" (+{len(unique) - limit} more)" if len(unique) > limit else ""
+    return "; ".join(unique[:limit]) + more
 
 
 @dataclass
@@ -385,6 +491,13 @@ def _log_info(message: str) -> None:
 
     logger.info(message)
     get_session_log().info(message)
+
+
+def _log_warning(message: str) -> None:
+    from qwen_core.session_log import get_session_log
+
+    logger.warning(message)
+    get_session_log().warning(message)
 
 
 def _log_error(message: str, fix: str | None) -> None:
