@@ -186,13 +186,17 @@ class NativeBlob:
 
     def __init__(self, mm: Any, gib: float) -> None:
         import comfy.model_patcher
+        import comfy.ops
         import torch
 
         self.mm, self.width = mm, 4096
         layers = max(1, int(gib * 1024**3 / (self.width * self.width * 2)))
+        # comfy.ops layers, as ComfyUI's own models are built: 0.33's dynamic VRAM pages only those out on demand
+        # (plain torch layers it force-loads onto the card, outside the pageable pool)
+        linear = comfy.ops.disable_weight_init.Linear
         with torch.no_grad():  # built on meta, then host memory: Linear's own init would take minutes on a CPU
-            self.module = torch.nn.Sequential(*[torch.nn.Linear(self.width, self.width, bias=False, dtype=torch.bfloat16,
-                                                                device="meta") for _ in range(layers)]).to_empty(device="cpu")
+            self.module = torch.nn.Sequential(*[linear(self.width, self.width, bias=False, dtype=torch.bfloat16,
+                                                       device="meta") for _ in range(layers)]).to_empty(device="cpu")
             for p in self.module.parameters():
                 p.fill_(1.0 / self.width)  # the values don't matter
         # 0.33 names its plain patcher CoreModelPatcher (swapped for the dynamic one when dynamic VRAM is on);

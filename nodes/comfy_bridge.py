@@ -216,12 +216,21 @@ def free_comfy_memory(bytes_needed: int) -> None:
     if model_management is None:
         return
     device = model_management.get_torch_device()
-    model_management.free_memory(bytes_needed, device)
+    model_management.free_memory(comfy_load_request(bytes_needed), device)
     release_ram = getattr(memory_management, "extra_ram_release", None)
     if release_ram is not None:
         headroom = int(getattr(memory_management, "RAM_CACHE_HEADROOM", 0) or 0)
         release_ram(headroom + int(bytes_needed))  # inactive entries only: the running workflow keeps its data
     model_management.soft_empty_cache()
+
+
+def comfy_load_request(weight_bytes: int) -> float:
+    """What ComfyUI's own ``load_models_gpu`` asks ``free_memory`` for before loading ``weight_bytes`` of a model:
+    10% over the weights plus its minimum inference memory (its reserve included). ComfyUI unloads only what the
+    request leaves short (a partial unload), so asking for the bare weights left ours no room to run (H200:
+    a 30 GiB native model gave back 3.8 GiB and our reload hit OOM)."""
+    minimum = getattr(model_management, "minimum_inference_memory", None)
+    return weight_bytes * 1.1 + (float(minimum()) if minimum is not None else float(1024**3))
 
 
 def memory_is_short() -> bool:
@@ -437,7 +446,9 @@ def _after_free_memory(call: dict[str, Any]) -> None:
 
 
 def _dynamic_loaded_bytes(device: Any, keep_loaded: Any) -> float:
-    """VRAM that ComfyUI's dynamic-VRAM models hold on ``device`` and page out on demand (0.33)."""
+    """VRAM that ComfyUI's dynamic-VRAM models hold on ``device`` and page out on demand (0.33): their
+    ``loaded_size()`` less the weights they force-loaded (small or non-``comfy.ops`` layers are copied to the
+    card outside the pageable pool, counted in ``model_loaded_weight_memory``; only an unload frees those)."""
     total = 0.0
     want = policy.device_key(device)
     for loaded in list(getattr(model_management, "current_loaded_models", [])):
@@ -447,7 +458,8 @@ def _dynamic_loaded_bytes(device: Any, keep_loaded: Any) -> float:
             continue
         if policy.device_key(getattr(loaded, "device", None)) != want or loaded in keep_loaded:
             continue
-        total += float(patcher.loaded_size())
+        forced = getattr(getattr(patcher, "model", None), "model_loaded_weight_memory", 0) or 0
+        total += max(0.0, float(patcher.loaded_size()) - float(forced))
     return total
 
 

@@ -44,9 +44,10 @@ class FakeLoaded:
     device: str
     size: int
     dynamic: bool = False
+    model_loaded_weight_memory: int = 0  # 0.33's dynamic patcher: weights force-loaded outside the pageable pool
 
     @property
-    def model(self) -> FakeLoaded:  # the patcher: is_dynamic() and loaded_size() live there
+    def model(self) -> FakeLoaded:  # the patcher (is_dynamic(), loaded_size()) and its model in one object
         return self
 
     def is_dynamic(self) -> bool:
@@ -466,6 +467,24 @@ class TestMemoryCooperation:
         comfy033.free_bytes = GIB
         mm.free_memory(4 * GIB, "cpu", for_dynamic=dynamic)  # nothing of ComfyUI's left to give
         assert get_residency_manager().resident_keys() == []
+
+    def test_force_loaded_weights_of_a_dynamic_model_do_not_count_as_available(self, comfy033: FakeComfy033) -> None:
+        """H200 (bench/comfy_cooperation.py, two mode): a dynamic model whose layers 0.33 force-loads (plain torch
+        layers, or tiny ones) holds memory aimdo cannot page out; counting it as available kept ours, and
+        ComfyUI's own load of a second model hit OOM."""
+        self.generate_once()
+        theirs = FakeLoaded("cpu", 8 * GIB, dynamic=True, model_loaded_weight_memory=6 * GIB)
+        comfy033.loaded.append(theirs)
+        comfy033.free_bytes = GIB
+        sys.modules["comfy.model_management"].free_memory(4 * GIB, "cpu", for_dynamic=True)
+        assert get_residency_manager().resident_keys() == [], "only 2 GiB of theirs is pageable: ours must go"
+
+    def test_before_our_load_comfy_is_asked_for_what_its_own_loads_ask(self, any_comfy: FakeComfy) -> None:
+        """ComfyUI unloads only the shortfall of a request: the weights alone left no room to run."""
+        from nodes import comfy_bridge
+
+        comfy_bridge.free_comfy_memory(10 * GIB)
+        assert any_comfy.freed[-1] == int(10 * GIB * 1.1 + 0.8 * GIB + 400 * 1024**2)
 
     def test_unload_model_and_clones_keeps_ours(self, comfy033: FakeComfy033) -> None:
         self.generate_once()
