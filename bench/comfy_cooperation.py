@@ -237,6 +237,15 @@ def build_generator(args: argparse.Namespace, bridge: Any) -> tuple[Any, dict[st
         """A released pipeline (its components detached by the residency manager) is built again: what a reload
         from disk is for a real model, counted in ``loads``."""
 
+        sizes: dict[str, int] | None = None
+
+        def weight_bytes(self, dtype: Any) -> dict[str, int]:
+            # what a folder's files say: the same before and after a release (the released shell has no modules,
+            # and a size of 0 would let the before-load hook ask ComfyUI for nothing)
+            if self.sizes is None:
+                self.sizes = super().weight_bytes(dtype)
+            return self.sizes
+
         def build(self, dtype: Any, light_components: dict[str, Any]) -> Any:
             loads["count"] += 1  # every load of our weights through the residency manager
             if getattr(self.pipe, "transformer", None) is None:
