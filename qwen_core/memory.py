@@ -188,6 +188,11 @@ def _detach(pipe: Any, free_weights: bool) -> list[Detached]:
     weak references to what was detached, to check that gc collected it."""
     import torch
 
+    from qwen_core.cfg_batch import disable_cfg_batching
+
+    # Our batched-CFG wrapper sits on the pipeline object itself (its encode_prompt): a shell that lives on (a
+    # model source keeps it) would reach the transformer through it (H200: 38 GiB kept per release).
+    disable_cfg_batching(pipe)
     discard_state(pipe)  # what it describes (hooks, wrappers, handles) is detached below
     components = getattr(pipe, "components", None)
     modules: dict[str, Any] = dict(components) if isinstance(components, dict) else {"": pipe}

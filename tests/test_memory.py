@@ -90,6 +90,22 @@ class TestReleasePipeline:
         gc.collect()
         assert [r() for r in refs] == [None] * 4, "pipeline and weights must be collectable after release"
 
+    def test_a_shell_that_lives_on_does_not_keep_the_weights_alive(self, tiny_model_dir: Path, caplog):
+        """H200 (bench/comfy_cooperation.py, after the state fix): the released pipeline object lived on in its
+        model source, and its encode_prompt (our batched-CFG wrapper) reached the transformer. The release
+        freed the memory only through the survivor guard, which warned; now nothing survives."""
+        from qwen_core.cfg_batch import enable_cfg_batching
+
+        pipe = load(tiny_model_dir)
+        enable_cfg_batching(pipe)
+        refs = [weakref.ref(m) for m in (pipe.transformer, pipe.text_encoder, pipe.vae)]
+        with caplog.at_level(logging.WARNING, logger="qwen_core.memory"):
+            release_pipeline(pipe, settle_s=0)
+        gc.collect()
+        assert [r() for r in refs] == [None] * 3, "the shell (still referenced here) must reach no component"
+        assert "encode_prompt" not in vars(pipe), "our wrapper is taken off the shell"
+        assert not [r for r in caplog.records if "still referenced" in r.getMessage()]
+
     def test_streamed_engine_state_does_not_keep_the_weights_alive(self, tiny_model_dir: Path):
         """The streamed engine's handle (in the same state) held the pipeline too: the 16 GiB users' path."""
         from qwen_core.pipeline_state import peek_state
