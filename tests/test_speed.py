@@ -287,6 +287,23 @@ class TestColdStartWithWarmCache:
         assert compile_cache.precompile_wanted() is wanted
 
 
+    def test_the_switch_is_ignored_where_torch_cannot_load_its_traces(self, monkeypatch, caplog):
+        """H200, torch 2.11: the traces saved by one process failed to load in the next (TypeError in dynamo's
+        DefaultsSource), failing the image; below the verified torch the switch is ignored, said once."""
+        import logging
+
+        monkeypatch.setenv(compile_cache.PRECOMPILE_ENV, "1")
+        monkeypatch.setattr(compile_cache, "_torch_version", lambda: torch.torch_version.TorchVersion("2.11.0+cu130"))
+        monkeypatch.setattr(compile_cache, "_precompile_refusal_logged", False)
+        with caplog.at_level(logging.WARNING, logger=compile_cache.__name__):
+            assert compile_cache.precompile_wanted() is False
+            assert compile_cache.precompile_wanted() is False
+        lines = [r.getMessage() for r in caplog.records if compile_cache.PRECOMPILE_ENV in r.getMessage()]
+        assert len(lines) == 1 and ">= 2.14" in lines[0] and "this is 2.11.0+cu130" in lines[0], lines
+        monkeypatch.setattr(compile_cache, "_torch_version", lambda: torch.torch_version.TorchVersion("2.14.1"))
+        assert compile_cache.precompile_wanted() is True
+
+
 class TestCompileHandleLifetime:
     def test_a_compiled_transformer_is_collected_when_dropped(self, monkeypatch, tmp_path):
         """Bug: the handle (a value of a weak-key table keyed by the transformer) held the transformer, so a

@@ -138,18 +138,39 @@ def _enable_disk_caches() -> None:
 # guards are saved with torch's cache artifacts into our folder, so a cold process skips tracing too. Without it
 # inductor's caches save codegen only and dynamo re-traces every block on each process start (14 s of the first
 # image on an H200, bench/RESULTS.md); with it the tiny model's first call in a fresh process went from 7.9 s to
-# 0.05 s on a CPU (tests/test_speed.py::TestColdStartWithWarmCache). Opt-in until measured on a GPU: a graph the
-# cache cannot store (e.g. an attention processor class defined inside a function) fails its first call.
+# 0.05 s on a CPU (tests/test_speed.py::TestColdStartWithWarmCache). Opt-in: a graph the cache cannot store (e.g.
+# an attention processor class defined inside a function) fails its first call, and on the H200's torch 2.11 a
+# fresh process could not load the traces the previous one saved (TypeError in dynamo's DefaultsSource, the load
+# failed), so it is honoured only from the torch version it was verified with. There is no feature to detect a
+# bug by, hence a version number.
 PRECOMPILE_ENV = "QWEN_COMPILE_PRECOMPILE"
+PRECOMPILE_MIN_TORCH = "2.14"
 ARTIFACTS = "torch_cache_artifacts.bin"
 _loaded_artifacts: set[Path] = set()
+_precompile_refusal_logged = False
 
 
 def precompile_wanted() -> bool:
+    global _precompile_refusal_logged
     import torch._dynamo.config as dynamo_config
 
     on = os.environ.get(PRECOMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    return on and hasattr(dynamo_config, "caching_precompile") and hasattr(torch.compiler, "save_cache_artifacts")
+    if not on:
+        return False
+    available = hasattr(dynamo_config, "caching_precompile") and hasattr(torch.compiler, "save_cache_artifacts")
+    if available and _torch_version() >= PRECOMPILE_MIN_TORCH:
+        return True
+    if not _precompile_refusal_logged:
+        _precompile_refusal_logged = True
+        logging.getLogger(__name__).warning(
+            "%s=1 is ignored: it needs torch >= %s (this is %s; torch 2.11 could not load its own saved traces). "
+            "Compiling as usual: a new process re-traces the blocks, its first image takes longer.",
+            PRECOMPILE_ENV, PRECOMPILE_MIN_TORCH, _torch_version())
+    return False
+
+
+def _torch_version() -> torch.torch_version.TorchVersion:
+    return torch.torch_version.TorchVersion(torch.__version__)
 
 
 def load_artifacts(path: Path) -> bool:
