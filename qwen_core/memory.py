@@ -253,16 +253,20 @@ def _free_survivors(detached: list[Detached]) -> None:
 _FOLLOWED = (dict, list, tuple, set, frozenset, types.MethodType, types.CellType)  # holders, not owners
 
 
-def describe_referrers(obj: Any, depth: int = 4, limit: int = 6) -> str:
+def describe_referrers(obj: Any, depth: int = 4, limit: int = 6, max_scans: int = 24) -> str:
     """What keeps ``obj`` alive, as short chains towards an owner (``dict <- CfgBatcher``), for a log line.
     Containers, cells and bound methods are followed up to ``depth`` steps; frames (calls in progress) and
-    this function's own lists are left out."""
+    this function's own lists are left out. Each step scans the whole heap (``gc.get_referrers``), so at most
+    ``max_scans`` are made: a warning must not stall a release in a large process."""
     import inspect
 
     keep: list[Any] = []  # our own lists stay alive, so their ids are not reused while we exclude them
     ours = {id(keep)}
+    scans = 0
 
     def held_by(target: Any) -> list[Any]:
+        nonlocal scans
+        scans += 1
         found = [r for r in gc.get_referrers(target) if id(r) not in ours and not inspect.isframe(r)]
         keep.append(found)
         ours.add(id(found))
@@ -282,11 +286,12 @@ def describe_referrers(obj: Any, depth: int = 4, limit: int = 6) -> str:
         keep += [next_nodes, next_labels]
         ours.update((id(next_nodes), id(next_labels)))
         for node, text in zip(nodes, labels, strict=True):
-            parents = held_by(node) if isinstance(node, _FOLLOWED) else []
+            follow = isinstance(node, _FOLLOWED) and scans < max_scans
+            parents = held_by(node)[:limit] if follow else []
             if not parents:
                 chains.append(text)
-            next_nodes += parents[:limit]
-            next_labels += [f"{text} <- {label(parent)}" for parent in parents[:limit]]
+            next_nodes += parents
+            next_labels += [f"{text} <- {label(parent)}" for parent in parents]
         nodes, labels = next_nodes, next_labels
     chains += labels
     unique = list(dict.fromkeys(chains))
