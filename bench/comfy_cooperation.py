@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(with dynamic VRAM ComfyUI can page the first out for it, so ours need not go)")
     p.add_argument("--vram-cap-gib", type=float, default=None, help="simulate a smaller card (allocator cap + "
                    "the free VRAM ComfyUI and our loader read)")
+    p.add_argument("--vbar-scale", type=float, default=None,
+                   help="0.33 dynamic VRAM: reserve F x a model's size of address space for its pageable pool "
+                        "instead of ComfyUI's 10x (aimdo caps it at the card). A diagnostic: on the H200 the ~140 "
+                        "GiB reservation for a 30 GiB comfy.ops model was refused ('VBAR allocation failed')")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if not args.comfyui_dir:
@@ -134,6 +138,19 @@ def cap_vram(mm: Any, cap_gib: float) -> None:
         return max(0.0, value - hidden)
 
     mm.get_free_memory = get_free_memory
+
+
+def scale_vbar(scale: float) -> None:
+    """0.33's ModelPatcherDynamic asks aimdo for a pool of ``model_size() * 10`` (model_patcher.py, _vbar_get);
+    this asks for ``model_size() * scale`` instead. The factor 10 is ComfyUI's, read from its source."""
+    import comfy_aimdo.model_vbar as model_vbar
+
+    original = model_vbar.ModelVBAR.__init__
+
+    def init(self: Any, size: int, *args: Any, **kwargs: Any) -> None:
+        original(self, int(size / 10 * scale), *args, **kwargs)
+
+    model_vbar.ModelVBAR.__init__ = init
 
 
 class Counter:
@@ -282,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         no_release_hooks(mm)
     if args.vram_cap_gib:
         cap_vram(mm, args.vram_cap_gib)
+    if args.vbar_scale:
+        scale_vbar(args.vbar_scale)
     counter = Counter(mm)
     upscaler = make_upscaler(work / "models" / "upscale_models", args.tiny) if args.native == "upscaler" else None
     gen, loads = build_generator(args, bridge)
