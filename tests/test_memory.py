@@ -201,7 +201,6 @@ class TestReleasePipeline:
         owner.bound = target.forward  # a bound method
         text = describe_referrers(target)
         assert "Owner" in text and "<lambda>" in text, text
-        del owner
 
     def test_none_is_a_no_op(self):
         release_pipeline(None)

@@ -286,7 +286,6 @@ class TestColdStartWithWarmCache:
             monkeypatch.setenv(compile_cache.PRECOMPILE_ENV, value)
         assert compile_cache.precompile_wanted() is wanted
 
-
     def test_the_switch_is_ignored_where_torch_cannot_load_its_traces(self, monkeypatch, caplog):
         """H200, torch 2.11: the traces saved by one process failed to load in the next (TypeError in dynamo's
         DefaultsSource), failing the image; below the verified torch the switch is ignored, said once."""
