@@ -560,6 +560,7 @@ def list_loras() -> list[str]:
                 found.append(name)
     return found
 
+
 def resolve_lora(name: str) -> Path:
     """The file of a dropdown name (first LoRA folder that has it); a name never leaves its folder."""
     return _first_in(lora_dirs(), name, Path.is_file)
