@@ -146,6 +146,19 @@ class Results:
         os.replace(tmp, self.path)
 
 
+def cover_fit(points: list[tuple[float, float]]) -> dict[str, float]:
+    """Least-squares line through (megapixels, GiB) points, raised until it covers every point: a memory model
+    entry must never predict less than was measured."""
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mx) ** 2 for p in points)
+    slope = sum((p[0] - mx) * (p[1] - my) for p in points) / sxx
+    icpt = my - slope * mx
+    worst = max(p[1] - (icpt + slope * p[0]) for p in points)
+    return {"intercept_gib": round(icpt + max(0.0, worst), 4), "gib_per_mpix": round(slope, 4),
+            "max_residual_gib": round(worst, 4)}
+
+
 def rel_err(a: torch.Tensor, b: Any) -> float:
     """||a - b|| / ||b|| in float32 (the numerics tables of bench/RESULTS.md)."""
     a, b = a.detach().float(), torch.as_tensor(b).detach().float().to(a.device)

@@ -5,14 +5,22 @@
     python bench/family_bench.py --group 2.1 --out $OUT          # 2.1 (t2i and 1 condition image), 2.1 Turbo
     python bench/family_bench.py --tiny --group all --out /tmp/b # CPU dry run of the same code, scaled down
 
-Per case, at the model card's default size (Qwen-Image 1328x1328, Edit 1024x1024, Layered 640 bucket with 4
-layers, 2.1 1024x1024) and its CFG (4; 2.1: 1): plain diffusers ("as-is": the pipeline on the GPU, two forwards
-per CFG step) vs our ``gpu`` path (``in_memory_loader`` + ``QwenImageGenerator``: batched CFG where the family
-supports it), both on the full card; then our ``streamed`` path in a 16 GiB cap (allocator cap + the VRAM the
-loader/governor see, as bench/product.py does). Timings: a 1-step warm-up, then ``--steps`` steps timed by the
-step callback (median step), with the model card's step count extrapolated as text encoding + steps x median +
-decode. Governor check in the cap: the size the governor picks for the case (references counted) must run
-without OOM, and 1.15x its area (Layered: the next resolution bucket) should not fit (within 15% of the largest).
+Parts (``--parts``, default ``full,governor,streamed``), per case at the model card's default size (Qwen-Image
+1328x1328, Edit 1024x1024, Layered 640 bucket with 4 layers, 2.1 1024x1024) and its CFG (4; 2.1: 1):
+- ``full``: plain diffusers ("as-is": the pipeline on the GPU, two forwards per CFG step) vs our ``gpu`` path
+  (``in_memory_loader`` + ``QwenImageGenerator``: batched CFG where the family supports it), on the full card.
+  Timings: a 2-step warm-up, then ``--steps`` steps timed by the step callback (median step), with the model card's
+  step count extrapolated as text encoding + steps x median + decode.
+- ``governor``: our ``gpu`` path in a cap where the memory bound lands at a few megapixels (80 GiB for the 20 B
+  families, an H100 80GB's size; 40 GiB for 2.1), eager: asked for 8192x8192, the size the governor picks (the
+  case's references counted) must run without OOM, and 1.15x its area (Layered: the next resolution bucket) should
+  not fit (the bound is within 15% of the largest size that fits).
+- ``streamed``: our ``streamed`` path in a 16 GiB cap (allocator cap + the VRAM the loader/governor see, as
+  bench/product.py does); ``streamed-governor`` adds the same governor check there (slow: the streamed bound is
+  ~20 MP for Qwen-Image, minutes of compute per family).
+- ``memory``: the group's memory model measured first (bench/family_memory.py; not Layered, whose model is
+  Qwen-Image's), written to OUT/memory_model.json (the committed model with that family replaced) and read by the
+  rest of the run.
 
 Results go to OUT/results.json after every measurement (a run stopped at its limit still reports) and a
 markdown table to OUT/rows.md for bench/RESULTS.md.
@@ -33,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common as C  # noqa: E402
+import family_memory  # noqa: E402
 import fullsize_families as FF  # noqa: E402
 from in_memory import in_memory_loader  # noqa: E402
 
-from qwen_core import family_call, reference_images  # noqa: E402
+from qwen_core import family_call, memory_model, reference_images  # noqa: E402
 from qwen_core.errors import QwenError  # noqa: E402
 from qwen_core.families import FAMILIES, ModelFamily  # noqa: E402
 from qwen_core.generator import QwenImageGenerator  # noqa: E402
@@ -50,6 +59,10 @@ CASES = {  # group -> (family key, reference images)
     "2.1": [("qwen-image-2.1", 0), ("qwen-image-2.1", 1), ("qwen-image-2.1-turbo", 0)],
 }  # fmt: skip
 CAP_GIB = 16.0
+# memory model key -> the cap of the governor check in the gpu mode: its bound lands at a few MP there
+GOVERNOR_CAP_GIB = {"qwen-image": 80.0, "qwen-image-2.1": 40.0}
+GOVERNOR_REQUEST = (8192, 8192)  # larger than any window: the governor must choose
+PARTS = ("memory", "full", "governor", "streamed", "streamed-governor")
 PROMPT_WORDS = ("a watercolor fox in a snowy forest at dawn, soft light, fine detail, ") * 6  # ~64 tokens
 
 
@@ -60,14 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="scaled-down models and sizes (CPU dry run)")
     p.add_argument("--steps", type=int, default=4, help="timed denoising steps per run (2 with --tiny)")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting cases after this")
-    p.add_argument("--skip-streamed", action="store_true", help="only the full-card measurements")
-    p.add_argument("--only-streamed", action="store_true", help="only the 16 GiB streamed rows and governor checks")
+    p.add_argument("--parts", default="full,governor,streamed",
+                   help=f"comma-separated parts to run, of {', '.join(PARTS)} (see above)")
     p.add_argument("--cases", default="", help="comma-separated family keys of the group to run (default: all)")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps = min(args.steps, 2)
-    if args.skip_streamed and args.only_streamed:
-        p.error("--skip-streamed and --only-streamed leave nothing to run; pick one")
+    args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if not args.parts or args.parts - set(PARTS):
+        p.error(f"--parts: {sorted(args.parts - set(PARTS)) or 'nothing'} is not a part; parts: {', '.join(PARTS)}")
     args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
     known = {key for group in CASES.values() for key, _ in group}
     if args.cases - known:
@@ -171,7 +185,7 @@ def _fits(gen: QwenImageGenerator, refs: list[Any], size: tuple[int, int], **gov
         C.reset_peak()
 
 
-def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int] = (2048, 2048)) -> dict[str, Any]:
+def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int]) -> dict[str, Any]:
     """``request`` larger than fits: the governor picks the size (``_fits`` without a window override)."""
     family = gen.loader.family
     chosen = _fits(gen, refs, request)
@@ -180,9 +194,13 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
         return out
     w, h = chosen["size"]
     if family_call.is_layered(family):
-        bigger = [b for b in sorted(family.resolution_buckets) if b * b > w * h]
+        # The chosen bucket: the output holds resolution^2 pixels at the input's aspect, rounded down.
+        buckets = sorted(family.resolution_buckets)
+        current = next((b for b in buckets if b * b >= w * h), buckets[-1])
+        bigger = [b for b in buckets if b > current]
         if not bigger:
-            out["within_15pct"] = True  # already the largest bucket
+            out["within_15pct"] = True  # already the largest bucket: no larger size can be asked for
+            out["note"] = f"bucket {current} is the largest"
             return out
         probe = (bigger[0], bigger[0])
     else:
@@ -191,6 +209,26 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
     over = _fits(gen, refs, probe, max_pixels=10**9)
     out.update(probe=over, within_15pct=not over["fits"])
     return out
+
+
+def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.device, name: str,
+                  request: tuple[int, int]) -> dict[str, Any]:
+    """The governor check of our eager ``gpu`` path in GOVERNOR_CAP_GIB, loaded from the host as the product does
+    (the loader's VRAM reading then sees the capped, empty card)."""
+    from qwen_core.cfg_batch import disable_cfg_batching
+
+    cap = GOVERNOR_CAP_GIB.get(family.memory_model_key)
+    if cap is None:
+        return {"skipped": f"no governor cap for memory model {family.memory_model_key!r}"}
+    pipe.to("cpu")
+    C.reset_peak()
+    with C.memory_cap(cap):
+        gen = QwenImageGenerator(in_memory_loader(pipe, name=f"{name}-governor", memory_mode="gpu", device=str(dev),
+                                                  family=family, compile="off"))  # fmt: skip
+        try:
+            return {"cap_gib": cap, **governor_check(gen, refs, request)}
+        finally:
+            disable_cfg_batching(pipe)
 
 
 def streamed_case(pipe: Any, family: ModelFamily, refs: list[Any], size: tuple[int, int], args: argparse.Namespace,
@@ -204,7 +242,8 @@ def streamed_case(pipe: Any, family: ModelFamily, refs: list[Any], size: tuple[i
     try:
         with C.memory_cap(CAP_GIB):
             out = {"streamed_cap16": run_ours(gen, refs, size, args.steps)}
-            out["governor_cap16"] = governor_check(gen, refs, (256, 256) if args.tiny else (2048, 2048))
+            if "streamed-governor" in args.parts:
+                out["governor_cap16"] = governor_check(gen, refs, (256, 256) if args.tiny else GOVERNOR_REQUEST)
         return out
     finally:
         disable_streamed_offload(pipe, restore_device="cpu")  # back to the host: the next case packs its own plan
@@ -217,15 +256,42 @@ def run_case(R: C.Results, pipes: dict[str, Any], key: str, n_refs: int, args: a
     family, pipe = FAMILIES[key], pipes[key]
     name = f"{key}[{n_refs} image{'s' if n_refs != 1 else ''}]"
     refs, size = _refs(n_refs, args.tiny), _size(family, args.tiny)
-    if not streamed:
+    FF.match_variant(pipe, family)  # rows measured before this line existed ran 2509's transformer as 2511
+    if streamed:
+        if C.cuda() or args.tiny:  # on a CPU (--tiny) the same code runs; the placement is resident there
+            for section, value in streamed_case(pipe, family, refs, size, args, dev, name).items():
+                R.set(name, section, value)
+        return
+    if "full" in args.parts:
+        pipe.to(dev)
         R.set(name, "diffusers_as_is", run_diffusers(pipe, family, refs, size, args.steps))
         gen = QwenImageGenerator(in_memory_loader(pipe, name=f"{name}-gpu", memory_mode="gpu", device=str(dev),
                                                   family=family))  # fmt: skip
         R.set(name, "ours_gpu", run_ours(gen, refs, size, args.steps))
         disable_cfg_batching(pipe)  # the next case's "as-is" run must meet the plain transformer
-    elif C.cuda() or args.tiny:  # on a CPU (--tiny) the same code runs; the placement is resident there
-        for section, value in streamed_case(pipe, family, refs, size, args, dev, name).items():
-            R.set(name, section, value)
+    if "governor" in args.parts and (C.cuda() or args.tiny):
+        request = (256, 256) if args.tiny else GOVERNOR_REQUEST
+        R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request))
+
+
+def measure_memory(R: C.Results, group: str, pipes: dict[str, Any], args: argparse.Namespace,
+                   dev: torch.device) -> None:
+    """``--parts memory``: the group's memory model, then used by the rest of this run."""
+    key = next((k for k in FF.GROUPS[group] if FAMILIES[k].memory_model_key == k), None)
+    if key is None or family_call.is_layered(FAMILIES[key]):
+        R.set("memory", f"skipped:{group}", "no family of this group owns a memory model of its own")
+        return
+    entry = family_memory.measure(R, pipes[key], FAMILIES[key], dev, tiny=args.tiny)
+    R.set("memory", "entry", entry)
+    path = family_memory.merged_model(key, entry, args.out / "memory_model.json")
+    if not C.cuda():  # a CPU (--tiny) has no allocator peaks: its entry is all zeros, the code path is what it checks
+        return
+    try:
+        memory_model.load_memory_model(path)  # the loader's own checks: a bad fit must not fail every case after it
+    except QwenError as err:
+        R.set("memory", "not_used", str(err))
+        return
+    family_memory.use_memory_model(path)
 
 
 def _small_references_for_tiny() -> None:
@@ -255,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         pipes = FF.build_group(group, dev, dtype, args.tiny)
         C.sync()
         R.set(f"build:{group}", "seconds", round(time.perf_counter() - t0, 1))
-        passes = (False,) if args.skip_streamed else (True,) if args.only_streamed else (False, True)
+        if "memory" in args.parts:
+            measure_memory(R, group, pipes, args, dev)
+        passes = [streamed for streamed, parts in ((False, {"full", "governor"}), (True, {"streamed"}))
+                  if args.parts & parts]
         for streamed in passes:
             if streamed:
                 next(iter(pipes.values())).to("cpu")  # shared modules: every weight to the host before the cap

@@ -114,6 +114,13 @@ def set_zero_cond_t(transformer: Any, on: bool) -> None:
     transformer.register_to_config(zero_cond_t=on)
 
 
+def match_variant(pipe: Any, family: ModelFamily) -> None:
+    """The group shares one transformer: switch on what this family's variant changes (Edit-2511's
+    ``zero_cond_t``), and off again for the others."""
+    if hasattr(pipe.transformer, "zero_cond_t"):
+        set_zero_cond_t(pipe.transformer, family.variant == "zero_cond_t=true")
+
+
 def qwen_image_group(dev: Any, dtype: torch.dtype, tiny: bool, *, layered: bool = False) -> dict[str, Any]:
     """The pipelines of group "qwen-image" (or "layered"), sharing their components."""
     import diffusers

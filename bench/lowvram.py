@@ -12,7 +12,6 @@ import torch
 from sections import (
     STEPS,
     Context,
-    _linfit,
     fwd_batched,
     fwd_single,
     make_inputs,
@@ -167,7 +166,7 @@ def section_governor(ctx: Context) -> None:
         C.reset_peak()
     if not C.cuda():
         return
-    fit = _linfit(pts)
+    fit = C.cover_fit(pts)
     ctx.mm["streamed/bf16"] = {"base_gib": round(fit["intercept_gib"], 3), "gib_per_mpix": fit["gib_per_mpix"],
                                "headroom_gib": HEADROOM_GIB, "measured": "truncated batched forward, 0 resident"}
     from report import write_memory_model

@@ -9,13 +9,13 @@ from typing import Any
 
 import common as C
 from lowvram import HEADROOM_GIB
-from sections import STEPS, Context, _linfit
+from sections import STEPS, Context
 
 
 def _vae_fit(ctx: Context, tiled: bool) -> dict[str, float] | None:
     pts = [(r["mpix"], r["peak_extra_gib"]) for t, r in ctx.numbers.get("vae_points", [])
            if t == tiled and r.get("peak_extra_gib") is not None]
-    return _linfit(pts) if len(pts) >= 2 else None
+    return C.cover_fit(pts) if len(pts) >= 2 else None
 
 
 def memory_model_entries(ctx: Context) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 HEADER = ("| case | size | diffusers as-is ms/step (s/image) | ours gpu ms/step (s/image) | ours streamed 16 GiB "
-          "ms/step (s/image), peak GiB | governor in 16 GiB: chosen size, no OOM, within 15% |\n"
+          "ms/step (s/image), peak GiB | governor: cap, chosen size, no OOM, within 15% |\n"
           "|---|---|---|---|---|---|")
 
 
@@ -20,25 +20,34 @@ def _cell(run: dict[str, Any] | None) -> str:
     return f"{text} ({est:g})" if est is not None else text
 
 
-def _governor(check: dict[str, Any] | None) -> str:
+def _governor(check: dict[str, Any] | None, where: str) -> str:
     if not check:
-        return "-"
+        return ""
+    if "skipped" in check:
+        return f"{where}: skipped ({check['skipped']})"
     size = "x".join(str(v) for v in check.get("chosen", {}).get("size", []))
     within = check.get("within_15pct")
-    return f"{size}, {'yes' if check.get('never_oom') else 'OOM'}, {'-' if within is None else ('yes' if within else 'no')}"
+    probe = "x".join(str(v) for v in check.get("probe", {}).get("size", []))
+    verdict = "-" if within is None else ("yes" if within else "no")
+    detail = f" ({probe} {'OOM' if within else 'ran'})" if probe else f" ({check['note']})" if check.get("note") else ""
+    return f"{where}: {size}, {'yes' if check.get('never_oom') else 'OOM'}, {verdict}{detail}"
 
 
 def rows(data: dict[str, Any]) -> list[str]:
     out = [HEADER]
     for name, section in data.items():
-        if not isinstance(section, dict) or "diffusers_as_is" not in section and "streamed_cap16" not in section:
+        if not isinstance(section, dict) or not {"diffusers_as_is", "streamed_cap16", "governor_gpu"} & set(section):
             continue
         ours = section.get("ours_gpu") or section.get("streamed_cap16") or {}
         size = "x".join(str(v) for v in ours.get("size", [])) or "-"
         streamed = section.get("streamed_cap16")
         peak = f", {streamed['peak_gib']:.1f}" if streamed and streamed.get("peak_gib") is not None else ""
+        gpu_check = section.get("governor_gpu")
+        checks = [_governor(gpu_check, f"gpu {gpu_check['cap_gib']:g} GiB" if gpu_check and "cap_gib" in gpu_check
+                            else "gpu"),
+                  _governor(section.get("governor_cap16"), "streamed 16 GiB")]
         out.append(f"| {name} | {size} | {_cell(section.get('diffusers_as_is'))} | {_cell(section.get('ours_gpu'))} | "
-                   f"{_cell(streamed)}{peak} | {_governor(section.get('governor_cap16'))} |")
+                   f"{_cell(streamed)}{peak} | {'; '.join(c for c in checks if c) or '-'} |")
     return out
 
 

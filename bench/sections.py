@@ -267,21 +267,10 @@ def section_memory(ctx: Context) -> None:
                                                 "static_gib": base})
     if pts[0][1] is None:
         return
-    fit = _linfit(pts)
+    fit = C.cover_fit(pts)
     ctx.act = fit
     ctx.R.set("memory", "activation_fit", fit)
     ctx.numbers["static_gpu_gib"] = C.allocated_gib()
-
-
-def _linfit(pts: list[tuple[float, float]]) -> dict[str, float]:
-    n = len(pts)
-    mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    slope = sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-    icpt = my - slope * mx
-    worst = max(p[1] - (icpt + slope * p[0]) for p in pts)  # the line must cover every point
-    return {"intercept_gib": round(icpt + max(0.0, worst), 4), "gib_per_mpix": round(slope, 4),
-            "max_residual_gib": round(worst, 4)}
 
 
 def section_e2e(ctx: Context) -> None:
