@@ -2,7 +2,8 @@
 memory``). The run's governor checks then read the measured numbers (``use_memory_model``), and the entry is
 merged into the committed file by hand, as bench/gpu_bench.py's Qwen-Image entry was.
 
-Each point is one 2-step text-to-image call at an output size, with true CFG on (two branches: the larger case):
+Each point is a 2-step text-to-image call at an output size (the second of two: see ``_phase_peaks``), with true
+CFG on (two branches: the larger case), batched as our path batches it:
 - everything resident (the ``gpu`` mode): the peak over the weights while the text encoder and the denoising
   steps run ("activations"), and while the VAE decodes untiled ("vae");
 - the streamed engine with nothing resident (a budget below its working set streams every block) and the VAE
@@ -23,6 +24,7 @@ import common as C
 import torch
 
 from qwen_core import family_call, memory_model
+from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching
 from qwen_core.families import ModelFamily
 from qwen_core.streaming import disable_streamed_offload, enable_streamed_offload
 
@@ -33,9 +35,19 @@ STARVED_BUDGET_GIB = 0.5  # below any streaming working set: the planner keeps n
 PROMPT = ("a watercolor fox in a snowy forest at dawn, soft light, fine detail, ") * 6  # ~64 tokens
 
 
-def _phase_peaks(pipe: Any, family: ModelFamily, size: int) -> tuple[float, float]:
-    """GiB over what was allocated before the call: the peak up to the last step, and the peak of the decode."""
+def _call(pipe: Any, family: ModelFamily, size: int, **extra: Any) -> None:
     kwargs = family_call.call_kwargs(family, [], width=size, height=size, layers=family.default_layers)
+    pipe(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, output_type="pt",
+         generator=torch.Generator("cpu").manual_seed(0), **kwargs, **extra)
+    C.sync()
+
+
+def _phase_peaks(pipe: Any, family: ModelFamily, size: int) -> tuple[float, float]:
+    """GiB over what was allocated before the call: the peak up to the last step, and the peak of the decode.
+    The second call at a size is measured: the first one's kernel selection (cuDNN's convolutions in the VAE)
+    takes workspace while memory is free, and backs off when it is not (a 40 GiB cap ran what a first call's
+    peak said would not fit)."""
+    _call(pipe, family, size)
     phase: dict[str, float] = {}
     C.reset_peak()
     base = C.allocated_gib() or 0.0
@@ -48,18 +60,14 @@ def _phase_peaks(pipe: Any, family: ModelFamily, size: int) -> tuple[float, floa
                 torch.cuda.reset_peak_memory_stats()
         return {}
 
-    pipe(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, output_type="pt",
-         callback_on_step_end=at_step, generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-    C.sync()
+    _call(pipe, family, size, callback_on_step_end=at_step)
     return phase["steps"], (C.peak_gib() or 0.0) - base
 
 
 def _total_peak(pipe: Any, family: ModelFamily, size: int) -> float:
-    kwargs = family_call.call_kwargs(family, [], width=size, height=size, layers=family.default_layers)
+    _call(pipe, family, size)  # see _phase_peaks: the second call is measured
     C.reset_peak()
-    pipe(prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, output_type="pt",
-         generator=torch.Generator("cpu").manual_seed(0), **kwargs)
-    C.sync()
+    _call(pipe, family, size)
     return C.peak_gib() or 0.0
 
 
@@ -72,7 +80,8 @@ def compose_entries(weights_gib: dict[str, float], static_gib: float, act: dict[
                     streamed: dict[str, float] | None) -> dict[str, Any]:
     """Memory model entries from the fits: every mode and dtype the governor and the streaming planner read."""
     entries: dict[str, Any] = {
-        "activations/bf16": _entry(act, 0.0, "text encoder + 2 true-CFG steps, extra over the resident weights"),
+        "activations/bf16": _entry(act, 0.0, "text encoder + 2 true-CFG steps as our path runs them (batched CFG "
+                                   "where the family has it), extra over the resident weights"),
         "vae/bf16": _entry(vae, 0.0, "untiled VAE decode, extra over the resident weights"),
     }
     slope = {"gib_per_mpix": max(act["gib_per_mpix"], vae["gib_per_mpix"])}
@@ -109,12 +118,19 @@ def measure(R: C.Results, pipe: Any, family: ModelFamily, dev: torch.device, *, 
     C.reset_peak()
     static = C.allocated_gib() or 0.0
     steps, decode = [], []
-    for size in sizes:
-        s, d = _phase_peaks(pipe, family, size)
-        mpix = size * size / 1e6
-        steps.append((mpix, s))
-        decode.append((mpix, d))
-        R.set("memory", f"gpu_{size}", {"mpix": mpix, "steps_gib": round(s, 4), "decode_gib": round(d, 4)})
+    # Our path's forward: one batched cond+uncond forward where the family batches CFG (the streamed engine's
+    # re-plan counts rows the same way).
+    batched = enable_cfg_batching(pipe) is not None if family.cfg_batching else False
+    try:
+        for size in sizes:
+            s, d = _phase_peaks(pipe, family, size)
+            mpix = size * size / 1e6
+            steps.append((mpix, s))
+            decode.append((mpix, d))
+            R.set("memory", f"gpu_{size}", {"mpix": mpix, "steps_gib": round(s, 4), "decode_gib": round(d, 4),
+                                              "batched_cfg": batched})
+    finally:
+        disable_cfg_batching(pipe)
     act, vae = C.cover_fit(steps), C.cover_fit(decode)
     R.set("memory", "fits", {"static_gib": round(static, 3), "activations": act, "vae": vae})
     pipe.to("cpu")
@@ -137,7 +153,8 @@ def measure(R: C.Results, pipe: Any, family: ModelFamily, dev: torch.device, *, 
             "versions": {k: v.get(k) for k in ("torch", "diffusers", "transformers", "cuda")},
             "command": R.data.get("run", {}).get("command"),
             "note": "peak = base_gib + gib_per_mpix * megapixels (+ headroom_gib); bf16, ~64 text tokens, true CFG "
-                    "as two forwards; full-size random-weight models (bench/family_memory.py, bench/RESULTS.md)",
+                    "(batched where the family batches it); the second call at each size; full-size random-weight "
+                    "models (bench/family_memory.py, bench/RESULTS.md)",
             "reference_pixels": family.default_width * family.default_height, "weights_dtype": "bf16",
             "weights_gib": weights_gib, "entries": compose_entries(weights_gib, static, act, vae, streamed)}
 

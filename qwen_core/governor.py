@@ -114,9 +114,14 @@ def memory_window(situation: Situation, *, memory_model_path: str | os.PathLike 
     """The memory window for this situation (for the output image, once references and frames are counted),
     and the memory mode it is for."""
     window = _mode_window(situation, memory_model_path)
-    if situation.vram_gb is None or (not situation.extra_pixels and situation.pixel_cost == 1.0):
+    s = situation
+    if s.vram_gb is None or (not s.extra_pixels and s.pixel_cost == 1.0):
         return window
-    pixels, reason = _sequence_bound((window.pixels, window.reason), situation.extra_pixels, situation.pixel_cost)
+    # The cards of a split run blocks too: their bound already is the sequence's.
+    sequence = window.pixels if s.other_cards else mm.window_pixels(
+        window.memory_mode, s.vram_gb, weights=s.weights, family=s.family, dtype=mm.dtype_key(s.dtype),
+        memory_fraction=s.memory_fraction, path=memory_model_path, sequence=True)
+    pixels, reason = _sequence_bound((window.pixels, window.reason), sequence, s.extra_pixels, s.pixel_cost)
     return Window(pixels, window.memory_mode, reason)
 
 
@@ -145,15 +150,18 @@ def _mode_window(situation: Situation, memory_model_path: str | os.PathLike | No
                                                   f"{choice.max_pixels / 1e6:.2f} MP fit in {where}")
 
 
-def _sequence_bound(memory: tuple[int, str], extra_pixels: int, pixel_cost: float) -> tuple[int, str]:
-    """The memory bound on the output image when the sequence also holds ``extra_pixels`` (references) and
-    ``pixel_cost`` copies of the output (Layered's frames)."""
+def _sequence_bound(memory: tuple[int, str], sequence: int, extra_pixels: int, pixel_cost: float) -> tuple[int, str]:
+    """The memory bound on the output image when the transformer's sequence also holds ``extra_pixels``
+    (references) and ``pixel_cost`` copies of the output (Layered's frames): ``sequence`` bounds the transformer
+    phase (output frames + references), ``memory`` the whole peak (the decode of the output frames)."""
     if extra_pixels < 0 or not pixel_cost >= 1.0:
         raise InvalidInputError("extra_pixels", f"must be >= 0 with pixel_cost >= 1 (got {extra_pixels}, {pixel_cost}).")
-    limit = max(int((memory[0] - extra_pixels) / pixel_cost), 0)
+    by_sequence = max(int((sequence - extra_pixels) / pixel_cost), 0)
+    limit = min(by_sequence, int(memory[0] / pixel_cost))
     parts = [f"{extra_pixels / 1e6:.2f} MP of reference tokens"] if extra_pixels else []
     parts += [f"{pixel_cost:g} frames per output pixel"] if pixel_cost != 1.0 else []
-    return limit, f"{memory[1]}, less {' and '.join(parts)}: {limit / 1e6:.2f} MP for the output"
+    bound = "the transformer's sequence" if by_sequence <= limit else "the decode"
+    return limit, f"{memory[1]}, with {' and '.join(parts)}: {limit / 1e6:.2f} MP for the output ({bound} bounds it)"
 
 
 def max_pixels_with_reason(

@@ -25,6 +25,7 @@ use all of it (headroom_gib covers the CUDA context); the streamed engine is han
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -326,12 +327,20 @@ def mode_budget_gib(mode: object, vram_gib: float, memory_fraction: float = DEFA
 
 def window_pixels(mode: object, vram_gib: float | None, *, weights: WeightSizes | None = None,
                   family: str = DEFAULT_FAMILY, dtype: object = "bf16",
-                  memory_fraction: float = DEFAULT_MEMORY_FRACTION, path: str | os.PathLike | None = None) -> int:
-    """The largest image (pixels) ``mode`` holds with this VRAM reading; no reading (no GPU) = no limit."""
+                  memory_fraction: float = DEFAULT_MEMORY_FRACTION, path: str | os.PathLike | None = None,
+                  sequence: bool = False) -> int:
+    """The largest image (pixels) ``mode`` holds with this VRAM reading; no reading (no GPU) = no limit.
+
+    ``sequence``: the largest transformer sequence instead (output and reference tokens, as pixels). Only the
+    output is decoded, so the sequence costs the activations' slope where the mode's own slope is the untiled VAE
+    decode's (the resident modes, group offload)."""
     if vram_gib is None:
         return MAX_PIXELS
     fam = family_model(family, path)
     entry = fam.entry(mode, dtype)
+    activations = fam.entries.get(f"activations/{dtype_key(dtype)}")
+    if sequence and activations is not None and activations.gib_per_mpix < entry.gib_per_mpix:
+        entry = dataclasses.replace(entry, gib_per_mpix=activations.gib_per_mpix)
     return entry.max_pixels(mode_budget_gib(mode, vram_gib, memory_fraction), fam.base_gib(mode, dtype, weights))
 
 

@@ -552,11 +552,16 @@ class StreamingHandle:
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if not isinstance(hs, torch.Tensor) or hs.ndim != 3 or not self.plan.resident:
             return
-        # The reserve was planned for one batched cond+uncond forward at max_pixels. A batcher that will double
-        # this call counts twice; 16x16 image pixels per token (VAE /8, patch 2).
+        # The reserve was planned with the family's activation slope, measured per output pixel as our path runs
+        # the forward: one batched cond+uncond forward (2 rows) where the family batches CFG, else one row.
+        # A batcher that will double this call counts twice; 256 image pixels per token in every family (Qwen-
+        # Image: VAE /8, patch 2; 2.1: VAE /16, unpatched).
+        from qwen_core.cfg_batch import supports_cfg_batching
+
         batcher = state_of(self.pipe).cfg_batcher
         rows = hs.shape[0] * (2 if batcher is not None and batcher.would_batch(kwargs) else 1)
-        pixels = rows * hs.shape[1] * 256 // 2
+        measured_rows = 2 if supports_cfg_batching(self.pipe) else 1
+        pixels = rows * hs.shape[1] * 256 // measured_rows
         if pixels > self.max_pixels:
             self.replan(pixels)
 

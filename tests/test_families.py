@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qwen_core import governor, reference_images
+from qwen_core import memory_model as mm
 from qwen_core.errors import InvalidInputError, ModelFolderError, QwenError
 from qwen_core.families import (
     FAMILIES,
@@ -25,6 +26,7 @@ from qwen_core.families import (
 from qwen_core.generator import QwenImageGenerator, validate_request
 from qwen_core.integrity import check_model_folder
 from qwen_core.memory import get_residency_manager
+from qwen_core.options import MemoryMode
 
 KEYS = list(FAMILIES)
 IMAGE = torch.rand(1, 48, 64, 3)  # a ComfyUI IMAGE: [B, H, W, C] in 0..1
@@ -217,13 +219,29 @@ class TestGovernorCountsReferenceTokens:
         assert family.extra_pixels(3) == 3 * (4096 + 188) * PIXELS_PER_IMAGE_TOKEN
 
     def test_more_references_leave_a_smaller_output(self) -> None:
-        pixels = [self._plan("edit-2509", n).decision.pixels for n in (1, 2, 3)]
+        # Streamed, 12 GB: the window is activations-bound, so every reference's tokens cost output pixels.
+        card = {"vram_gb": 12.0, "dtype": "bf16", "memory_mode": "streamed"}
+        pixels = [self._plan("edit-2509", n, side=4096, card=card).decision.pixels for n in (1, 2, 3)]
         assert pixels[0] > pixels[1] > pixels[2]
-        memory = governor.max_pixels(72.0, "bf16", "gpu")
+        memory = governor.max_pixels(12.0, "bf16", "streamed")
         for n, allowed in zip((1, 2, 3), pixels, strict=True):
             # Output + references stay inside the measured memory bound.
             assert allowed + get_family("edit-2509").extra_pixels(n) <= memory
-        assert "reference tokens" in self._plan("edit-2509", 3).decision.reason
+        assert "reference tokens" in self._plan("edit-2509", 3, side=4096, card=card).decision.reason
+
+    def test_where_the_decode_bounds_the_output_references_only_cost_the_transformer(self) -> None:
+        # gpu mode, 72 GB: the untiled VAE decode (3.9 GiB/MP) bounds the output at 4.4 MP; the references' tokens
+        # are never decoded and cost only the activations (0.68 GiB/MP), so three of them leave the output as is.
+        decode_bound = governor.max_pixels(72.0, "bf16", "gpu")
+        sequence_bound = mm.window_pixels("gpu", 72.0, sequence=True)
+        for n in (1, 3):
+            plan = self._plan("edit-2509", n, side=4096)
+            assert plan.decision.pixels <= decode_bound < 1.02 * plan.decision.pixels
+            assert plan.decision.pixels + get_family("edit-2509").extra_pixels(n) <= sequence_bound
+            assert "the decode bounds it" in plan.decision.reason
+        # So many references that the sequence binds: the output shrinks after all.
+        many = governor.max_pixels(72.0, "bf16", "gpu", extra_pixels=sequence_bound - 2_000_000)
+        assert 1_900_000 <= many <= 2_000_000
 
     def test_text_to_image_is_unchanged(self) -> None:
         plain = governor.clamp_image_size(2048, 2048, **self.CARD)
@@ -242,9 +260,9 @@ class TestGovernorCountsReferenceTokens:
     def test_the_generator_passes_the_references_to_the_governor(self, tiny_family_dir) -> None:
         gen = QwenImageGenerator(tiny_family_dir("edit-2509"), device="cpu")
         loader = gen.loader
-        # A 12 GB reading carried in the plan (what a CUDA load takes), bf16: with the tiny model's own weights the
-        # window is then activations-bound (~2.8 MP), so the references' tokens must shrink the output.
-        loader.plan = dataclasses.replace(loader.plan, dtype=torch.bfloat16, vram_gib=12.0)
-        one, three = (gen.plan("a cat", images=[IMAGE] * n, width=2048, height=2048) for n in (1, 3))
+        # A 12 GB reading carried in the plan (what a CUDA load takes), bf16, streamed: that window is
+        # activations-bound, so the references' tokens must shrink the output.
+        loader.plan = dataclasses.replace(loader.plan, dtype=torch.bfloat16, vram_gib=12.0, memory_mode=MemoryMode.STREAMED)
+        one, three = (gen.plan("a cat", images=[IMAGE] * n, width=4096, height=4096) for n in (1, 3))
         assert three.decision.pixels < one.decision.pixels
         assert not loader.is_loaded

@@ -161,3 +161,21 @@ class TestReplan:
             disable_streamed_offload(pipe)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert "forward" not in pipe.transformer.__dict__
+
+    def test_a_family_without_batched_cfg_counts_one_row_per_pixel(self, tiny_family_dir) -> None:
+        # Regression (H200, 2.1 with a condition image in 16 GiB: OOM): 2.1 runs CFG as two forwards, so its
+        # activation slope is per row; counting its tokens as half a batched forward's never re-planned.
+        from diffusers import QwenImage21Pipeline
+
+        pipe = QwenImage21Pipeline.from_pretrained(tiny_family_dir("qwen-image-2.1"), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        first = enable_streamed_offload(pipe, "cpu", budget_gib=64.0, max_pixels=80 * 80)
+        try:
+            assert first.cfg_batcher is None  # this family's two forwards stay two
+            pipe(prompt="a cat", height=96, width=96, num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0))
+            now = streaming_handle(pipe)
+            # 96x96 = 36 tokens of one row: 9216 pixels, above the 6400 planned (as half rows: 4608, below).
+            assert now is not first and now.replans == 1 and now.max_pixels >= 96 * 96
+        finally:
+            disable_streamed_offload(pipe)
