@@ -29,7 +29,9 @@ def _governor(check: dict[str, Any] | None, where: str) -> str:
     within = check.get("within_15pct")
     probe = "x".join(str(v) for v in check.get("probe", {}).get("size", []))
     verdict = "-" if within is None else ("yes" if within else "no")
-    detail = f" ({probe} {'OOM' if within else 'ran'})" if probe else f" ({check['note']})" if check.get("note") else ""
+    over = check.get("probe", {})
+    outcome = "OOM" if not over.get("fits", True) else "needed the tiled re-decode" if over.get("tiled_fallback") else "ran"
+    detail = f" ({probe} {outcome})" if probe else f" ({check['note']})" if check.get("note") else ""
     return f"{where}: {size}, {'yes' if check.get('never_oom') else 'OOM'}, {verdict}{detail}"
 
 

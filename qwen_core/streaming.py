@@ -498,6 +498,7 @@ class StreamingHandle:
     options: dict[str, Any] = field(default_factory=dict)
     hook: Any = None
     replans: int = 0  # how many times this pipeline's engine was re-planned for a larger image
+    vae_tiled_before: bool = False  # the VAE's tiling before the engine set its own: disable() restores it
 
     @property
     def pipe(self) -> Any:
@@ -522,6 +523,12 @@ class StreamingHandle:
                 streamer.remove(target if target.type == "cpu" else None)
         if pipe is None:
             return
+        vae = getattr(pipe, "vae", None)
+        if vae is not None and hasattr(vae, "enable_tiling"):  # a later resident run must decode as before
+            if self.vae_tiled_before:
+                vae.enable_tiling()
+            else:
+                vae.disable_tiling()
         if target != self.device:
             for name in ("transformer", "text_encoder", "vae"):
                 if name in self.options.get("placed_elsewhere", ()):
@@ -676,6 +683,7 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
         text_encoder.to(dev)
     dtype = memory_model.dtype_key(_compute_dtype(transformer))
     vae_per_mpix = memory_model.family_model(family).vae_gib_per_mpix(dtype) if vae_tiling is None else 0.0
+    tiled_before = bool(getattr(getattr(pipe, "vae", None), "use_tiling", False))
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling, vae_per_mpix)
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # hand back the segments the streamed weights occupied
@@ -683,7 +691,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
                              options=dict(budget_gib=budget, fp8=fp8, num_slots=num_slots, vae_tiling=vae_tiling,
                                           stream_text_encoder=stream_text_encoder,
                                           act_gib_per_mpix=act_gib_per_mpix, family=family,
-                                          placed_elsewhere=tuple(placed_elsewhere)))
+                                          placed_elsewhere=tuple(placed_elsewhere)),
+                             vae_tiled_before=tiled_before)
     handle.hook = transformer.register_forward_pre_hook(handle._check_capacity, with_kwargs=True)
     if cfg_batching:
         from qwen_core.cfg_batch import enable_cfg_batching

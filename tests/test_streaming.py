@@ -130,6 +130,14 @@ class TestPipeline:
         assert loads == 1 + 2 * 2
         assert "forward" not in pipe.transformer.__dict__  # disable removed the batching wrapper too
 
+    def test_disable_gives_the_vae_its_own_tiling_back(self, pipe: Any) -> None:
+        # Regression: the engine's tiling outlived it, so a later resident run decoded in tiles (bench/RESULTS.md).
+        assert not pipe.vae.use_tiling
+        enable_streamed_offload(pipe, "cpu", budget_gib=64.0, max_pixels=64 * 64, vae_tiling=True)
+        assert pipe.vae.use_tiling
+        disable_streamed_offload(pipe)
+        assert not pipe.vae.use_tiling
+
     def test_large_budget_keeps_everything_resident(self, pipe: Any) -> None:
         handle = enable_streamed_offload(pipe, "cpu", budget_gib=64.0, max_pixels=64 * 64)
         try:
