@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting cases after this")
     p.add_argument("--parts", default="full,governor,streamed",
                    help=f"comma-separated parts to run, of {', '.join(PARTS)} (see above)")
-    p.add_argument("--cases", default="", help="comma-separated family keys of the group to run (default: all)")
+    p.add_argument("--cases", default="",
+                   help="comma-separated family keys of the group to run, or one case as key[images] (default: all)")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps = min(args.steps, 2)
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.parts or args.parts - set(PARTS):
         p.error(f"--parts: {sorted(args.parts - set(PARTS)) or 'nothing'} is not a part; parts: {', '.join(PARTS)}")
     args.cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    known = {key for group in CASES.values() for key, _ in group}
+    known = {name for group in CASES.values() for key, n in group for name in (key, f"{key}[{n}]")}
     if args.cases - known:
         p.error(f"--cases: unknown {sorted(args.cases - known)}; known: {sorted(known)}")
     return args
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 next(iter(pipes.values())).to("cpu")  # shared modules: every weight to the host before the cap
                 C.reset_peak()
             for key, n_refs in CASES[group]:
-                if args.cases and key not in args.cases:
+                if args.cases and not {key, f"{key}[{n_refs}]"} & args.cases:
                     continue
                 if R.left() < (90 if streamed else 40):
                     R.set("skipped", f"{key}[{n_refs}]{':streamed' if streamed else ''}", f"{R.left():.0f} s left")
