@@ -152,7 +152,7 @@ def validate_request(
     """Check every input (raising InvalidInputError naming the field, QwenError for a wrong image count) and
     decide the size; no compute. ``width``/``height`` None: the family's default (for an edit model, its
     default area at the last reference's aspect). ``governor_kwargs``: for ``governor.clamp_image_size``, or a
-    callable taking ``extra_pixels=`` and ``pixel_cost=`` (``PipelineLoader.governor_inputs``)."""
+    callable taking ``extra_pixels=``, ``pixel_cost=`` and ``cfg_branches=`` (``PipelineLoader.governor_inputs``)."""
     warnings: list[str] = []
     prompt = _text_field("prompt", prompt, required=True, warnings=warnings)
     negative = _text_field("negative_prompt", negative_prompt, required=False, warnings=warnings)
@@ -197,12 +197,13 @@ def decide_size(request: GenerationRequest, family: ModelFamily, width: object, 
         auto_w, auto_h = family_call.auto_size(family, request.images)
         width, height = auto_w if width is None else width, auto_h if height is None else height
     extra, cost = family.extra_pixels(len(request.images)), family.sequence_frames(request.layers)
+    branches = 2 if request.true_cfg_scale > 1 else 1
     if callable(governor_kwargs):
-        kwargs = governor_kwargs(extra_pixels=extra, pixel_cost=cost)
+        kwargs = governor_kwargs(extra_pixels=extra, pixel_cost=cost, cfg_branches=branches)
     else:
         kwargs = dict(governor_kwargs or {})
         if kwargs.get("max_pixels") is None:  # an explicit limit already accounts for everything
-            kwargs.update(extra_pixels=extra, pixel_cost=cost)
+            kwargs.update(extra_pixels=extra, pixel_cost=cost, cfg_branches=branches)
     decision = governor.clamp_image_size(width, height, **kwargs)
     if family_call.is_layered(family):
         size = family_call.layered_size(family, decision.pixels, request.images[0], size_multiple)

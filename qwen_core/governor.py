@@ -65,6 +65,7 @@ class Situation:
     # The sequence beside the output image: reference images' tokens (as pixels) and Layered's frames per pixel.
     extra_pixels: int = 0
     pixel_cost: float = 1.0
+    cfg_branches: int = 2  # forwards per step (true CFG: 2); a family's per-branch reference cache counts each
     # The main card is the one read above (VAE, latents; its weights exclude a text encoder placed elsewhere);
     # the cards a split transformer also runs on bound the window too.
     other_cards: tuple[OtherCard, ...] = ()
@@ -121,7 +122,9 @@ def memory_window(situation: Situation, *, memory_model_path: str | os.PathLike 
     sequence = window.pixels if s.other_cards else mm.window_pixels(
         window.memory_mode, s.vram_gb, weights=s.weights, family=s.family, dtype=mm.dtype_key(s.dtype),
         memory_fraction=s.memory_fraction, path=memory_model_path, sequence=True)
-    pixels, reason = _sequence_bound((window.pixels, window.reason), sequence, s.extra_pixels, s.pixel_cost)
+    weights = mm.reference_weights(window.memory_mode, family=s.family, dtype=mm.dtype_key(s.dtype),
+                                   cfg_branches=s.cfg_branches, path=memory_model_path)
+    pixels, reason = _sequence_bound((window.pixels, window.reason), sequence, s.extra_pixels, s.pixel_cost, weights)
     return Window(pixels, window.memory_mode, reason)
 
 
@@ -150,18 +153,24 @@ def _mode_window(situation: Situation, memory_model_path: str | os.PathLike | No
                                                   f"{choice.max_pixels / 1e6:.2f} MP fit in {where}")
 
 
-def _sequence_bound(memory: tuple[int, str], sequence: int, extra_pixels: int, pixel_cost: float) -> tuple[int, str]:
+def _sequence_bound(memory: tuple[int, str], sequence: int, extra_pixels: int, pixel_cost: float,
+                    weights: tuple[float, float] = (1.0, 0.0)) -> tuple[int, str]:
     """The memory bound on the output image when the transformer's sequence also holds ``extra_pixels``
     (references) and ``pixel_cost`` copies of the output (Layered's frames): ``sequence`` bounds the transformer
-    phase (output frames + references), ``memory`` the whole peak (the decode of the output frames)."""
+    phase (output frames + references), ``memory`` the whole peak (the decode of the output frames). ``weights``:
+    output pixels one reference pixel displaces in each phase (``memory_model.reference_weights``)."""
     if extra_pixels < 0 or not pixel_cost >= 1.0:
         raise InvalidInputError("extra_pixels", f"must be >= 0 with pixel_cost >= 1 (got {extra_pixels}, {pixel_cost}).")
-    by_sequence = max(int((sequence - extra_pixels) / pixel_cost), 0)
-    limit = min(by_sequence, int(memory[0] / pixel_cost))
+    in_sequence, in_decode = weights
+    by_sequence = max(int((sequence - extra_pixels * in_sequence) / pixel_cost), 0)
+    by_decode = max(int((memory[0] - extra_pixels * in_decode) / pixel_cost), 0)
+    limit = min(by_sequence, by_decode)
     parts = [f"{extra_pixels / 1e6:.2f} MP of reference tokens"] if extra_pixels else []
     parts += [f"{pixel_cost:g} frames per output pixel"] if pixel_cost != 1.0 else []
-    bound = "the transformer's sequence" if by_sequence <= limit else "the decode"
-    return limit, f"{memory[1]}, with {' and '.join(parts)}: {limit / 1e6:.2f} MP for the output ({bound} bounds it)"
+    bound = "the transformer's sequence" if by_sequence <= by_decode else "the decode"
+    held = " (their key/value cache is held through it)" if in_decode and bound == "the decode" else ""
+    return limit, (f"{memory[1]}, with {' and '.join(parts)}: {limit / 1e6:.2f} MP for the output ({bound} bounds "
+                   f"it{held})")
 
 
 def max_pixels_with_reason(
@@ -276,17 +285,19 @@ def clamp_image_size(
     memory_model_path: str | os.PathLike | None = None,
     extra_pixels: int = 0,
     pixel_cost: float = 1.0,
+    cfg_branches: int | None = None,
 ) -> SizeDecision:
     """Decide the final size. ``situation`` (or its shorthand ``vram_gb``/``dtype``/``memory_mode``/
-    ``extra_pixels``/``pixel_cost``) gives the memory window; ``max_pixels`` overrides it (an OOM fallback's smaller
+    ``extra_pixels``/``pixel_cost``/``cfg_branches``) gives the memory window; ``max_pixels`` overrides it (an OOM fallback's smaller
     window; the caller has already accounted for references in it). ``time_budget_s`` (seconds per step,
     estimated) caps the size further; ``two_pass`` = true CFG (two branches per step) for the estimate."""
     req_w, req_h = validate_size(width, height)
+    branches = {} if cfg_branches is None else {"cfg_branches": cfg_branches}
     if situation is None:
         situation = Situation(vram_gb, mm.mode_key(memory_mode), mm.dtype_key(dtype), extra_pixels=extra_pixels,
-                              pixel_cost=pixel_cost)
-    elif extra_pixels or pixel_cost != 1.0:
-        situation = dataclasses.replace(situation, extra_pixels=extra_pixels, pixel_cost=pixel_cost)
+                              pixel_cost=pixel_cost, **branches)
+    elif extra_pixels or pixel_cost != 1.0 or branches:
+        situation = dataclasses.replace(situation, extra_pixels=extra_pixels, pixel_cost=pixel_cost, **branches)
     window = memory_window(situation, memory_model_path=memory_model_path)
     if max_pixels is None:
         limit, source = window.pixels, window.reason

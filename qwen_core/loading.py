@@ -375,10 +375,11 @@ class PipelineLoader:
             if get_residency_manager().release(self.residency_key):
                 get_session_log().info(f"loader: unloaded weights of {self.path}")
 
-    def governor_inputs(self, extra_pixels: int = 0, pixel_cost: float = 1.0) -> dict[str, Any]:
+    def governor_inputs(self, extra_pixels: int = 0, pixel_cost: float = 1.0, cfg_branches: int = 2) -> dict[str, Any]:
         """Keyword arguments for ``governor.clamp_image_size`` that describe this loader's situation: the plan's
         VRAM reading, memory mode and dtype, the family and its weights, what the streamed engine planned for;
-        ``extra_pixels``/``pixel_cost``: what reference images and Layered's frames add to the sequence."""
+        ``extra_pixels``/``pixel_cost``: what reference images and Layered's frames add to the sequence;
+        ``cfg_branches``: forwards per step (a per-branch reference cache counts each)."""
         from qwen_core import governor, memory_model
 
         plan = self.plan
@@ -391,7 +392,7 @@ class PipelineLoader:
         situation = governor.Situation(plan.vram_gib, plan.memory_mode.value, self.dtype_name, family,
                                        weights=weights if weights.parts else None,
                                        memory_fraction=plan.max_memory_fraction, plan_pixels=planned,
-                                       extra_pixels=extra_pixels, pixel_cost=pixel_cost,
+                                       extra_pixels=extra_pixels, pixel_cost=pixel_cost, cfg_branches=cfg_branches,
                                        other_cards=self._other_cards(plan))
         max_pixels = None  # the governor derives the window from the situation itself
         if plan.pixel_scale < 1:  # an OOM fallback shrank the window

@@ -206,6 +206,12 @@ class FamilyMemoryModel:
         """Untiled VAE decode working memory per megapixel."""
         return self.entry("vae", dtype).gib_per_mpix
 
+    def reference_cache_gib_per_mpix(self, dtype: object) -> float:
+        """Keys/values a pipeline caches per megapixel of reference tokens and CFG branch, held until the call
+        returns (Qwen-Image 2.1's condition cache); 0 where the family caches none."""
+        entry = self.entries.get(f"reference_cache/{dtype_key(dtype)}")
+        return entry.gib_per_mpix if entry is not None else 0.0
+
 
 @dataclass(frozen=True)
 class MemoryModel:
@@ -342,6 +348,21 @@ def window_pixels(mode: object, vram_gib: float | None, *, weights: WeightSizes 
     if sequence and activations is not None and activations.gib_per_mpix < entry.gib_per_mpix:
         entry = dataclasses.replace(entry, gib_per_mpix=activations.gib_per_mpix)
     return entry.max_pixels(mode_budget_gib(mode, vram_gib, memory_fraction), fam.base_gib(mode, dtype, weights))
+
+
+def reference_weights(mode: object, *, family: str = DEFAULT_FAMILY, dtype: object = "bf16", cfg_branches: int = 2,
+                      path: str | os.PathLike | None = None) -> tuple[float, float]:
+    """How many output pixels one reference pixel displaces, in the transformer phase and in the decode phase.
+
+    A reference's tokens cost the sequence's slope (``window_pixels(sequence=True)``) plus, in a family whose
+    pipeline caches their keys/values (``reference_cache``), that cache for each CFG branch; the cache is held
+    through the decode too, where nothing else of the references is."""
+    fam = family_model(family, path)
+    entry = fam.entry(mode, dtype)
+    activations = fam.entries.get(f"activations/{dtype_key(dtype)}")
+    sequence_slope = min(entry.gib_per_mpix, activations.gib_per_mpix) if activations else entry.gib_per_mpix
+    cache = fam.reference_cache_gib_per_mpix(dtype) * max(1, cfg_branches)
+    return 1.0 + cache / sequence_slope, cache / entry.gib_per_mpix
 
 
 @dataclass(frozen=True)

@@ -568,9 +568,23 @@ class StreamingHandle:
         batcher = state_of(self.pipe).cfg_batcher
         rows = hs.shape[0] * (2 if batcher is not None and batcher.would_batch(kwargs) else 1)
         measured_rows = 2 if supports_cfg_batching(self.pipe) else 1
-        pixels = rows * hs.shape[1] * 256 // measured_rows
+        pixels = rows * hs.shape[1] * 256 // measured_rows + self._held_reference_pixels(hs, kwargs)
         if pixels > self.max_pixels:
             self.replan(pixels)
+
+    def _held_reference_pixels(self, hs: torch.Tensor, kwargs: dict) -> int:
+        """The reference tokens' key/value cache, as pixels of the activation reserve, in a family whose pipeline
+        keeps one beside the activations for every step (``memory_model``'s ``reference_cache``: 2.1, whose
+        ``img_shapes`` list the condition images first and the target last). Both CFG branches are counted: the
+        first forward cannot tell whether a negative one follows."""
+        family = memory_model.family_model(self.options.get("family", memory_model.DEFAULT_FAMILY))
+        dtype = memory_model.dtype_key(hs.dtype)
+        cache = family.reference_cache_gib_per_mpix(dtype)
+        shapes = kwargs.get("img_shapes")
+        if not cache or not shapes or not shapes[0]:
+            return 0
+        references = max(hs.shape[1] - math.prod(shapes[0][-1]), 0)
+        return int(references * 256 * 2 * cache / family.activation_gib_per_mpix(dtype))
 
 
 def _move_except(root: nn.Module, exclude: Sequence[nn.Module], device: torch.device) -> None:

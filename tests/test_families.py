@@ -243,6 +243,29 @@ class TestGovernorCountsReferenceTokens:
         many = governor.max_pixels(72.0, "bf16", "gpu", extra_pixels=sequence_bound - 2_000_000)
         assert 1_900_000 <= many <= 2_000_000
 
+    def test_a_reference_cache_held_through_the_decode_costs_the_decode(self) -> None:
+        # H200, 40 GiB cap: 2.1 with one condition image at the governor's 1152x1152 ran out of memory in the
+        # decode (caught: tiled re-decode), because its pipeline keeps the condition's keys/values until it returns.
+        situation = governor.Situation(40.0, "gpu", "bf16", "qwen-image-2.1")
+        extra = get_family("2.1").extra_pixels(1)
+        plain = governor.clamp_image_size(8192, 8192, situation=situation).pixels
+        one, two = (governor.clamp_image_size(8192, 8192, situation=situation, extra_pixels=extra,
+                                              cfg_branches=b) for b in (1, 2))  # fmt: skip
+        cache = mm.family_model("qwen-image-2.1").reference_cache_gib_per_mpix("bf16")
+        vae = mm.family_model("qwen-image-2.1").vae_gib_per_mpix("bf16")
+        decode_window = governor.memory_window(situation).pixels  # the untiled decode's bound, no references
+        for decision, branches in ((one, 1), (two, 2)):
+            # The decode holds the output's decode and the cache of every branch; nothing else of the references.
+            assert decision.pixels + extra * branches * cache / vae <= decode_window
+            assert "key/value cache is held through it" in decision.reason
+        assert two.pixels < one.pixels < 0.8 * plain
+        assert (one.width, one.height) == (976, 976)  # 0.95 MP: predicted peak 39.8 GiB with its headroom
+        # Qwen-Image's edit pipelines cache nothing: the branches do not change their window.
+        card = {"vram_gb": 72.0, "dtype": "bf16", "memory_mode": "gpu"}
+        e = get_family("edit-2509").extra_pixels(3)
+        assert (governor.clamp_image_size(4096, 4096, **card, extra_pixels=e, cfg_branches=1).pixels
+                == governor.clamp_image_size(4096, 4096, **card, extra_pixels=e, cfg_branches=2).pixels)
+
     def test_text_to_image_is_unchanged(self) -> None:
         plain = governor.clamp_image_size(2048, 2048, **self.CARD)
         assert self._plan("qwen-image", 0).decision == plain

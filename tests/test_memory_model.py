@@ -259,3 +259,21 @@ class TestAgreement:
         assert "within 9.0 GiB" in placement
         with pytest.raises(ValueError, match="vram_gib"):
             apply_memory_mode(object(), dataclasses.replace(plan, vram_gib=None), stale)
+
+
+class TestReferenceWeights:
+    """What one reference pixel displaces of the output, per phase (governor._sequence_bound uses it)."""
+
+    def test_references_cost_the_activations_where_the_decode_is_steeper(self) -> None:
+        assert mm.reference_weights("gpu", family="qwen-image") == (1.0, 0.0)
+        assert mm.reference_weights("streamed", family="qwen-image") == (1.0, 0.0)
+
+    def test_a_cached_reference_also_costs_its_keys_and_values_per_branch(self) -> None:
+        fam = mm.family_model("qwen-image-2.1")
+        cache, act, vae = (fam.reference_cache_gib_per_mpix("bf16"), fam.activation_gib_per_mpix("bf16"),
+                           fam.vae_gib_per_mpix("bf16"))
+        assert cache == pytest.approx(2 * 32 * 4096 * 2 * (1e6 / 256) / 2**30, abs=1e-4)  # K+V, 32 blocks, bf16
+        one = mm.reference_weights("gpu", family="qwen-image-2.1", cfg_branches=1)
+        two = mm.reference_weights("gpu", family="qwen-image-2.1", cfg_branches=2)
+        assert one == pytest.approx((1 + cache / act, cache / vae))
+        assert two == pytest.approx((1 + 2 * cache / act, 2 * cache / vae))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,34 @@ class TestReplan:
             assert now is not first and now.replans == 1 and now.max_pixels >= 96 * 96
         finally:
             disable_streamed_offload(pipe)
+
+    def test_a_condition_images_cache_is_reserved_beside_the_activations(self, tiny_family_dir) -> None:
+        # 2.1 keeps the condition image's keys/values for every step: the re-plan reserves them (both branches).
+        from diffusers import QwenImage21Pipeline
+        from PIL import Image
+
+        from qwen_core import memory_model
+
+        pipe = QwenImage21Pipeline.from_pretrained(tiny_family_dir("qwen-image-2.1"), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        seen: dict[str, Any] = {}
+
+        def record(module: Any, args: tuple, kwargs: dict) -> None:
+            seen.setdefault("tokens", kwargs["hidden_states"].shape[1])
+            seen.setdefault("target", math.prod(kwargs["img_shapes"][0][-1]))
+
+        hook = pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+        first = enable_streamed_offload(pipe, "cpu", budget_gib=64.0, max_pixels=64 * 64, family="qwen-image-2.1")
+        try:
+            pipe(prompt="a cat", image=[Image.new("RGB", (64, 64), "red")], height=64, width=64,
+                 num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(0))
+            now = streaming_handle(pipe)
+        finally:
+            hook.remove()
+            disable_streamed_offload(pipe)
+        fam = memory_model.family_model("qwen-image-2.1")
+        cache_ratio = fam.reference_cache_gib_per_mpix("fp32") / fam.activation_gib_per_mpix("fp32")
+        references = seen["tokens"] - seen["target"]
+        assert references > 0
+        expected = seen["tokens"] * 256 + int(references * 256 * 2 * cache_ratio)
+        assert now is not first and now.max_pixels >= expected > seen["tokens"] * 256
