@@ -1,0 +1,77 @@
+"""bench/family_bench.py and bench/family_memory.py on the CPU: the fits that become presets/memory_model.json
+entries, the governor column of the report, and the --tiny dry run of the parts the H200 runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402
+import family_memory  # noqa: E402
+import report_families  # noqa: E402
+
+# 2.1 on the H200 (bench/results/h200_family_21_memory.log): streamed engine, nothing resident, (MP, peak GiB).
+STREAMED_21 = [(0.262144, 4.1296), (1.048576, 4.1296), (2.359296, 4.2064), (4.194304, 5.1952)]
+
+
+class TestFits:
+    def test_a_fit_covers_every_point(self) -> None:
+        fit = common.cover_fit(STREAMED_21)
+        for x, y in STREAMED_21:
+            assert fit["intercept_gib"] + fit["gib_per_mpix"] * x >= y - 1e-3
+
+    def test_a_two_phase_peak_keeps_the_activations_slope_beyond_the_points(self) -> None:
+        fit = family_memory.at_least_slope(common.cover_fit(STREAMED_21), STREAMED_21, 0.5388)
+        assert fit["gib_per_mpix"] == 0.5388 and fit["intercept_gib"] == pytest.approx(3.9884, abs=1e-4)
+        for x, y in STREAMED_21:
+            assert fit["intercept_gib"] + fit["gib_per_mpix"] * x >= y - 1e-3
+        steep = {"intercept_gib": 1.0, "gib_per_mpix": 0.9, "max_residual_gib": 0.0}
+        assert family_memory.at_least_slope(steep, STREAMED_21, 0.5388) is steep
+
+    def test_entries_compose_as_the_governor_reads_them(self) -> None:
+        act = {"intercept_gib": 0.13, "gib_per_mpix": 0.54}
+        vae = {"intercept_gib": 0.11, "gib_per_mpix": 6.26}
+        streamed = {"intercept_gib": 3.99, "gib_per_mpix": 0.54}
+        weights = {"transformer": 13.25, "text_encoder": 16.33, "vae": 0.63}
+        e = family_memory.compose_entries(weights, 30.21, act, vae, streamed)
+        assert e["gpu/bf16"]["base_gib"] == pytest.approx(30.34) and e["gpu/bf16"]["gib_per_mpix"] == 6.26
+        assert e["model_offload/bf16"]["base_gib"] == pytest.approx(13.25 + 0.63 + 0.13)
+        assert e["streamed/bf16"]["gib_per_mpix"] == 0.54 and e["group_offload/bf16"]["gib_per_mpix"] == 6.26
+        assert e["gpu/fp32"]["base_gib"] == pytest.approx(2 * 30.34) and e["vae/fp16"]["gib_per_mpix"] == 6.26
+
+
+class TestReport:
+    def test_the_governor_column_says_how_the_probe_ended(self) -> None:
+        data = {"qwen-image-2.1[1 image]": {"governor_gpu": {
+            "cap_gib": 40.0, "chosen": {"fits": True, "tiled_fallback": True, "size": [1152, 1152]},
+            "never_oom": False, "probe": {"fits": True, "tiled_fallback": True, "size": [1216, 1216]},
+            "within_15pct": True}}}  # fmt: skip
+        row = report_families.rows(data)[1]
+        assert "gpu 40 GiB: 1152x1152, OOM, yes (1216x1216 needed the tiled re-decode)" in row
+
+
+@pytest.mark.slow
+def test_tiny_dry_run_of_the_memory_and_governor_parts(tmp_path: Path) -> None:
+    out = tmp_path / "fb"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "family_bench.py"), "--tiny", "--group", "2.1",
+                           "--cases", "qwen-image-2.1[1]", "--parts", "memory,governor", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    assert "errors" not in data, data.get("errors")
+    entry = data["memory"]["entry"]
+    assert {"gpu/bf16", "streamed/bf16", "activations/bf16", "vae/bf16"} <= set(entry["entries"])
+    check = data["qwen-image-2.1[1 image]"]["governor_gpu"]
+    assert check["cap_gib"] == 40.0 and check["chosen"]["fits"]
+    # The committed model with this family replaced, as the run's governor would read it on a GPU.
+    merged = json.loads((out / "memory_model.json").read_text())
+    assert set(merged["families"]) >= {"qwen-image", "qwen-image-2.1"}
