@@ -328,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         R.set(f"build:{group}", "seconds", round(time.perf_counter() - t0, 1))
         if "memory" in args.parts:
             measure_memory(R, group, pipes, args, dev)
-        passes = [streamed for streamed, parts in ((False, {"full", "governor"}), (True, {"streamed"}))
-                  if args.parts & parts]
+        on_card, in_cap = {"full", "governor"}, {"streamed", "streamed-governor"}
+        passes = [streamed for streamed, parts in ((False, on_card), (True, in_cap)) if args.parts & parts]
         for streamed in passes:
             if streamed:
                 next(iter(pipes.values())).to("cpu")  # shared modules: every weight to the host before the cap
