@@ -264,7 +264,7 @@ class TestAgreement:
 class TestReferenceWeights:
     """What one reference pixel displaces of the output, per phase (governor._sequence_bound uses it)."""
 
-    def test_references_cost_the_activations_where_the_decode_is_steeper(self) -> None:
+    def test_without_a_cache_a_reference_costs_one_pixel_of_sequence_and_nothing_in_the_decode(self) -> None:
         assert mm.reference_weights("gpu", family="qwen-image") == (1.0, 0.0)
         assert mm.reference_weights("streamed", family="qwen-image") == (1.0, 0.0)
 
