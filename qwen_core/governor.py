@@ -154,7 +154,7 @@ def _mode_window(situation: Situation, memory_model_path: str | os.PathLike | No
 
 
 def _sequence_bound(memory: tuple[int, str], sequence: int, extra_pixels: int, pixel_cost: float,
-                    weights: tuple[float, float] = (1.0, 0.0)) -> tuple[int, str]:
+                    weights: tuple[float, float]) -> tuple[int, str]:
     """The memory bound on the output image when the transformer's sequence also holds ``extra_pixels``
     (references) and ``pixel_cost`` copies of the output (Layered's frames): ``sequence`` bounds the transformer
     phase (output frames + references), ``memory`` the whole peak (the decode of the output frames). ``weights``:

@@ -206,6 +206,16 @@ class FamilyMemoryModel:
         """Untiled VAE decode working memory per megapixel."""
         return self.entry("vae", dtype).gib_per_mpix
 
+    def sequence_entry(self, mode: object, dtype: object) -> MemoryEntry:
+        """``mode``'s entry for the transformer's sequence (output and reference tokens): only the output is
+        decoded, so where the mode's slope is the untiled VAE decode's (resident modes, group offload) the
+        sequence costs the activations' slope instead."""
+        entry = self.entry(mode, dtype)
+        activations = self.entries.get(f"activations/{dtype_key(dtype)}")
+        if activations is not None and activations.gib_per_mpix < entry.gib_per_mpix:
+            return dataclasses.replace(entry, gib_per_mpix=activations.gib_per_mpix)
+        return entry
+
     def reference_cache_gib_per_mpix(self, dtype: object) -> float:
         """Keys/values a pipeline caches per megapixel of reference tokens and CFG branch, held until the call
         returns (Qwen-Image 2.1's condition cache); 0 where the family caches none."""
@@ -337,16 +347,12 @@ def window_pixels(mode: object, vram_gib: float | None, *, weights: WeightSizes 
                   sequence: bool = False) -> int:
     """The largest image (pixels) ``mode`` holds with this VRAM reading; no reading (no GPU) = no limit.
 
-    ``sequence``: the largest transformer sequence instead (output and reference tokens, as pixels). Only the
-    output is decoded, so the sequence costs the activations' slope where the mode's own slope is the untiled VAE
-    decode's (the resident modes, group offload)."""
+    ``sequence``: the largest transformer sequence instead (output and reference tokens, as pixels;
+    ``FamilyMemoryModel.sequence_entry``)."""
     if vram_gib is None:
         return MAX_PIXELS
     fam = family_model(family, path)
-    entry = fam.entry(mode, dtype)
-    activations = fam.entries.get(f"activations/{dtype_key(dtype)}")
-    if sequence and activations is not None and activations.gib_per_mpix < entry.gib_per_mpix:
-        entry = dataclasses.replace(entry, gib_per_mpix=activations.gib_per_mpix)
+    entry = fam.sequence_entry(mode, dtype) if sequence else fam.entry(mode, dtype)
     return entry.max_pixels(mode_budget_gib(mode, vram_gib, memory_fraction), fam.base_gib(mode, dtype, weights))
 
 
@@ -354,15 +360,13 @@ def reference_weights(mode: object, *, family: str = DEFAULT_FAMILY, dtype: obje
                       path: str | os.PathLike | None = None) -> tuple[float, float]:
     """How many output pixels one reference pixel displaces, in the transformer phase and in the decode phase.
 
-    A reference's tokens cost the sequence's slope (``window_pixels(sequence=True)``) plus, in a family whose
+    A reference's tokens cost the sequence's slope (``FamilyMemoryModel.sequence_entry``) plus, in a family whose
     pipeline caches their keys/values (``reference_cache``), that cache for each CFG branch; the cache is held
     through the decode too, where nothing else of the references is."""
     fam = family_model(family, path)
-    entry = fam.entry(mode, dtype)
-    activations = fam.entries.get(f"activations/{dtype_key(dtype)}")
-    sequence_slope = min(entry.gib_per_mpix, activations.gib_per_mpix) if activations else entry.gib_per_mpix
     cache = fam.reference_cache_gib_per_mpix(dtype) * max(1, cfg_branches)
-    return 1.0 + cache / sequence_slope, cache / entry.gib_per_mpix
+    return (1.0 + cache / fam.sequence_entry(mode, dtype).gib_per_mpix,
+            cache / fam.entry(mode, dtype).gib_per_mpix)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from qwen_core import memory_model
+from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching, supports_cfg_batching
 from qwen_core.errors import InvalidInputError
 from qwen_core.fp8_compute import quantize_rows
 from qwen_core.layer_memory import transient_bytes
@@ -499,6 +500,10 @@ class StreamingHandle:
     hook: Any = None
     replans: int = 0  # how many times this pipeline's engine was re-planned for a larger image
     vae_tiled_before: bool = False  # the VAE's tiling before the engine set its own: disable() restores it
+    # How the family's activation slope was measured: one batched cond+uncond forward (2 rows) per output pixel
+    # where the family batches CFG, else one row; and its reference cache per pixel, in units of that slope.
+    measured_rows: int = 2
+    reference_cache_ratio: float = 0.0
 
     @property
     def pipe(self) -> Any:
@@ -514,8 +519,6 @@ class StreamingHandle:
             self.hook.remove()
             self.hook = None
         if self.cfg_batcher is not None and pipe is not None:
-            from qwen_core.cfg_batch import disable_cfg_batching
-
             disable_cfg_batching(pipe)
         self.cfg_batcher = None
         for streamer in (self.transformer, self.text_encoder):
@@ -560,31 +563,24 @@ class StreamingHandle:
         if not isinstance(hs, torch.Tensor) or hs.ndim != 3 or not self.plan.resident:
             return
         # The reserve was planned with the family's activation slope, measured per output pixel as our path runs
-        # the forward: one batched cond+uncond forward (2 rows) where the family batches CFG, else one row.
-        # A batcher that will double this call counts twice; 256 image pixels per token in every family (Qwen-
-        # Image: VAE /8, patch 2; 2.1: VAE /16, unpatched).
-        from qwen_core.cfg_batch import supports_cfg_batching
-
+        # the forward (``measured_rows``). A batcher that will double this call counts twice; 256 image pixels per
+        # token in every family (Qwen-Image: VAE /8, patch 2; 2.1: VAE /16, unpatched).
         batcher = state_of(self.pipe).cfg_batcher
         rows = hs.shape[0] * (2 if batcher is not None and batcher.would_batch(kwargs) else 1)
-        measured_rows = 2 if supports_cfg_batching(self.pipe) else 1
-        pixels = rows * hs.shape[1] * 256 // measured_rows + self._held_reference_pixels(hs, kwargs)
+        pixels = rows * hs.shape[1] * 256 // self.measured_rows + self._held_reference_pixels(hs, kwargs)
         if pixels > self.max_pixels:
             self.replan(pixels)
 
     def _held_reference_pixels(self, hs: torch.Tensor, kwargs: dict) -> int:
         """The reference tokens' key/value cache, as pixels of the activation reserve, in a family whose pipeline
-        keeps one beside the activations for every step (``memory_model``'s ``reference_cache``: 2.1, whose
-        ``img_shapes`` list the condition images first and the target last). Both CFG branches are counted: the
-        first forward cannot tell whether a negative one follows."""
-        family = memory_model.family_model(self.options.get("family", memory_model.DEFAULT_FAMILY))
-        dtype = memory_model.dtype_key(hs.dtype)
-        cache = family.reference_cache_gib_per_mpix(dtype)
+        keeps one beside the activations for every step (``reference_cache_ratio``; 2.1, whose ``img_shapes``
+        list the condition images first and the target last). Both CFG branches are counted: the first forward
+        cannot tell whether a negative one follows."""
         shapes = kwargs.get("img_shapes")
-        if not cache or not shapes or not shapes[0]:
+        if not self.reference_cache_ratio or not shapes or not shapes[0]:
             return 0
         references = max(hs.shape[1] - math.prod(shapes[0][-1]), 0)
-        return int(references * 256 * 2 * cache / family.activation_gib_per_mpix(dtype))
+        return int(references * 256 * 2 * self.reference_cache_ratio)
 
 
 def _move_except(root: nn.Module, exclude: Sequence[nn.Module], device: torch.device) -> None:
@@ -696,7 +692,8 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
     elif text_encoder is not None:
         text_encoder.to(dev)
     dtype = memory_model.dtype_key(_compute_dtype(transformer))
-    vae_per_mpix = memory_model.family_model(family).vae_gib_per_mpix(dtype) if vae_tiling is None else 0.0
+    fam = memory_model.family_model(family)
+    vae_per_mpix = fam.vae_gib_per_mpix(dtype) if vae_tiling is None else 0.0
     tiled_before = bool(getattr(getattr(pipe, "vae", None), "use_tiling", False))
     tiling = _vae_placement(pipe, dev, plan, max_pixels, vae_tiling, vae_per_mpix)
     if dev.type == "cuda":
@@ -706,11 +703,10 @@ def enable_streamed_offload(pipe: Any, device: str | torch.device = "cuda", budg
                                           stream_text_encoder=stream_text_encoder,
                                           act_gib_per_mpix=act_gib_per_mpix, family=family,
                                           placed_elsewhere=tuple(placed_elsewhere)),
-                             vae_tiled_before=tiled_before)
+                             vae_tiled_before=tiled_before, measured_rows=2 if supports_cfg_batching(pipe) else 1,
+                             reference_cache_ratio=fam.reference_cache_gib_per_mpix(dtype) / fam.activation_gib_per_mpix(dtype))
     handle.hook = transformer.register_forward_pre_hook(handle._check_capacity, with_kwargs=True)
     if cfg_batching:
-        from qwen_core.cfg_batch import enable_cfg_batching
-
         handle.cfg_batcher = enable_cfg_batching(pipe)
     state_of(pipe).streaming = handle
     return handle
