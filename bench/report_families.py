@@ -28,7 +28,7 @@ def _governor(check: dict[str, Any] | None, where: str) -> str:
     size = "x".join(str(v) for v in check.get("chosen", {}).get("size", []))
     within = check.get("within_15pct")
     probe = "x".join(str(v) for v in check.get("probe", {}).get("size", []))
-    verdict = "-" if within is None else ("yes" if within else "no")
+    verdict = "-" if within is None else ("yes" if within else "not shown")  # a probe that ran proves no "no"
     over = check.get("probe", {})
     outcome = "OOM" if not over.get("fits", True) else "needed the tiled re-decode" if over.get("tiled_fallback") else "ran"
     detail = f" ({probe} {outcome})" if probe else f" ({check['note']})" if check.get("note") else ""

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
 import common  # noqa: E402
+import family_bench  # noqa: E402
 import family_memory  # noqa: E402
 import report_families  # noqa: E402
 
@@ -56,6 +57,28 @@ class TestReport:
             "within_15pct": True}}}  # fmt: skip
         row = report_families.rows(data)[1]
         assert "gpu 40 GiB: 1152x1152, OOM, yes (1216x1216 needed the tiled re-decode)" in row
+
+    def test_a_probe_that_ran_leaves_within_15pct_not_shown(self) -> None:
+        data = {"qwen-image-edit-2511[3 images]": {"governor_gpu": {
+            "cap_gib": 80.0, "chosen": {"fits": True, "tiled_fallback": False, "size": [2512, 2512]},
+            "never_oom": True, "probe": {"fits": True, "tiled_fallback": False, "size": [2720, 2720]},
+            "within_15pct": False}}}  # fmt: skip
+        row = report_families.rows(data)[1]
+        assert "gpu 80 GiB: 2512x2512, yes, not shown (2720x2720 ran)" in row
+
+
+class TestProbeSize:
+    @pytest.mark.parametrize("side", [960, 1152, 2512, 2528, 1328, 64])
+    def test_the_probe_is_at_least_the_area_factor_on_the_32px_grid(self, side: int) -> None:
+        w, h = family_bench.probe_size(side, side)
+        assert w % 32 == 0 and h % 32 == 0
+        assert w * h >= 1.15 * side * side
+        assert (w - 32) * (h - 32) < 1.15 * side * side  # the smallest such size: a probe, not a second guess
+
+    def test_run_3s_sizes_now_get_a_15pct_probe(self) -> None:
+        # Rounded down, 2528 and 2512 got 2688 (1.13x and 1.145x of the area): too small to show "within 15%".
+        assert family_bench.probe_size(2528, 2528) == (2720, 2720)
+        assert family_bench.probe_size(2512, 2512) == (2720, 2720)
 
 
 @pytest.mark.slow
