@@ -7,10 +7,11 @@ and ``torch-c-dlpack-ext``), our ``RealRopeAttnProcessor`` calls it directly for
 calls still go through diffusers' dispatcher). The call is wrapped as a torch custom op
 (``qwen_core::flash4_attention``) so ``torch.compile`` treats it as one opaque kernel.
 
-Not measured on our GPU machine yet: the package's CUTLASS DSL runtime (``nvidia-cutlass-dsl-libs-cu13`` 4.8.1:
-a 193 MB MLIR compiler library and a 44 MB runtime library, both loaded at run time because the kernel is
-JIT-compiled on first use) is a 92 MB wheel, 61 MiB even as tar.xz, so with the rest of its dependencies it
-does not fit the 64 MiB a bench call may carry. Where it is pip-installed it needs no network at run time.
+Measured on an H200 (bench/RESULTS.md, "flash-attn 4 on the H200"): flash-attn-4 4.0.0b8 with
+nvidia-cutlass-dsl 4.4.2 runs its Hopper kernel (sm_90), 1.10x cuDNN's SDPA kernel at Qwen-Image's 1328x1328
+attention shape with the same error, 2-3% per compiled step. Its CUTLASS DSL is under NVIDIA's proprietary
+licence, so the pack never installs it: the user opts in. Where it is pip-installed it needs no network at run
+time.
 
 Policy (``qwen_core.devices.get_attention_implementation``): chosen for "auto"/"flash4" only when it imports, the
 card is sm_90+ and a probe call matches SDPA; a NaN/Inf image later switches the process to SDPA (the
