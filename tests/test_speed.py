@@ -109,6 +109,22 @@ class TestRealRope:
         hook.remove()
         assert seen == [torch.float32, torch.complex64]
 
+    def test_a_transformer_with_real_rope_is_freed_without_a_garbage_collection(self):
+        """Bug (H200 family run 4): the table hook's closure held the transformer it lives in, a cycle, so a
+        released model's weights waited for the next garbage collection (the residency manager reported it)."""
+        import gc
+        import weakref
+
+        t = _transformer()
+        install_real_rope(t)
+        ref = weakref.ref(t)
+        gc.disable()
+        try:
+            del t
+            assert ref() is None
+        finally:
+            gc.enable()
+
 
 class TestSpeedOptions:
     @pytest.fixture(autouse=True)

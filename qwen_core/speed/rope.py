@@ -224,9 +224,14 @@ def _install_table_hook(transformer: nn.Module) -> None:
     if pos_embed is None or transformer in _TABLE_HOOKS:
         return
 
+    # Weakly: the hook lives inside the transformer (on pos_embed), so a strong reference would make a cycle that
+    # keeps a released model's weights until the next garbage collection instead of freeing them at once.
+    transformer_ref = weakref.ref(transformer)
+
     def to_real_tables(_module: nn.Module, _args: Any, output: Any) -> Any:
         # Only when every processor can take real tables (someone may have swapped processors since).
-        if not real_rope_installed(transformer):
+        owner = transformer_ref()
+        if owner is None or not real_rope_installed(owner):
             return output
         return tuple(_cached_real(f) for f in output)
 
