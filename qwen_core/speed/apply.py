@@ -16,7 +16,7 @@ from qwen_core.options import ComputeChoice
 from qwen_core.speed import attention
 from qwen_core.speed.compile import Notify, compile_blocks
 from qwen_core.speed.options import SpeedOptions
-from qwen_core.speed.rope import install_real_rope, set_attention_fn
+from qwen_core.speed.rope import install_real_rope, set_attention_kernel
 
 
 def apply_speed(pipe: Any, speed: SpeedOptions, *, streamed: bool = False, notify: Notify | None = None) -> str:
@@ -57,7 +57,7 @@ def apply_attention_kernel(transformer: Any, backend: str) -> bool:
     else back through diffusers' dispatcher. Returns True when flash-attn 4 is in use."""
     if backend == attention.BACKEND:
         install_real_rope(transformer)
-        set_attention_fn(transformer, attention.flash4_attention)
+        set_attention_kernel(transformer, attention.BACKEND)
         return True
-    set_attention_fn(transformer, None)
+    set_attention_kernel(transformer, None)
     return False

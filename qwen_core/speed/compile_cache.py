@@ -18,6 +18,7 @@ the folder, which is harmless.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,6 +103,7 @@ def activate(device: str | torch.device = "cuda") -> CacheInfo:
             _clear_torch_cache_paths()
     _enable_disk_caches()
     if precompile_wanted():
+        _names_past_other_processes()
         load_artifacts(path)
     return CacheInfo(path, key, ours, (path / MARKER).is_file())
 
@@ -139,38 +142,97 @@ def _enable_disk_caches() -> None:
 # inductor's caches save codegen only and dynamo re-traces every block on each process start (14 s of the first
 # image on an H200, bench/RESULTS.md); with it the tiny model's first call in a fresh process went from 7.9 s to
 # 0.05 s on a CPU (tests/test_speed.py::TestColdStartWithWarmCache). Opt-in: a graph the cache cannot store (e.g.
-# an attention processor class defined inside a function) fails its first call, and on the H200's torch 2.11 a
-# fresh process could not load the traces the previous one saved (TypeError in dynamo's DefaultsSource, the load
-# failed), so it is honoured only from the torch version it was verified with. There is no feature to detect a
-# bug by, hence a version number.
+# an attention processor class defined inside a function) fails its first call, and the cold start it saves is
+# not yet measured on a GPU.
 PRECOMPILE_ENV = "QWEN_COMPILE_PRECOMPILE"
-PRECOMPILE_MIN_TORCH = "2.14"
 ARTIFACTS = "torch_cache_artifacts.bin"
 _loaded_artifacts: set[Path] = set()
 _precompile_refusal_logged = False
+_guards_round_trip: bool | None = None  # repair_guard_pickling's answer, once per process
 
 
 def precompile_wanted() -> bool:
-    global _precompile_refusal_logged
+    global _precompile_refusal_logged, _guards_round_trip
     import torch._dynamo.config as dynamo_config
 
     on = os.environ.get(PRECOMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     if not on:
         return False
     available = hasattr(dynamo_config, "caching_precompile") and hasattr(torch.compiler, "save_cache_artifacts")
-    if available and _torch_version() >= PRECOMPILE_MIN_TORCH:
+    if available and _guards_round_trip is None:
+        _guards_round_trip = repair_guard_pickling()
+    if available and _guards_round_trip:
         return True
     if not _precompile_refusal_logged:
         _precompile_refusal_logged = True
+        why = "its saved guards do not load back" if available else "it has no dynamo cache to save (torch >= 2.9)"
         logging.getLogger(__name__).warning(
-            "%s=1 is ignored: it needs torch >= %s (this is %s; torch 2.11 could not load its own saved traces). "
-            "Compiling as usual: a new process re-traces the blocks, its first image takes longer.",
-            PRECOMPILE_ENV, PRECOMPILE_MIN_TORCH, _torch_version())
+            "%s=1 is ignored with torch %s: %s. Compiling as usual: a new process re-traces the blocks, its first "
+            "image takes longer.", PRECOMPILE_ENV, torch.__version__, why)
     return False
 
 
-def _torch_version() -> torch.torch_version.TorchVersion:
-    return torch.torch_version.TorchVersion(torch.__version__)
+def repair_guard_pickling() -> bool:
+    """True when this torch can save and load back a guard on a function's default argument, repairing it first
+    where needed; False when it still cannot (then nothing is saved: a saved trace that does not load would
+    fail the next process's first image).
+
+    torch 2.11 (the GPU image's) saves such a guard (``DefaultsSource``) with two computed fields that its
+    constructor does not take, so the next process fails to load every trace (TypeError; seen on an H200, and
+    reproduced on a CPU with torch 2.11.0, where the same trace then loaded and ran exactly once the reducer
+    passed the constructor's fields only). torch 2.14 pickles it correctly and is left as it is. The check is the
+    round trip itself, not a version number: the repair is applied only where the bug is, and verified.
+    """
+    import dataclasses
+    import pickle
+
+    try:
+        from torch._dynamo.source import DefaultsSource, LocalSource
+    except ImportError:
+        return False
+
+    def round_trip() -> bool:
+        try:
+            pickle.loads(pickle.dumps(DefaultsSource(LocalSource("x"), 0)))
+        except Exception:  # noqa: BLE001 - any failure means: saved traces would not load
+            return False
+        return True
+
+    if round_trip():
+        return True
+
+    def reduce_constructor_fields(self: Any) -> tuple[type, tuple]:
+        return type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init)
+
+    DefaultsSource.__reduce__ = reduce_constructor_fields  # torch's own class: the bug is in its reducer
+    return round_trip()
+
+
+_names_moved = False
+
+
+def _names_past_other_processes() -> None:
+    """Start this process's dynamo global names past any a saving process used (once per process).
+
+    torch names the globals a compiled frame installs (``__builtins_dict___2``...) from one process-wide counter
+    that starts at 0, and a loaded trace installs the names its own process gave them. The next new compile in
+    the loading process (another batch size, another attention kernel) then picks a taken name and fails
+    ("Name ... already exists in scope"; CPU, torch 2.11 and 2.14). Starting the counter at the clock's
+    nanoseconds orders the names by process start: an earlier process used far fewer names than the
+    nanoseconds between two starts.
+    """
+    global _names_moved
+    if _names_moved:
+        return
+    try:
+        from torch._dynamo import bytecode_transformation
+    except ImportError:
+        return
+    counter = getattr(bytecode_transformation, "_unique_id_counter", None)
+    if counter is None:
+        return
+    bytecode_transformation._unique_id_counter = itertools.count(max(next(counter), time.time_ns()))
+    _names_moved = True
 
 
 def load_artifacts(path: Path) -> bool:

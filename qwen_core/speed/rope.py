@@ -14,8 +14,8 @@ precision (float32) and cast back to the activation dtype, so the result matches
 
 ``RealRopeAttnProcessor`` subclasses diffusers' processor (so ``set_attention_backend`` and diffusers'
 isinstance checks keep working) and overrides only ``__call__``; the attention itself still goes through
-``dispatch_attention_fn`` with the processor's backend, or through ``attention_fn`` when one is set (the
-flash-attn 4 path of ``qwen_core.speed.attention``). It accepts the rotary tables either as diffusers makes
+``dispatch_attention_fn`` with the processor's backend, or through flash-attn 4 (``qwen_core.speed.attention``)
+when ``set_attention_kernel`` names it. It accepts the rotary tables either as diffusers makes
 them (complex [S, D/2]) or as real [S, D/2, 2] (cos, sin); ``install_real_rope`` also converts the transformer's table
 once per forward (a forward hook on ``pos_embed``) so no complex tensor reaches a compiled block.
 
@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from qwen_core.speed import attention
 
 
 def to_real(freqs: torch.Tensor) -> torch.Tensor:
@@ -63,7 +65,15 @@ def _base_processor_class() -> type:
     return QwenDoubleStreamAttnProcessor2_0
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+FLASH4_KERNEL = attention.BACKEND  # the one kernel our processor calls itself (importing it registers the op)
+
+
+def _flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # By name through torch.ops, and chosen by a string on the processor: a compiled graph then guards on that
+    # string, which torch keeps in a saved compile cache. With the kernel object itself on the processor, the
+    # precompile cache dropped the guard (a later switch back to SDPA ran the flash graph) or failed to pickle
+    # the op (CPU, torch 2.11 and 2.14; tests/test_speed.py::TestKernelSwitchWithPrecompile).
+    return torch.ops.qwen_core.flash4_attention(q, k, v)
 
 
 def _make_processor_class() -> type:
@@ -73,12 +83,12 @@ def _make_processor_class() -> type:
     class RealRopeAttnProcessor(base):  # type: ignore[misc, valid-type]
         """``QwenDoubleStreamAttnProcessor2_0`` with a real-valued RoPE (module docstring).
 
-        ``attention_fn(q, k, v) -> out`` (all [B, S, H, D]), when set, replaces the dispatcher for unmasked
-        calls (a masked call always goes through the dispatcher, which knows how to apply the mask).
+        ``attention_kernel`` = ``FLASH4_KERNEL`` replaces the dispatcher with flash-attn 4 for unmasked calls
+        (a masked call always goes through the dispatcher, which knows how to apply the mask).
         The body follows diffusers 0.42.1's processor line by line except for the rotation.
         """
 
-        attention_fn: AttentionFn | None = None
+        attention_kernel: str | None = None
 
         def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                      encoder_hidden_states_mask: torch.Tensor = None, attention_mask: torch.Tensor | None = None,
@@ -116,8 +126,8 @@ def _make_processor_class() -> type:
             q = torch.cat([txt_q, img_q], dim=1)
             k = torch.cat([txt_k, img_k], dim=1)
             v = torch.cat([txt_v, img_v], dim=1)
-            if self.attention_fn is not None and attention_mask is None:
-                out = self.attention_fn(q, k, v)
+            if self.attention_kernel == FLASH4_KERNEL and attention_mask is None:
+                out = _flash4(q, k, v)
             else:
                 out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                             backend=self._attention_backend, parallel_config=self._parallel_config)
@@ -206,13 +216,16 @@ def real_rope_installed(transformer: nn.Module) -> bool:
     return bool(blocks) and all(isinstance(_slot(b)[0], cls) for b in blocks)
 
 
-def set_attention_fn(transformer: nn.Module, fn: AttentionFn | None) -> None:
-    """Route unmasked attention of every real-RoPE processor through ``fn`` (None: the dispatcher)."""
+def set_attention_kernel(transformer: nn.Module, kernel: str | None) -> None:
+    """Route unmasked attention of every real-RoPE processor through ``kernel`` (``FLASH4_KERNEL``; None: the
+    dispatcher)."""
+    if kernel not in (None, FLASH4_KERNEL):
+        raise ValueError(f"attention kernel {kernel!r} is not ours; ours: {FLASH4_KERNEL!r} (or None)")
     cls = processor_class()
     for block in getattr(transformer, "transformer_blocks", []):
         inner, _ = _slot(block)
         if isinstance(inner, cls):
-            inner.attention_fn = fn
+            inner.attention_kernel = kernel
 
 
 # Hooks live here, keyed weakly by the transformer, so no attribute is stuck on diffusers' module.
