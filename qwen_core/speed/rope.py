@@ -72,7 +72,7 @@ def _flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # By name through torch.ops, and chosen by a string on the processor: a compiled graph then guards on that
     # string, which torch keeps in a saved compile cache. With the kernel object itself on the processor, the
     # precompile cache dropped the guard (a later switch back to SDPA ran the flash graph) or failed to pickle
-    # the op (CPU, torch 2.11 and 2.14; tests/test_speed.py::TestKernelSwitchWithPrecompile).
+    # the op (CPU, torch 2.11 and 2.14; tests/test_speed.py::TestColdStartWithWarmCache).
     return torch.ops.qwen_core.flash4_attention(q, k, v)
 
 
