@@ -14,7 +14,6 @@ against an fp32 SDPA reference on the same inputs (the first 2048 queries, to bo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -88,25 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dev = torch.device("cuda" if C.cuda() else "cpu")
     dtype = torch.bfloat16 if C.cuda() else torch.float32
+    R = C.Results(args.out, budget_s=float("inf"))  # rewritten after every row: a killed run still reports
+    R.set("run", "versions", C.versions())
     version, problem = attention.status()
-    results: dict[str, Any] = {"versions": C.versions(), "flash4_status": {"version": version, "problem": problem},
-                               "rows": [], "errors": {}}  # fmt: skip
+    R.set("flash4", "status", {"version": version, "problem": problem})
     if not problem and C.cuda():
-        results["flash4_probe"] = attention.probe(str(dev), dtype) or "passed"
+        R.set("flash4", "probe", attention.probe(str(dev), dtype) or "passed")
     for shape_name, shape in (TINY_SHAPES if args.tiny else SHAPES).items():
         for name, fn in kernels(args.tiny).items():
             try:
-                row = measure(name, fn, shape, dev, dtype, args.reps)
+                R.set("rows", f"{shape_name}/{name}", measure(name, fn, shape, dev, dtype, args.reps))
             except Exception as err:  # noqa: BLE001 - a kernel that fails is a result, not the end of the run
-                results["errors"][f"{shape_name}/{name}"] = f"{type(err).__name__}: {err}"[:1000]
-                continue
-            row["case"] = shape_name
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1, default=str))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
+                R.set("errors", f"{shape_name}/{name}", f"{type(err).__name__}: {err}"[:1000])
     return 0
 
 

@@ -1,5 +1,6 @@
 """Bench tools the GPU runs rely on, checked on the CPU: bench/in_memory.py (our PipelineLoader and generator over
-a pipeline that exists only in memory) and bench/common.py's regional compile that keeps hooks outside."""
+a pipeline that exists only in memory), bench/common.py's regional compile that keeps hooks outside, and
+bench/attention_kernels.py's dry run."""
 
 from __future__ import annotations
 
@@ -84,3 +85,17 @@ class TestCompiledBlocks:
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert loads == 1 + 2 * 2  # the engine's hooks still ran around every compiled block
         assert all("forward" not in b.__dict__ for b in pipe.transformer.transformer_blocks)
+
+
+class TestAttentionKernels:
+    def test_the_cpu_dry_run_writes_a_row_per_kernel_and_shape(self, tmp_path):
+        import json
+
+        import attention_kernels
+
+        out = tmp_path / "attention.json"
+        assert attention_kernels.main(["--tiny", "--reps", "2", "--out", str(out)]) == 0
+        data = json.loads(out.read_text())
+        row = data["rows"]["tiny/sdpa_default"]
+        assert row["finite"] and row["median_ms"] > 0 and row["rel_err_vs_fp32"] < 1e-5
+        assert "errors" not in data and data["flash4"]["status"]["problem"]  # not installed here: said why

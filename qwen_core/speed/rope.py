@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwen_core.speed import attention
+from qwen_core.speed import attention  # importing it registers torch.ops.qwen_core.flash4_attention
 
 
 def to_real(freqs: torch.Tensor) -> torch.Tensor:
@@ -65,9 +65,6 @@ def _base_processor_class() -> type:
     return QwenDoubleStreamAttnProcessor2_0
 
 
-FLASH4_KERNEL = attention.BACKEND  # the one kernel our processor calls itself (importing it registers the op)
-
-
 def _flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # By name through torch.ops, and chosen by a string on the processor: a compiled graph then guards on that
     # string, which torch keeps in a saved compile cache. With the kernel object itself on the processor, the
@@ -83,7 +80,7 @@ def _make_processor_class() -> type:
     class RealRopeAttnProcessor(base):  # type: ignore[misc, valid-type]
         """``QwenDoubleStreamAttnProcessor2_0`` with a real-valued RoPE (module docstring).
 
-        ``attention_kernel`` = ``FLASH4_KERNEL`` replaces the dispatcher with flash-attn 4 for unmasked calls
+        ``attention_kernel`` = ``attention.BACKEND`` replaces the dispatcher with flash-attn 4 for unmasked calls
         (a masked call always goes through the dispatcher, which knows how to apply the mask).
         The body follows diffusers 0.42.1's processor line by line except for the rotation.
         """
@@ -126,7 +123,7 @@ def _make_processor_class() -> type:
             q = torch.cat([txt_q, img_q], dim=1)
             k = torch.cat([txt_k, img_k], dim=1)
             v = torch.cat([txt_v, img_v], dim=1)
-            if self.attention_kernel == FLASH4_KERNEL and attention_mask is None:
+            if self.attention_kernel == attention.BACKEND and attention_mask is None:
                 out = _flash4(q, k, v)
             else:
                 out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
@@ -217,10 +214,10 @@ def real_rope_installed(transformer: nn.Module) -> bool:
 
 
 def set_attention_kernel(transformer: nn.Module, kernel: str | None) -> None:
-    """Route unmasked attention of every real-RoPE processor through ``kernel`` (``FLASH4_KERNEL``; None: the
-    dispatcher)."""
-    if kernel not in (None, FLASH4_KERNEL):
-        raise ValueError(f"attention kernel {kernel!r} is not ours; ours: {FLASH4_KERNEL!r} (or None)")
+    """Route unmasked attention of every real-RoPE processor through ``kernel`` (flash-attn 4's name,
+    ``attention.BACKEND``; None: the dispatcher)."""
+    if kernel not in (None, attention.BACKEND):
+        raise ValueError(f"attention kernel {kernel!r} is not ours; ours: {attention.BACKEND!r} (or None)")
     cls = processor_class()
     for block in getattr(transformer, "transformer_blocks", []):
         inner, _ = _slot(block)
