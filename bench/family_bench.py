@@ -15,6 +15,8 @@ Parts (``--parts``, default ``full,governor,streamed``), per case at the model c
   families, an H100 80GB's size; 40 GiB for 2.1), eager: asked for 8192x8192, the size the governor picks (the
   case's references counted) must run without OOM, and 1.15x its area (Layered: the next resolution bucket) should
   not fit (the bound is within 15% of the largest size that fits; a probe that fits leaves it not shown).
+  ``--probe-ladder N`` then tries up to N larger probes, 1.15x the area each, until one fails: the largest size
+  that ran and the first that failed bracket the largest size that fits.
 - ``streamed``: our ``streamed`` path in a 16 GiB cap (allocator cap + the VRAM the loader/governor see, as
   bench/product.py does); ``streamed-governor`` adds the same governor check there (slow: the streamed bound is
   ~20 MP for Qwen-Image, minutes of compute per family).
@@ -33,6 +35,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +67,7 @@ CAP_GIB = 16.0
 GOVERNOR_CAP_GIB = {"qwen-image": 80.0, "qwen-image-2.1": 40.0}
 GOVERNOR_REQUEST = (8192, 8192)  # larger than any window: the governor must choose
 PROBE_AREA = 1.15  # the probe past the governor's size: where it fits too, "within 15%" is not shown
+LADDER_PROBE_S = 75.0  # budget one more ladder probe needs (a 20 B model's two steps and decode past 7 MP)
 PARTS = ("memory", "full", "governor", "streamed", "streamed-governor")
 PROMPT_WORDS = ("a watercolor fox in a snowy forest at dawn, soft light, fine detail, ") * 6  # ~64 tokens
 
@@ -77,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting cases after this")
     p.add_argument("--parts", default="full,governor,streamed",
                    help=f"comma-separated parts to run, of {', '.join(PARTS)} (see above)")
+    p.add_argument("--probe-ladder", type=int, default=0, metavar="N",
+                   help="governor: where the 1.15x probe fits, up to N more probes, 1.15x larger each, until one "
+                        "fails (brackets the largest size that fits)")
     p.add_argument("--cases", default="",
                    help="comma-separated family keys of the group to run, or one case as key[images] (default: all)")
     args = p.parse_args(argv)
@@ -192,8 +199,10 @@ def _fits(gen: QwenImageGenerator, refs: list[Any], size: tuple[int, int], **gov
         C.reset_peak()
 
 
-def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int]) -> dict[str, Any]:
-    """``request`` larger than fits: the governor picks the size (``_fits`` without a window override)."""
+def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int], *, ladder: int = 0,
+                   time_left: Callable[[], float] = lambda: math.inf) -> dict[str, Any]:
+    """``request`` larger than fits: the governor picks the size (``_fits`` without a window override); with
+    ``ladder``, a probe that fits is followed by larger ones (``probe_ladder``)."""
     family = gen.loader.family
     chosen = _fits(gen, refs, request)
     out: dict[str, Any] = {"chosen": chosen, "never_oom": chosen["fits"] and not chosen["tiled_fallback"]}
@@ -214,7 +223,31 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
         probe = probe_size(w, h)
     over = _fits(gen, refs, probe, max_pixels=10**9)
     out.update(probe=over, within_15pct=not over["fits"] or over["tiled_fallback"])
+    if ladder and over["fits"] and not over["tiled_fallback"]:
+        out["ladder"] = probe_ladder(gen, refs, probe, ladder, time_left)
+        largest = max([chosen, over, *out["ladder"]["probes"]],
+                      key=lambda r: r["size"][0] * r["size"][1] if r["fits"] and not r["tiled_fallback"] else 0)
+        out["largest_fitting"] = {"size": largest["size"], "area_over_chosen": round(
+            largest["size"][0] * largest["size"][1] / (w * h), 3), "bracketed": out["ladder"]["bracketed"]}
     return out
+
+
+def probe_ladder(gen: QwenImageGenerator, refs: list[Any], start: tuple[int, int], steps: int,
+                 time_left: Callable[[], float]) -> dict[str, Any]:
+    """Where the first probe fits: up to ``steps`` more, each ``PROBE_AREA`` times the last one's area, until one
+    fails (out of memory or the tiled fallback): the largest size that fits lies between the last two, which
+    says how far the memory model's bound is from it. Each probe needs ~60 s on the 20 B models."""
+    probes: list[dict[str, Any]] = []
+    size = start
+    for _ in range(steps):
+        if time_left() < LADDER_PROBE_S:
+            return {"probes": probes, "bracketed": False, "stopped": f"{time_left():.0f} s of the budget left"}
+        size = probe_size(*size)
+        result = _fits(gen, refs, size, max_pixels=10**9)
+        probes.append(result)
+        if not result["fits"] or result["tiled_fallback"]:
+            return {"probes": probes, "bracketed": True}
+    return {"probes": probes, "bracketed": False}
 
 
 def probe_size(width: int, height: int, area_factor: float = PROBE_AREA) -> tuple[int, int]:
@@ -225,7 +258,8 @@ def probe_size(width: int, height: int, area_factor: float = PROBE_AREA) -> tupl
 
 
 def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.device, name: str,
-                  request: tuple[int, int]) -> dict[str, Any]:
+                  request: tuple[int, int], *, ladder: int = 0,
+                  time_left: Callable[[], float] = lambda: math.inf) -> dict[str, Any]:
     """The governor check of our eager ``gpu`` path in GOVERNOR_CAP_GIB, loaded from the host as the product does
     (the loader's VRAM reading then sees the capped, empty card)."""
     from qwen_core.cfg_batch import disable_cfg_batching
@@ -239,7 +273,7 @@ def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.de
         gen = QwenImageGenerator(in_memory_loader(pipe, name=f"{name}-governor", memory_mode="gpu", device=str(dev),
                                                   family=family, compile="off"))  # fmt: skip
         try:
-            return {"cap_gib": cap, **governor_check(gen, refs, request)}
+            return {"cap_gib": cap, **governor_check(gen, refs, request, ladder=ladder, time_left=time_left)}
         finally:
             disable_cfg_batching(pipe)
 
@@ -284,7 +318,8 @@ def run_case(R: C.Results, pipes: dict[str, Any], key: str, n_refs: int, args: a
         disable_cfg_batching(pipe)  # the next case's "as-is" run must meet the plain transformer
     if "governor" in args.parts and (C.cuda() or args.tiny):
         request = (256, 256) if args.tiny else GOVERNOR_REQUEST
-        R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request))
+        R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request, ladder=args.probe_ladder,
+                                                  time_left=R.left))
 
 
 def measure_memory(R: C.Results, group: str, pipes: dict[str, Any], args: argparse.Namespace,

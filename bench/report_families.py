@@ -32,6 +32,12 @@ def _governor(check: dict[str, Any] | None, where: str) -> str:
     over = check.get("probe", {})
     outcome = "OOM" if not over.get("fits", True) else "needed the tiled re-decode" if over.get("tiled_fallback") else "ran"
     detail = f" ({probe} {outcome})" if probe else f" ({check['note']})" if check.get("note") else ""
+    largest = check.get("largest_fitting")
+    if largest:  # the probe ladder ran past the probe: the largest size that ran, and whether one failed above it
+        fitted = "x".join(str(v) for v in largest["size"])
+        verdict = "no" if largest["bracketed"] else "not shown"
+        bound = "the next one failed" if largest["bracketed"] else "none failed"
+        detail = f" ({fitted} ran, {largest['area_over_chosen']:g}x the area; {bound})"
     return f"{where}: {size}, {'yes' if check.get('never_oom') else 'OOM'}, {verdict}{detail}"
 
 
