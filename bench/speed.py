@@ -14,6 +14,10 @@ Order (each part time-boxed against --budget-s; a part that does not fit is reco
    issues them; diffusers as-is = two batch-1 forwards): a warm-up and --reps timed forwards, median. Per image
    = ms/step x 50 + 2 text encodes + 1 VAE decode, each measured here (extrapolated, stated as such).
    Relative errors are ||out - ref|| / ||ref|| of the transformer output against diffusers' eager output.
+   ``compile_variants`` compiles the default path again under other inductor settings (does one pay?);
+   ``profiles`` names where a step's GPU time goes (full card, and streamed in the cap).
+
+``--only-children`` runs steps 1-2 alone (the cold-start measurement); ``--parts a,b`` picks the step-3 parts.
 """
 
 from __future__ import annotations
@@ -54,11 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-children", action="store_true", help="no cold/warm-cache child processes")
     p.add_argument("--only-children", action="store_true",
                    help="only the cold/warm-cache child processes (the cold-start measurement, ~2.5 min on a GPU)")
+    p.add_argument("--parts", default="",
+                   help="comma-separated in-process parts to run (default: all): " + ", ".join(SS.PART_NAMES))
     p.add_argument("--child", choices=("fill", "cold"), help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.skip_children and args.only_children:
         p.error("--skip-children and --only-children exclude each other")
+    args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if args.parts - set(SS.PART_NAMES):
+        p.error(f"--parts: {sorted(args.parts - set(SS.PART_NAMES))} is not a part; parts: {', '.join(SS.PART_NAMES)}")
     if args.tiny:
         args.size = min(args.size, 128)
         args.text_tokens, args.neg_tokens = min(args.text_tokens, 16), min(args.neg_tokens, 5)
@@ -153,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ctx = SS.build(args, R)
     for part in SS.PARTS:
+        if args.parts and part.__name__ not in args.parts:
+            continue
         need = SS.MIN_SECONDS.get(part.__name__, 20) * (0.25 if args.tiny else 1)
         if R.left() < need:
             R.set("skipped", part.__name__, f"only {R.left():.0f} s of the budget left (needs ~{need:.0f})")

@@ -247,10 +247,111 @@ def compiled_static(ctx: Ctx) -> None:
         uncompile_blocks(ctx.t)
 
 
+# Inductor settings the default path does not use: name -> (torch.compile mode, inductor config overrides).
+COMPILE_VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "coordinate_descent": (None, {"coordinate_descent_tuning": True}),
+    "max_autotune": ("max-autotune-no-cudagraphs", {}),
+}
+VARIANT_SECONDS = 90  # budget a variant needs: a fresh compile (max-autotune benchmarks GEMM templates) + timing
+
+
+def compile_variants(ctx: Ctx) -> None:
+    """Does another inductor setting pay? Each variant is a fresh compile of the default path's blocks (dynamic
+    sequence lengths, the policy's attention), timed like ``ours_compiled``; the default is restored after."""
+    import torch._inductor.config as inductor_config
+
+    base = ctx.n.get("compiled_ms")
+    try:
+        for name, (mode, overrides) in COMPILE_VARIANTS.items():
+            if ctx.R.left() < VARIANT_SECONDS:
+                ctx.R.set("skipped", f"compile_variant_{name}", f"only {ctx.R.left():.0f} s of the budget left")
+                continue
+            uncompile_blocks(ctx.t)
+            torch._dynamo.reset()
+            with inductor_config.patch(overrides):  # the compile happens at the first call, inside the patch
+                compile_blocks(ctx.t, dynamic="seq", mode=mode, notify=lambda m: None)
+                first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+            r.update(first_call_s=round(first, 1), mode=mode, inductor=overrides,
+                     ratio_vs_default=round(r["median_ms"] / base, 3) if base else None)
+            ctx.n[f"variant_{name}_ms"] = r["median_ms"]
+            ctx.record("compile_variants", name, r, per_step_ms=r["median_ms"], out=out)
+    finally:
+        uncompile_blocks(ctx.t)
+        torch._dynamo.reset()
+        compile_blocks(ctx.t, dynamic="seq", notify=lambda m: None)
+
+
+def _kernel_kind(name: str) -> str:
+    low = name.lower()
+    if "memcpy" in low or "memset" in low:
+        return "copy"
+    if any(k in low for k in ("flash", "fmha", "attn", "attention", "cudnn")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")):
+        return "matmul"
+    if "triton" in low:
+        return "triton (fused elementwise, norms)"
+    return "other"
+
+
+def profile_step(fn: Any) -> dict[str, Any]:
+    """One profiled call of ``fn`` (after a warm one): wall time, device time per kernel kind (copies run on the
+    copy engines, beside the compute) and the top kernels, so a bound is named by measurement."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    C.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if C.cuda() else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        C.sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    kinds: dict[str, float] = {}
+    kernels: list[tuple[float, str, int]] = []
+    for event in prof.key_averages():
+        if C.cuda() and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0)) / 1e3
+        if not C.cuda():
+            ms = event.self_cpu_time_total / 1e3
+        if ms <= 0:
+            continue
+        kind = _kernel_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        kernels.append((ms, event.key[:120], event.count))
+    compute_ms = sum(v for k, v in kinds.items() if k != "copy")
+    return {"wall_ms": round(wall_ms, 1), "compute_kernels_ms": round(compute_ms, 1),
+            "compute_busy": round(compute_ms / wall_ms, 3) if wall_ms else None,
+            "by_kind_ms": {k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"ms": round(ms, 2), "calls": n, "kernel": name} for ms, name, n in sorted(kernels)[::-1][:15]]}
+
+
+def profiles(ctx: Ctx) -> None:
+    """Where a step goes: the compiled default path on the full card, then the streamed engine in the --cap
+    (bf16, and fp8 storage on CUDA) with the same speed-ups."""
+    ctx.R.set("profile", "full_card_compiled", profile_step(lambda: _batched(ctx)))
+    cap = ctx.args.cap
+    for fp8 in (False, True) if C.cuda() else (False,):
+        budget = max(cap - STREAM_MARGIN_GIB, 1e-4) if C.cuda() else 1e-4
+        h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=budget, max_pixels=ctx.args.size**2, fp8=fp8,
+                                    cfg_batching=False)
+        try:
+            with C.memory_cap(cap if C.cuda() else None):
+                result = profile_step(lambda: _batched(ctx))
+            ctx.R.set("profile", f"streamed_cap{cap:g}_{'fp8_storage' if fp8 else 'bf16'}",
+                      {**result, "plan": h.plan.summary()})
+        finally:
+            h.disable(restore_device=ctx.dev)
+            C.reset_peak()
+
+
 PARTS = (diffusers_as_is, ours_eager, ours_compiled, streamed, fp8_compute, attention_kernels,
-         compiled_complex_rope, compiled_static)
+         compiled_complex_rope, compiled_static, compile_variants, profiles)
+PART_NAMES = tuple(part.__name__ for part in PARTS)
 MIN_SECONDS = {"ours_compiled": 40, "streamed": 60, "fp8_compute": 50, "attention_kernels": 30,
-               "compiled_complex_rope": 45, "compiled_static": 50}
+               "compiled_complex_rope": 45, "compiled_static": 50, "compile_variants": VARIANT_SECONDS,
+               "profiles": 60}
 
 
 def summary(ctx: Ctx) -> None:
@@ -262,6 +363,7 @@ def summary(ctx: Ctx) -> None:
             ("compiled, complex RoPE", n.get("compiled_complex_ms")),
             ("compiled, static shapes", n.get("compiled_static_ms"))]
     rows += [(f"streamed {k[9:-3]}", v) for k, v in n.items() if k.startswith("streamed_")]
+    rows += [(f"compiled, {k[8:-3].replace('_', ' ')}", v) for k, v in n.items() if k.startswith("variant_")]
     lines = [f"{'config':38s} {'ms/step':>8s} {'s/image est':>11s}"]
     for name, ms in rows:
         if ms:

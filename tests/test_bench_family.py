@@ -63,6 +63,47 @@ class TestReport:
         assert expected in report_families.rows({"case[1 image]": {"governor_gpu": check}})[1]
 
 
+    def test_a_bracketed_ladder_says_no_with_the_largest_size_that_ran(self) -> None:
+        check = {"cap_gib": 80.0, "chosen": {"fits": True, "tiled_fallback": False, "size": [2528, 2528]},
+                 "never_oom": True, "probe": {"fits": True, "tiled_fallback": False, "size": [2720, 2720]},
+                 "within_15pct": False,
+                 "largest_fitting": {"size": [2944, 2944], "area_over_chosen": 1.356, "bracketed": True}}  # fmt: skip
+        row = report_families.rows({"case[1 image]": {"governor_gpu": check}})[1]
+        assert "gpu 80 GiB: 2528x2528, yes, no (2944x2944 ran, 1.356x the area; the next one failed)" in row
+
+
+class TestProbeLadder:
+    def _fake_fits(self, monkeypatch, largest_side: int, tiled_above: int | None = None) -> list[tuple[int, int]]:
+        asked: list[tuple[int, int]] = []
+
+        def fits(_gen, _refs, size, **_governor):
+            asked.append(size)
+            ok = size[0] <= largest_side
+            tiled = tiled_above is not None and size[0] > tiled_above
+            return {"fits": ok, "tiled_fallback": ok and tiled, "size": list(size), "peak_gib": 1.0}
+
+        monkeypatch.setattr(family_bench, "_fits", fits)
+        return asked
+
+    def test_it_climbs_until_a_probe_fails_and_brackets_the_largest(self, monkeypatch) -> None:
+        asked = self._fake_fits(monkeypatch, largest_side=2944)
+        out = family_bench.probe_ladder(None, [], (2720, 2720), 5, lambda: 1e9)
+        assert asked == [(2944, 2944), (3168, 3168)]  # 1.15x the area each, the second one failed
+        assert out["bracketed"] and len(out["probes"]) == 2
+
+    def test_a_tiled_re_decode_ends_the_ladder_like_an_oom(self, monkeypatch) -> None:
+        self._fake_fits(monkeypatch, largest_side=10_000, tiled_above=2944)
+        out = family_bench.probe_ladder(None, [], (2720, 2720), 5, lambda: 1e9)
+        assert out["bracketed"] and out["probes"][-1]["tiled_fallback"]
+
+    def test_it_is_bounded_by_steps_and_by_the_budget(self, monkeypatch) -> None:
+        asked = self._fake_fits(monkeypatch, largest_side=10_000)
+        out = family_bench.probe_ladder(None, [], (1024, 1024), 2, lambda: 1e9)
+        assert len(asked) == 2 and not out["bracketed"]
+        out = family_bench.probe_ladder(None, [], (1024, 1024), 5, lambda: family_bench.LADDER_PROBE_S - 1)
+        assert len(asked) == 2 and out["probes"] == [] and "budget" in out["stopped"]
+
+
 class TestProbeSize:
     @pytest.mark.parametrize("side", [960, 1152, 2512, 2528, 1328, 64])
     def test_the_probe_is_at_least_the_area_factor_on_the_32px_grid(self, side: int) -> None:

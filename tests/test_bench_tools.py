@@ -99,3 +99,41 @@ class TestAttentionKernels:
         row = data["rows"]["tiny/sdpa_default"]
         assert row["finite"] and row["median_ms"] > 0 and row["rel_err_vs_fp32"] < 1e-5
         assert "errors" not in data and data["flash4"]["status"]["problem"]  # not installed here: said why
+
+
+class TestSpeedBenchParts:
+    def test_profile_step_names_where_the_time_goes(self):
+        import speed_sections as SS
+
+        weight = torch.randn(256, 256)
+        result = SS.profile_step(lambda: torch.nn.functional.gelu(weight @ weight))
+        assert result["wall_ms"] > 0 and result["compute_kernels_ms"] > 0
+        assert sum(result["by_kind_ms"].values()) == pytest.approx(result["compute_kernels_ms"], abs=0.2)
+        assert result["top"] and all(row["calls"] >= 1 for row in result["top"])
+
+    @pytest.mark.parametrize(("kernel", "kind"), [
+        ("Memcpy HtoD (Pinned -> Device)", "copy"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
+        ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matmul"),
+        ("triton_per_fused_add_mul_native_layer_norm_0", "triton (fused elementwise, norms)"),
+        ("void at::native::elementwise_kernel<128, 2>", "other"),
+    ])  # fmt: skip
+    def test_kernels_are_sorted_by_kind(self, kernel, kind):
+        import speed_sections as SS
+
+        assert SS._kernel_kind(kernel) == kind
+
+    def test_an_unknown_part_is_refused_with_the_list(self, capsys):
+        import speed
+
+        with pytest.raises(SystemExit):
+            speed.parse_args(["--out", "/tmp/x", "--parts", "ours_compiled,warp_drive"])
+        err = capsys.readouterr().err
+        assert "warp_drive" in err and "compile_variants" in err
+
+    def test_only_children_and_skip_children_exclude_each_other(self, capsys):
+        import speed
+
+        with pytest.raises(SystemExit):
+            speed.parse_args(["--out", "/tmp/x", "--only-children", "--skip-children"])
+        assert "exclude each other" in capsys.readouterr().err
