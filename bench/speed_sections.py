@@ -347,7 +347,7 @@ def profiles(ctx: Ctx) -> None:
 
 
 PARTS = (diffusers_as_is, ours_eager, ours_compiled, streamed, fp8_compute, attention_kernels,
-         compiled_complex_rope, compiled_static, compile_variants, profiles)
+         compiled_complex_rope, compiled_static, profiles, compile_variants)
 PART_NAMES = tuple(part.__name__ for part in PARTS)
 MIN_SECONDS = {"ours_compiled": 40, "streamed": 60, "fp8_compute": 50, "attention_kernels": 30,
                "compiled_complex_rope": 45, "compiled_static": 50, "compile_variants": VARIANT_SECONDS,
