@@ -23,8 +23,11 @@ Order (each part time-boxed against --budget-s; a part that does not fit is reco
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -42,6 +45,7 @@ import fullsize  # noqa: E402
 import speed_sections as SS  # noqa: E402
 
 STEPS = 50
+PROFILE_FIRST_ENV = "SPEED_PROFILE_FIRST_IMAGE"  # =1: the children cProfile their first image (slows it)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,8 +106,16 @@ def child_main(args: argparse.Namespace) -> int:
     for i in range(1 if args.child == "fill" else 2):
         C.sync()
         t0 = time.perf_counter()
+        profiler = cProfile.Profile() if i == 0 and os.environ.get(PROFILE_FIRST_ENV) == "1" else None
+        if profiler is not None:
+            profiler.enable()
         result = gen.generate(prompt, neg, width=args.size, height=args.size, steps=steps, true_cfg_scale=4.0, seed=0)
         C.sync()
+        if profiler is not None:  # where a cold process's first image spends its time, by Python function
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+            (args.out / f"child_{args.child}_first_image_profile.txt").write_text(text.getvalue())
         images.append({"wall_s": round(time.perf_counter() - t0, 3), "steps": steps,
                        "timings": {k: round(v, 3) for k, v in result.timings.items() if isinstance(v, float)},
                        "finite": bool(torch.isfinite(result.images).all())})

@@ -41,7 +41,7 @@ from torch import nn
 from qwen_core import memory_model
 from qwen_core.cfg_batch import disable_cfg_batching, enable_cfg_batching, supports_cfg_batching
 from qwen_core.errors import InvalidInputError
-from qwen_core.fp8_compute import quantize_rows
+from qwen_core.fp8_compute import dequantize_rows_into, quantize_rows
 from qwen_core.layer_memory import transient_bytes
 from qwen_core.pipeline_state import peek_state, state_of
 
@@ -267,8 +267,7 @@ class ModuleStreamer:
             scale = slot.staging[e.scale_off: e.scale_off + e.shape[0] * 4].view(torch.float32)
             out = slot.dequant[e.deq_off: e.deq_off + q.numel()].view(e.shape)
             # In place, no full-size temporaries: blocks freed on the copy stream stay in that stream's pool.
-            out.copy_(q)
-            out.mul_(scale.to(e.dtype)[:, None])
+            dequantize_rows_into(q, scale, out)
 
     def _bind(self, i: int, s: int) -> None:
         slot, lay = self.slots[s], self._layouts[i]

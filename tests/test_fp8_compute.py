@@ -52,3 +52,50 @@ class TestSwap:
     def test_needs_blocks(self) -> None:
         with pytest.raises(InvalidInputError, match="transformer"):
             enable_fp8_compute(torch.nn.Linear(16, 16))
+
+
+class TestDequantizeRows:
+    """The streamed engine's fp8 storage dequantises into slot views (offsets inside one buffer)."""
+
+    def _stored(self, shapes):
+        from qwen_core.fp8_compute import quantize_rows
+
+        buffer = torch.zeros(sum(r * c for r, c in shapes) + 64, dtype=torch.bfloat16)
+        offset, items = 3, []
+        for r, c in shapes:
+            w = torch.randn(r, c, generator=torch.Generator().manual_seed(r * c))
+            q, scale = quantize_rows(w)
+            items.append((w, q, scale, buffer[offset: offset + r * c].view(r, c)))
+            offset += r * c
+        return items
+
+    def test_the_fused_kernel_matches_the_two_passes_in_place_for_every_shape(self):
+        from qwen_core import fp8_compute
+
+        dequantize = fp8_compute._Dequantizer(fused_on=("cpu",))  # the CUDA path's code, compiled for the CPU
+        for w, q, scale, out in self._stored([(64, 32), (32, 64), (96, 48)]):
+            dequantize(q, scale, out)
+            two = torch.empty_like(out)
+            fp8_compute._dequantize_rows_two_passes(q, scale, two)
+            assert dequantize.failed is None
+            torch.testing.assert_close(out, two, atol=0, rtol=2 ** -7)  # one bf16 rounding apart at most
+            assert (out.float() - w).abs().max() <= 0.07 * w.abs().max()  # e4m3's own error
+        assert dequantize.kernel is not None
+
+    def test_a_kernel_that_cannot_be_built_falls_back_once_with_the_same_values(self, monkeypatch):
+        from qwen_core import fp8_compute
+
+        calls = []
+
+        def no_compile(*_args, **_kwargs):
+            calls.append(1)
+            raise RuntimeError("Cannot find a working triton installation")
+
+        monkeypatch.setattr(torch, "compile", no_compile)
+        dequantize = fp8_compute._Dequantizer(fused_on=("cpu",))
+        for _w, q, scale, out in self._stored([(16, 16), (8, 32)]):
+            dequantize(q, scale, out)
+            two = torch.empty_like(out)
+            fp8_compute._dequantize_rows_two_passes(q, scale, two)
+            assert torch.equal(out, two)
+        assert calls == [1] and "triton" in dequantize.failed  # tried once, then the eager passes
