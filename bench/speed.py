@@ -45,7 +45,7 @@ import fullsize  # noqa: E402
 import speed_sections as SS  # noqa: E402
 
 STEPS = 50
-PROFILE_FIRST_ENV = "SPEED_PROFILE_FIRST_IMAGE"  # =1: the children cProfile their first image (slows it)
+PROFILE_FIRST_ENV = "SPEED_PROFILE_FIRST_IMAGE"  # =cold, fill or all: that child cProfiles its first image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,7 +106,7 @@ def child_main(args: argparse.Namespace) -> int:
     for i in range(1 if args.child == "fill" else 2):
         C.sync()
         t0 = time.perf_counter()
-        profiler = cProfile.Profile() if i == 0 and os.environ.get(PROFILE_FIRST_ENV) == "1" else None
+        profiler = cProfile.Profile() if i == 0 and os.environ.get(PROFILE_FIRST_ENV) in ("all", args.child) else None
         if profiler is not None:
             profiler.enable()
         result = gen.generate(prompt, neg, width=args.size, height=args.size, steps=steps, true_cfg_scale=4.0, seed=0)
