@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-ladder", type=int, default=0, metavar="N",
                    help="governor: where the 1.15x probe fits, up to N more probes, 1.15x larger each, until one "
                         "fails (brackets the largest size that fits)")
+    p.add_argument("--ladder-area", type=float, default=PROBE_AREA, metavar="X",
+                   help="area factor between ladder probes (smaller: a finer bracket, more probes)")
     p.add_argument("--cases", default="",
                    help="comma-separated family keys of the group to run, or one case as key[images] (default: all)")
     args = p.parse_args(argv)
@@ -200,7 +202,8 @@ def _fits(gen: QwenImageGenerator, refs: list[Any], size: tuple[int, int], **gov
 
 
 def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int], *, ladder: int = 0,
-                   time_left: Callable[[], float] = lambda: math.inf) -> dict[str, Any]:
+                   time_left: Callable[[], float] = lambda: math.inf,
+                   ladder_area: float = PROBE_AREA) -> dict[str, Any]:
     """``request`` larger than fits: the governor picks the size (``_fits`` without a window override); with
     ``ladder``, a probe that fits is followed by larger ones (``probe_ladder``)."""
     family = gen.loader.family
@@ -224,7 +227,7 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
     over = _fits(gen, refs, probe, max_pixels=10**9)
     out.update(probe=over, within_15pct=not over["fits"] or over["tiled_fallback"])
     if ladder and over["fits"] and not over["tiled_fallback"]:
-        out["ladder"] = probe_ladder(gen, refs, probe, ladder, time_left)
+        out["ladder"] = probe_ladder(gen, refs, probe, ladder, time_left, ladder_area)
         largest = max([chosen, over, *out["ladder"]["probes"]],
                       key=lambda r: r["size"][0] * r["size"][1] if r["fits"] and not r["tiled_fallback"] else 0)
         out["largest_fitting"] = {"size": largest["size"], "area_over_chosen": round(
@@ -233,8 +236,8 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
 
 
 def probe_ladder(gen: QwenImageGenerator, refs: list[Any], start: tuple[int, int], steps: int,
-                 time_left: Callable[[], float]) -> dict[str, Any]:
-    """Where the first probe fits: up to ``steps`` more, each ``PROBE_AREA`` times the last one's area, until one
+                 time_left: Callable[[], float], area_step: float = PROBE_AREA) -> dict[str, Any]:
+    """Where the first probe fits: up to ``steps`` more, each ``area_step`` times the last one's area, until one
     fails (out of memory or the tiled fallback): the largest size that fits lies between the last two, which
     says how far the memory model's bound is from it. Each probe needs ~60 s on the 20 B models."""
     probes: list[dict[str, Any]] = []
@@ -242,7 +245,7 @@ def probe_ladder(gen: QwenImageGenerator, refs: list[Any], start: tuple[int, int
     for _ in range(steps):
         if time_left() < LADDER_PROBE_S:
             return {"probes": probes, "bracketed": False, "stopped": f"{time_left():.0f} s of the budget left"}
-        size = probe_size(*size)
+        size = probe_size(*size, area_factor=area_step)
         result = _fits(gen, refs, size, max_pixels=10**9)
         probes.append(result)
         if not result["fits"] or result["tiled_fallback"]:
@@ -259,7 +262,8 @@ def probe_size(width: int, height: int, area_factor: float = PROBE_AREA) -> tupl
 
 def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.device, name: str,
                   request: tuple[int, int], *, ladder: int = 0,
-                  time_left: Callable[[], float] = lambda: math.inf) -> dict[str, Any]:
+                  time_left: Callable[[], float] = lambda: math.inf,
+                  ladder_area: float = PROBE_AREA) -> dict[str, Any]:
     """The governor check of our eager ``gpu`` path in GOVERNOR_CAP_GIB, loaded from the host as the product does
     (the loader's VRAM reading then sees the capped, empty card)."""
     from qwen_core.cfg_batch import disable_cfg_batching
@@ -273,7 +277,8 @@ def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.de
         gen = QwenImageGenerator(in_memory_loader(pipe, name=f"{name}-governor", memory_mode="gpu", device=str(dev),
                                                   family=family, compile="off"))  # fmt: skip
         try:
-            return {"cap_gib": cap, **governor_check(gen, refs, request, ladder=ladder, time_left=time_left)}
+            return {"cap_gib": cap, **governor_check(gen, refs, request, ladder=ladder, time_left=time_left,
+                                                              ladder_area=ladder_area)}
         finally:
             disable_cfg_batching(pipe)
 
@@ -319,7 +324,7 @@ def run_case(R: C.Results, pipes: dict[str, Any], key: str, n_refs: int, args: a
     if "governor" in args.parts and (C.cuda() or args.tiny):
         request = (256, 256) if args.tiny else GOVERNOR_REQUEST
         R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request, ladder=args.probe_ladder,
-                                                  time_left=R.left))
+                                                  time_left=R.left, ladder_area=args.ladder_area))
 
 
 def measure_memory(R: C.Results, group: str, pipes: dict[str, Any], args: argparse.Namespace,
