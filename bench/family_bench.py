@@ -67,7 +67,8 @@ CAP_GIB = 16.0
 GOVERNOR_CAP_GIB = {"qwen-image": 80.0, "qwen-image-2.1": 40.0}
 GOVERNOR_REQUEST = (8192, 8192)  # larger than any window: the governor must choose
 PROBE_AREA = 1.15  # the probe past the governor's size: where it fits too, "within 15%" is not shown
-LADDER_PROBE_S = 75.0  # budget one more ladder probe needs (a 20 B model's two steps and decode past 7 MP)
+# memory model key -> budget one more ladder probe needs (two steps and the decode past the governor's size)
+LADDER_PROBE_S = {"qwen-image": 75.0, "qwen-image-2.1": 30.0}
 PARTS = ("memory", "full", "governor", "streamed", "streamed-governor")
 PROMPT_WORDS = ("a watercolor fox in a snowy forest at dawn, soft light, fine detail, ") * 6  # ~64 tokens
 
@@ -243,7 +244,7 @@ def probe_ladder(gen: QwenImageGenerator, refs: list[Any], start: tuple[int, int
     probes: list[dict[str, Any]] = []
     size = start
     for _ in range(steps):
-        if time_left() < LADDER_PROBE_S:
+        if time_left() < LADDER_PROBE_S.get(gen.loader.family.memory_model_key, 75.0):
             return {"probes": probes, "bracketed": False, "stopped": f"{time_left():.0f} s of the budget left"}
         size = probe_size(*size, area_factor=area_step)
         result = _fits(gen, refs, size, max_pixels=10**9)

@@ -121,7 +121,9 @@ class MemoryEntry:
         """The largest image whose need fits ``budget_gib`` (0 when not even the base fits)."""
         base = self.base_gib if base_gib is None else base_gib
         mpix = max((budget_gib - self.headroom_gib - base) / self.gib_per_mpix, 0.0)
-        return min(int(mpix * 1e6), MAX_PIXELS)
+        # The nudge absorbs float noise: the same budget reached by two sums (a measured base, or the rest of
+        # the base plus resident weights) must give the same pixel count, not one pixel apart.
+        return min(int(mpix * 1e6 + 1e-6), MAX_PIXELS)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -72,6 +73,9 @@ class TestReport:
         assert "gpu 80 GiB: 2528x2528, yes, no (2944x2944 ran, 1.356x the area; the next one failed)" in row
 
 
+_GEN = SimpleNamespace(loader=SimpleNamespace(family=SimpleNamespace(memory_model_key="qwen-image")))
+
+
 class TestProbeLadder:
     def _fake_fits(self, monkeypatch, largest_side: int, tiled_above: int | None = None) -> list[tuple[int, int]]:
         asked: list[tuple[int, int]] = []
@@ -87,20 +91,20 @@ class TestProbeLadder:
 
     def test_it_climbs_until_a_probe_fails_and_brackets_the_largest(self, monkeypatch) -> None:
         asked = self._fake_fits(monkeypatch, largest_side=2944)
-        out = family_bench.probe_ladder(None, [], (2720, 2720), 5, lambda: 1e9)
+        out = family_bench.probe_ladder(_GEN, [], (2720, 2720), 5, lambda: 1e9)
         assert asked == [(2944, 2944), (3168, 3168)]  # 1.15x the area each, the second one failed
         assert out["bracketed"] and len(out["probes"]) == 2
 
     def test_a_tiled_re_decode_ends_the_ladder_like_an_oom(self, monkeypatch) -> None:
         self._fake_fits(monkeypatch, largest_side=10_000, tiled_above=2944)
-        out = family_bench.probe_ladder(None, [], (2720, 2720), 5, lambda: 1e9)
+        out = family_bench.probe_ladder(_GEN, [], (2720, 2720), 5, lambda: 1e9)
         assert out["bracketed"] and out["probes"][-1]["tiled_fallback"]
 
     def test_it_is_bounded_by_steps_and_by_the_budget(self, monkeypatch) -> None:
         asked = self._fake_fits(monkeypatch, largest_side=10_000)
-        out = family_bench.probe_ladder(None, [], (1024, 1024), 2, lambda: 1e9)
+        out = family_bench.probe_ladder(_GEN, [], (1024, 1024), 2, lambda: 1e9)
         assert len(asked) == 2 and not out["bracketed"]
-        out = family_bench.probe_ladder(None, [], (1024, 1024), 5, lambda: family_bench.LADDER_PROBE_S - 1)
+        out = family_bench.probe_ladder(_GEN, [], (1024, 1024), 5, lambda: family_bench.LADDER_PROBE_S["qwen-image"] - 1)
         assert len(asked) == 2 and out["probes"] == [] and "budget" in out["stopped"]
 
 

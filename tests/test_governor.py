@@ -171,7 +171,7 @@ class TestCommittedMeasuredModel:
 
     def test_big_card_is_bounded_by_memory_only(self):
         limit, reason = max_pixels_with_reason(80, "bf16", "gpu")
-        assert limit == int((80 - 1.0 - 53.799) / 3.9364 * 1e6)  # no tier table caps it any more
+        assert limit == int((80 - 1.0 - 53.799) / 3.40 * 1e6)  # no tier table caps it any more
         assert reason.startswith("memory model gpu/bf16")
 
     def test_tight_resident_mode_keeps_its_own_window(self):

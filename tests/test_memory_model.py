@@ -44,8 +44,9 @@ class TestCommittedFile:
         assert fam.meta["card"] == "NVIDIA H100 80GB HBM3" and fam.meta["date"] == "2026-11-27"
         assert fam.meta["versions"]["diffusers"] == "0.42.1"
         measured = {"streamed/bf16": (1.636, 0.6763, 1.0), "activations/bf16": (0.005, 0.6753, 0.0),
-                    "vae/bf16": (0.0038, 3.9364, 0.0), "gpu/bf16": (53.799, 3.9364, 1.0),
+                    "vae/bf16": (0.0038, 3.9364, 0.0), "gpu/bf16": (53.799, 3.40, 1.0),
                     "model_offload/bf16": (38.296, 3.9364, 1.0)}
+        # gpu's slope is the decode under pressure, calibrated in the 80 GiB governor cap (bench/RESULTS.md)
         for key, numbers in measured.items():
             e = fam.entries[key]
             assert (e.base_gib, e.gib_per_mpix, e.headroom_gib) == numbers, key
@@ -134,7 +135,7 @@ class TestDtypeAndFamily:
 
 class TestChooseMemoryMode:
     @pytest.mark.parametrize(("free", "mode"), [
-        (141.0, "gpu"), (80.0, "gpu"), (62.0, "gpu"), (61.5, "model_offload"), (48.0, "model_offload"),
+        (141.0, "gpu"), (80.0, "gpu"), (62.0, "gpu"), (61.0, "gpu"), (60.5, "model_offload"), (48.0, "model_offload"),
         (46.0, "streamed"), (16.0, "streamed"), (8.0, "streamed"), (4.0, "streamed"), (2.5, "sequential"),
     ])  # fmt: skip
     def test_heaviest_mode_that_holds_the_native_size(self, free, mode):
@@ -143,9 +144,10 @@ class TestChooseMemoryMode:
         if mode in mm.RESIDENT_MODES:
             assert choice.max_pixels >= NATIVE
 
-    def test_57_to_61_gib_is_model_offload(self):
+    def test_57_to_60_gib_is_model_offload(self):
         # Issue 9: here the loader picked gpu (3 GiB headroom) while Preflight recommended model_offload (8 GiB).
-        for free in (57.0, 59.0, 61.0):
+        # gpu needs 53.8 + 3.40 x 1.76 MP + 1.0 = 60.8 GiB at the native size.
+        for free in (57.0, 59.0, 60.5):
             assert mm.choose_memory_mode(None, free).mode == "model_offload"
 
     def test_without_the_engine_group_offload(self):
