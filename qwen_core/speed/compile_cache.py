@@ -141,9 +141,10 @@ def _enable_disk_caches() -> None:
 # guards are saved with torch's cache artifacts into our folder, so a cold process skips tracing too. Without it
 # inductor's caches save codegen only and dynamo re-traces every block on each process start (14 s of the first
 # image on an H200, bench/RESULTS.md); with it the tiny model's first call in a fresh process went from 7.9 s to
-# 0.05 s on a CPU with torch 2.14, from 51 s to 0.02 s with torch 2.11 (tests/test_speed.py::TestColdStartWithWarmCache). Opt-in: a graph the cache cannot store (e.g.
-# an attention processor class defined inside a function) fails its first call, and the cold start it saves is
-# not yet measured on a GPU.
+# 0.05 s on a CPU with torch 2.14, from 51 s to 0.02 s with torch 2.11 (tests/test_speed.py::TestColdStartWithWarmCache).
+# Opt-in: a graph the cache cannot store (e.g. an attention processor class defined inside a function) fails its
+# first call, and on an H200 with torch 2.11 loading the saved traces took 20 s more than the 14 s of tracing it
+# saved (bench/RESULTS.md, "Speed on the H200, a fourth session").
 PRECOMPILE_ENV = "QWEN_COMPILE_PRECOMPILE"
 ARTIFACTS = "torch_cache_artifacts.bin"
 _loaded_artifacts: set[Path] = set()
