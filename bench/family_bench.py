@@ -15,8 +15,8 @@ Parts (``--parts``, default ``full,governor,streamed``), per case at the model c
   families, an H100 80GB's size; 40 GiB for 2.1), eager: asked for 8192x8192, the size the governor picks (the
   case's references counted) must run without OOM, and 1.15x its area (Layered: the next resolution bucket) should
   not fit (the bound is within 15% of the largest size that fits; a probe that fits leaves it not shown).
-  ``--probe-ladder N`` then tries up to N larger probes, 1.15x the area each, until one fails: the largest size
-  that ran and the first that failed bracket the largest size that fits.
+  ``--probe-ladder N`` then tries up to N larger probes, each ``--ladder-area`` (1.15) times the last one's area,
+  until one fails: the largest size that ran and the first that failed bracket the largest size that fits.
 - ``streamed``: our ``streamed`` path in a 16 GiB cap (allocator cap + the VRAM the loader/governor see, as
   bench/product.py does); ``streamed-governor`` adds the same governor check there (slow: the streamed bound is
   ~20 MP for Qwen-Image, minutes of compute per family).

@@ -111,12 +111,13 @@ def child_main(args: argparse.Namespace) -> int:
             profiler.enable()
         result = gen.generate(prompt, neg, width=args.size, height=args.size, steps=steps, true_cfg_scale=4.0, seed=0)
         C.sync()
+        wall = time.perf_counter() - t0
         if profiler is not None:  # where a cold process's first image spends its time, by Python function
             profiler.disable()
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
             (args.out / f"child_{args.child}_first_image_profile.txt").write_text(text.getvalue())
-        images.append({"wall_s": round(time.perf_counter() - t0, 3), "steps": steps,
+        images.append({"wall_s": round(wall, 3), "steps": steps, "profiled": profiler is not None,
                        "timings": {k: round(v, 3) for k, v in result.timings.items() if isinstance(v, float)},
                        "finite": bool(torch.isfinite(result.images).all())})
         if i == 0:
