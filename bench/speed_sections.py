@@ -300,7 +300,9 @@ def _kernel_kind(name: str) -> str:
 
 def profile_step(fn: Any) -> dict[str, Any]:
     """One profiled call of ``fn`` (after a warm one): wall time, device time per kernel kind (copies run on the
-    copy engines, beside the compute) and the top kernels, so a bound is named by measurement."""
+    copy engines, beside the compute) and the top kernels, so a bound is named by measurement. ``compute_busy`` is
+    the compute kernels' summed time over the wall: kernels of two streams (the streamed engine's dequantisation
+    beside the blocks) can overlap, so it is an upper bound on how busy the SMs were."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
