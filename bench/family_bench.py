@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-ladder", type=int, default=0, metavar="N",
                    help="governor: where the 1.15x probe fits, up to N more probes, 1.15x larger each, until one "
                         "fails (brackets the largest size that fits)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="governor: run the governor's size only (no probe past it; when time is short)")
     p.add_argument("--ladder-area", type=float, default=PROBE_AREA, metavar="X",
                    help="area factor between ladder probes (smaller: a finer bracket, more probes)")
     p.add_argument("--cases", default="",
@@ -203,14 +205,14 @@ def _fits(gen: QwenImageGenerator, refs: list[Any], size: tuple[int, int], **gov
 
 
 def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int], *, ladder: int = 0,
-                   time_left: Callable[[], float] = lambda: math.inf,
-                   ladder_area: float = PROBE_AREA) -> dict[str, Any]:
+                   time_left: Callable[[], float] = lambda: math.inf, ladder_area: float = PROBE_AREA,
+                   probe: bool = True) -> dict[str, Any]:
     """``request`` larger than fits: the governor picks the size (``_fits`` without a window override); with
     ``ladder``, a probe that fits is followed by larger ones (``probe_ladder``)."""
     family = gen.loader.family
     chosen = _fits(gen, refs, request)
     out: dict[str, Any] = {"chosen": chosen, "never_oom": chosen["fits"] and not chosen["tiled_fallback"]}
-    if not chosen["fits"]:
+    if not chosen["fits"] or not probe:
         return out
     w, h = chosen["size"]
     if family_call.is_layered(family):
@@ -222,13 +224,13 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
             out["within_15pct"] = True  # already the largest bucket: no larger size can be asked for
             out["note"] = f"bucket {current} is the largest"
             return out
-        probe = (bigger[0], bigger[0])
+        over_size = (bigger[0], bigger[0])
     else:
-        probe = probe_size(w, h)
-    over = _fits(gen, refs, probe, max_pixels=10**9)
+        over_size = probe_size(w, h)
+    over = _fits(gen, refs, over_size, max_pixels=10**9)
     out.update(probe=over, within_15pct=not over["fits"] or over["tiled_fallback"])
     if ladder and over["fits"] and not over["tiled_fallback"]:
-        out["ladder"] = probe_ladder(gen, refs, probe, ladder, time_left, ladder_area)
+        out["ladder"] = probe_ladder(gen, refs, over_size, ladder, time_left, ladder_area)
         largest = max([chosen, over, *out["ladder"]["probes"]],
                       key=lambda r: r["size"][0] * r["size"][1] if r["fits"] and not r["tiled_fallback"] else 0)
         out["largest_fitting"] = {"size": largest["size"], "area_over_chosen": round(
@@ -263,8 +265,8 @@ def probe_size(width: int, height: int, area_factor: float = PROBE_AREA) -> tupl
 
 def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.device, name: str,
                   request: tuple[int, int], *, ladder: int = 0,
-                  time_left: Callable[[], float] = lambda: math.inf,
-                  ladder_area: float = PROBE_AREA) -> dict[str, Any]:
+                  time_left: Callable[[], float] = lambda: math.inf, ladder_area: float = PROBE_AREA,
+                  probe: bool = True) -> dict[str, Any]:
     """The governor check of our eager ``gpu`` path in GOVERNOR_CAP_GIB, loaded from the host as the product does
     (the loader's VRAM reading then sees the capped, empty card)."""
     from qwen_core.cfg_batch import disable_cfg_batching
@@ -279,7 +281,7 @@ def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.de
                                                   family=family, compile="off"))  # fmt: skip
         try:
             return {"cap_gib": cap, **governor_check(gen, refs, request, ladder=ladder, time_left=time_left,
-                                                              ladder_area=ladder_area)}
+                                                              ladder_area=ladder_area, probe=probe)}
         finally:
             disable_cfg_batching(pipe)
 
@@ -325,7 +327,8 @@ def run_case(R: C.Results, pipes: dict[str, Any], key: str, n_refs: int, args: a
     if "governor" in args.parts and (C.cuda() or args.tiny):
         request = (256, 256) if args.tiny else GOVERNOR_REQUEST
         R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request, ladder=args.probe_ladder,
-                                                  time_left=R.left, ladder_area=args.ladder_area))
+                                                  time_left=R.left, ladder_area=args.ladder_area,
+                                                  probe=not args.no_probe))
 
 
 def measure_memory(R: C.Results, group: str, pipes: dict[str, Any], args: argparse.Namespace,
