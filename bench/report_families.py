@@ -31,7 +31,7 @@ def _governor(check: dict[str, Any] | None, where: str) -> str:
     verdict = "-" if within is None else ("yes" if within else "not shown")  # a probe that ran proves no "no"
     over = check.get("probe", {})
     outcome = "OOM" if not over.get("fits", True) else "needed the tiled re-decode" if over.get("tiled_fallback") else "ran"
-    detail = f" ({probe} {outcome})" if probe else f" ({check['note']})" if check.get("note") else ""
+    detail = f" ({probe} {outcome})" if probe else f" ({check['note']})" if check.get("note") else " (no probe run)"
     largest = check.get("largest_fitting")
     if largest:  # the probe ladder ran past the probe: the largest size that ran, and whether one failed above it
         fitted = "x".join(str(v) for v in largest["size"])

@@ -63,6 +63,12 @@ class TestReport:
                  "within_15pct": within}  # fmt: skip
         assert expected in report_families.rows({"case[1 image]": {"governor_gpu": check}})[1]
 
+    def test_a_check_without_a_probe_says_so(self) -> None:
+        check = {"cap_gib": 80.0, "chosen": {"fits": True, "tiled_fallback": False, "size": [2720, 2720]},
+                 "never_oom": True}  # fmt: skip
+        row = report_families.rows({"case[0 images]": {"governor_gpu": check}})[1]
+        assert "gpu 80 GiB: 2720x2720, yes, - (no probe run)" in row
+
     def test_a_bracketed_ladder_says_no_with_the_largest_size_that_ran(self) -> None:
         check = {"cap_gib": 80.0, "chosen": {"fits": True, "tiled_fallback": False, "size": [2528, 2528]},
                  "never_oom": True, "probe": {"fits": True, "tiled_fallback": False, "size": [2720, 2720]},
