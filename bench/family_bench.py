@@ -204,15 +204,26 @@ def _fits(gen: QwenImageGenerator, refs: list[Any], size: tuple[int, int], **gov
         C.reset_peak()
 
 
-def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int], *, ladder: int = 0,
-                   time_left: Callable[[], float] = lambda: math.inf, ladder_area: float = PROBE_AREA,
-                   probe: bool = True) -> dict[str, Any]:
-    """``request`` larger than fits: the governor picks the size (``_fits`` without a window override); with
-    ``ladder``, a probe that fits is followed by larger ones (``probe_ladder``)."""
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """What the governor check tries past the governor's size (``--no-probe``, ``--probe-ladder``,
+    ``--ladder-area``); ``time_left`` is the run's budget, which the ladder stops at."""
+
+    probe: bool = True
+    ladder: int = 0
+    ladder_area: float = PROBE_AREA
+    time_left: Callable[[], float] = lambda: math.inf
+
+
+def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int, int],
+                   probes: Probes | None = None) -> dict[str, Any]:
+    """``request`` larger than fits: the governor picks the size (``_fits`` without a window override); then the
+    1.15x probe and, with ``probes.ladder``, larger ones while the probes fit (``probe_ladder``)."""
+    probes = probes or Probes()
     family = gen.loader.family
     chosen = _fits(gen, refs, request)
     out: dict[str, Any] = {"chosen": chosen, "never_oom": chosen["fits"] and not chosen["tiled_fallback"]}
-    if not chosen["fits"] or not probe:
+    if not chosen["fits"] or not probes.probe:
         return out
     w, h = chosen["size"]
     if family_call.is_layered(family):
@@ -229,8 +240,8 @@ def governor_check(gen: QwenImageGenerator, refs: list[Any], request: tuple[int,
         over_size = probe_size(w, h)
     over = _fits(gen, refs, over_size, max_pixels=10**9)
     out.update(probe=over, within_15pct=not over["fits"] or over["tiled_fallback"])
-    if ladder and over["fits"] and not over["tiled_fallback"]:
-        out["ladder"] = probe_ladder(gen, refs, over_size, ladder, time_left, ladder_area)
+    if probes.ladder and over["fits"] and not over["tiled_fallback"]:
+        out["ladder"] = probe_ladder(gen, refs, over_size, probes.ladder, probes.time_left, probes.ladder_area)
         largest = max([chosen, over, *out["ladder"]["probes"]],
                       key=lambda r: r["size"][0] * r["size"][1] if r["fits"] and not r["tiled_fallback"] else 0)
         out["largest_fitting"] = {"size": largest["size"], "area_over_chosen": round(
@@ -264,9 +275,7 @@ def probe_size(width: int, height: int, area_factor: float = PROBE_AREA) -> tupl
 
 
 def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.device, name: str,
-                  request: tuple[int, int], *, ladder: int = 0,
-                  time_left: Callable[[], float] = lambda: math.inf, ladder_area: float = PROBE_AREA,
-                  probe: bool = True) -> dict[str, Any]:
+                  request: tuple[int, int], probes: Probes) -> dict[str, Any]:
     """The governor check of our eager ``gpu`` path in GOVERNOR_CAP_GIB, loaded from the host as the product does
     (the loader's VRAM reading then sees the capped, empty card)."""
     from qwen_core.cfg_batch import disable_cfg_batching
@@ -280,8 +289,7 @@ def governor_case(pipe: Any, family: ModelFamily, refs: list[Any], dev: torch.de
         gen = QwenImageGenerator(in_memory_loader(pipe, name=f"{name}-governor", memory_mode="gpu", device=str(dev),
                                                   family=family, compile="off"))  # fmt: skip
         try:
-            return {"cap_gib": cap, **governor_check(gen, refs, request, ladder=ladder, time_left=time_left,
-                                                              ladder_area=ladder_area, probe=probe)}
+            return {"cap_gib": cap, **governor_check(gen, refs, request, probes)}
         finally:
             disable_cfg_batching(pipe)
 
@@ -326,9 +334,8 @@ def run_case(R: C.Results, pipes: dict[str, Any], key: str, n_refs: int, args: a
         disable_cfg_batching(pipe)  # the next case's "as-is" run must meet the plain transformer
     if "governor" in args.parts and (C.cuda() or args.tiny):
         request = (256, 256) if args.tiny else GOVERNOR_REQUEST
-        R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request, ladder=args.probe_ladder,
-                                                  time_left=R.left, ladder_area=args.ladder_area,
-                                                  probe=not args.no_probe))
+        probes = Probes(not args.no_probe, args.probe_ladder, args.ladder_area, R.left)
+        R.set(name, "governor_gpu", governor_case(pipe, family, refs, dev, name, request, probes))
 
 
 def measure_memory(R: C.Results, group: str, pipes: dict[str, Any], args: argparse.Namespace,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,17 +195,13 @@ def fp8_compute(ctx: Ctx) -> None:
 
 def streamed(ctx: Ctx) -> None:
     """Our streamed engine in a --cap GiB card with the same speed-ups (real RoPE, compiled blocks, attention)."""
-    cap = ctx.args.cap
-    for fp8 in (False, True) if C.cuda() else (False,):
+    for fp8 in _fp8_storage_options():
         if ctx.R.left() < 50:
             ctx.R.set("skipped", f"streamed_fp8_{fp8}", "time budget")
             continue
-        budget = max(cap - STREAM_MARGIN_GIB, 1e-4) if C.cuda() else 1e-4
-        h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=budget, max_pixels=ctx.args.size**2, fp8=fp8,
-                                    cfg_batching=False)
-        key = f"cap{cap:g}_{'fp8_storage' if fp8 else 'bf16'}"
+        key = _streamed_key(ctx, fp8)
         try:
-            with C.memory_cap(cap if C.cuda() else None):
+            with _streamed_in_cap(ctx, fp8) as h:
                 C.reset_peak()
                 first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
                 comp = ctx.n.get("compiled_ms")
@@ -216,9 +214,30 @@ def streamed(ctx: Ctx) -> None:
             if not C.is_oom(err):
                 raise
             ctx.R.set("streamed", key, {"oom": True, "error": str(err)[:400]})
-        finally:
-            h.disable(restore_device=ctx.dev)
-            C.reset_peak()
+
+
+def _fp8_storage_options() -> tuple[bool, ...]:
+    return (False, True) if C.cuda() else (False,)  # fp8 storage needs CUDA
+
+
+def _streamed_key(ctx: Ctx, fp8: bool) -> str:
+    return f"cap{ctx.args.cap:g}_{'fp8_storage' if fp8 else 'bf16'}"
+
+
+@contextmanager
+def _streamed_in_cap(ctx: Ctx, fp8: bool) -> Iterator[Any]:
+    """Our streamed engine planned for a --cap GiB card (the cap minus STREAM_MARGIN_GIB), run inside that cap;
+    back on the full card after."""
+    cap = ctx.args.cap
+    budget = max(cap - STREAM_MARGIN_GIB, 1e-4) if C.cuda() else 1e-4
+    h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=budget, max_pixels=ctx.args.size**2, fp8=fp8,
+                                cfg_batching=False)
+    try:
+        with C.memory_cap(cap if C.cuda() else None):
+            yield h
+    finally:
+        h.disable(restore_device=ctx.dev)
+        C.reset_peak()
 
 
 def compiled_complex_rope(ctx: Ctx) -> None:
@@ -337,19 +356,10 @@ def profiles(ctx: Ctx) -> None:
     """Where a step goes: the compiled default path on the full card, then the streamed engine in the --cap
     (bf16, and fp8 storage on CUDA) with the same speed-ups."""
     ctx.R.set("profile", "full_card_compiled", profile_step(lambda: _batched(ctx)))
-    cap = ctx.args.cap
-    for fp8 in (False, True) if C.cuda() else (False,):
-        budget = max(cap - STREAM_MARGIN_GIB, 1e-4) if C.cuda() else 1e-4
-        h = enable_streamed_offload(ctx.pipe, ctx.dev, budget_gib=budget, max_pixels=ctx.args.size**2, fp8=fp8,
-                                    cfg_batching=False)
-        try:
-            with C.memory_cap(cap if C.cuda() else None):
-                result = profile_step(lambda: _batched(ctx))
-            ctx.R.set("profile", f"streamed_cap{cap:g}_{'fp8_storage' if fp8 else 'bf16'}",
-                      {**result, "plan": h.plan.summary()})
-        finally:
-            h.disable(restore_device=ctx.dev)
-            C.reset_peak()
+    for fp8 in _fp8_storage_options():
+        with _streamed_in_cap(ctx, fp8) as h:
+            result = {**profile_step(lambda: _batched(ctx)), "plan": h.plan.summary()}
+        ctx.R.set("profile", f"streamed_{_streamed_key(ctx, fp8)}", result)
 
 
 PARTS = (diffusers_as_is, ours_eager, ours_compiled, streamed, fp8_compute, attention_kernels,

@@ -113,6 +113,34 @@ class TestProbeLadder:
         assert len(asked) == 2 and out["probes"] == [] and "budget" in out["stopped"]
 
 
+class TestGovernorCheck:
+    """governor_check on the H200's measured bracket: 2528 chosen, 2720 ran, 2944 needed the tiled re-decode."""
+
+    @pytest.fixture
+    def gen(self, monkeypatch):
+        from qwen_core.families import FAMILIES
+
+        def fits(_gen, _refs, size, **governor):
+            if not governor:  # the governor's own choice for the 8192x8192 request
+                size = (2528, 2528)
+            ok_untiled = size[0] <= 2720
+            return {"fits": True, "tiled_fallback": not ok_untiled, "size": list(size), "peak_gib": 79.0}
+
+        monkeypatch.setattr(family_bench, "_fits", fits)
+        return SimpleNamespace(loader=SimpleNamespace(family=FAMILIES["qwen-image"]))
+
+    def test_the_ladder_brackets_the_largest_size_and_says_how_far_the_bound_is(self, gen) -> None:
+        out = family_bench.governor_check(gen, [], (8192, 8192), family_bench.Probes(ladder=3))
+        assert out["never_oom"] and out["probe"]["size"] == [2720, 2720] and not out["within_15pct"]
+        assert [p["size"] for p in out["ladder"]["probes"]] == [[2944, 2944]]
+        assert out["largest_fitting"] == {"size": [2720, 2720], "area_over_chosen": 1.158, "bracketed": True}
+
+    def test_without_a_probe_only_the_governors_size_runs(self, gen) -> None:
+        out = family_bench.governor_check(gen, [], (8192, 8192), family_bench.Probes(probe=False))
+        assert out == {"chosen": {"fits": True, "tiled_fallback": False, "size": [2528, 2528], "peak_gib": 79.0},
+                       "never_oom": True}
+
+
 class TestProbeSize:
     @pytest.mark.parametrize("side", [960, 1152, 2512, 2528, 1328, 64])
     def test_the_probe_is_at_least_the_area_factor_on_the_32px_grid(self, side: int) -> None:
