@@ -23,7 +23,10 @@ Where the numbers come from (diffusers 0.42.1, ``pipelines/qwenimage*/``):
   latent, all at that area; the text encoder does not see the image (unless the prompt is left empty, when the
   pipeline captions the image first: we always pass a prompt).
 - 2.1 (``QwenImage21Pipeline``): each condition image is resized to ``output_resolution``^2 (1024^2) for the
-  VAE and goes to Qwen3-VL at that size (patch 16, 2x2 merge: one text token per 32x32 px).
+  VAE and goes to Qwen3-VL at that size (patch 16, 2x2 merge: one text token per 32x32 px). The transformer
+  then sees the image's latent tokens in place of its vision tokens ("a condition image occupies the vision
+  slots the encoder reserved for it"): a 1024^2 condition image and a short prompt make a 4114-token prefix
+  (4096 latents + 18 text; counted on the tiny pipeline's key/value cache), not 4096 + 1024 + 18.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class ReferenceSizing:
     vae_area: int = 0  # pixels each reference is resized to before the VAE; its latent joins the sequence
     vision_area: int = 0  # pixels the text encoder's vision tower sees (0: the prompt holds no image)
     vision_pixels_per_token: int = 28 * 28  # Qwen2.5-VL: patch 14, 2x2 merge; Qwen3-VL: 32 * 32
+    # 2.1: the latent tokens take the vision tokens' places in the transformer's sequence (module docstring), so
+    # the vision tokens cost the text encoder only.
+    latents_replace_vision_tokens: bool = False
 
     @property
     def image_tokens(self) -> int:
@@ -73,7 +79,13 @@ class ReferenceSizing:
 
     @property
     def text_tokens(self) -> int:
+        """The reference's vision tokens in the text encoder's prompt."""
         return self.vision_area // self.vision_pixels_per_token if self.vision_area else 0
+
+    @property
+    def sequence_tokens(self) -> int:
+        """The tokens one reference adds to the transformer's sequence."""
+        return self.image_tokens + (0 if self.latents_replace_vision_tokens else self.text_tokens)
 
 
 @dataclass(frozen=True)
@@ -125,8 +137,9 @@ class ModelFamily:
 
     @property
     def tokens_per_reference_image(self) -> int:
-        """Extra sequence tokens each reference image adds (its latent + its vision tokens in the prompt)."""
-        return self.reference.image_tokens + self.reference.text_tokens
+        """Extra sequence tokens each reference image adds to the transformer's sequence (its latent, plus its
+        vision tokens in the prompt unless the latent takes their places)."""
+        return self.reference.sequence_tokens
 
     def check_image_count(self, count: int) -> str | None:
         """None when ``count`` reference images are right for this family, else what is wrong (for an error)."""
@@ -238,7 +251,8 @@ _QWEN_IMAGE_21 = dict(
     text_encoder_kind=TextEncoderKind.QWEN3_VL,
     # Text-to-image, or image-conditioned with any number of condition images (Qwen: up to 10).
     image_inputs=ImageInputs(0, 10),
-    reference=ReferenceSizing(vae_area=MP1024, vision_area=MP1024, vision_pixels_per_token=32 * 32),
+    reference=ReferenceSizing(vae_area=MP1024, vision_area=MP1024, vision_pixels_per_token=32 * 32,
+                              latents_replace_vision_tokens=True),
     memory_model_key="qwen-image-2.1",
     default_width=1024, default_height=1024,
     output_channels=4,  # its VAE decodes RGBA

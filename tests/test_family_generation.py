@@ -226,3 +226,30 @@ def test_layered_and_turbo_specifics(tiny_family_dir) -> None:
     assert tuple(result.images.shape) == (2, 544, 736, 4)
     assert get_family("layered").default_width == 640  # the model card's bucket when no size is given
     get_residency_manager().release_all()
+
+
+def test_a_21_condition_image_adds_its_latent_tokens_only(tiny_family_dir, monkeypatch) -> None:
+    """The governor's token count for 2.1 (``tokens_per_reference_image``) against what the pipeline builds: the
+    key/value cache holds the transformer's prefix, in which the condition image's latents take the places of its
+    vision tokens (a 256x256 condition: 256 latent tokens; its 64 vision tokens add nothing)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.models.transformers import transformer_qwenimage21 as t21
+
+    prefixes: list[int] = []
+    store = t21.QwenImage21KVLayerCache.store
+    monkeypatch.setattr(t21.QwenImage21KVLayerCache, "store",
+                        lambda cache, k, v: (prefixes.append(k.shape[1]), store(cache, k, v))[1])  # fmt: skip
+    pipe = DiffusionPipeline.from_pretrained(tiny_family_dir("2.1"))
+    pipe.set_progress_bar_config(disable=True)
+    condition = Image.fromarray((np.random.RandomState(0).rand(256, 256, 3) * 255).astype(np.uint8))
+    firsts = []
+    for images in (None, [condition], [condition, condition]):
+        prefixes.clear()
+        pipe(prompt="a cat", image=images, num_inference_steps=1, output_resolution=256, output_type="latent")
+        firsts.append(prefixes[0])
+    latents, vision = 256 * 256 // 256, 256 * 256 // (32 * 32)
+    template = 16  # "<imageN><|vision_start|>...<|vision_end|>" around each image's slots
+    for before, after in zip(firsts[:-1], firsts[1:], strict=True):
+        assert latents <= after - before < latents + template < latents + vision
+    family = get_family("2.1")
+    assert family.tokens_per_reference_image == family.reference.vae_area // 256  # 1024^2: 4096 tokens
