@@ -266,10 +266,12 @@ ref = _transformer()
 install_real_rope(ref)
 t = _transformer()
 install_real_rope(t)
-compile_blocks(t, notify=lambda _m: None)
+handle = compile_blocks(t, notify=lambda _m: None)
 result = {"rel": rel(_forward(t, 8, [9, 4]), _forward(ref, 8, [9, 4])),
           "traced_graphs": counters["stats"].get("unique_graphs", 0),
-          "precompile": bool(torch._dynamo.config.caching_precompile)}
+          "kernel_calls_loaded": counters["inductor"].get("extern_calls", 0),
+          "precompile": all(f.precompile for f in handle.forwards),
+          "switch_left_on": bool(torch._dynamo.config.caching_precompile)}
 # The kernel switches after compiling (the NaN fallback makes one): each must run its own graph. In the process
 # that loaded the saved traces only (one compile fewer): a new compile there, and its guards kept.
 for kernel in ("flash4", "native") if sys.argv[2] == "switch" else ():
@@ -304,6 +306,10 @@ class TestColdStartWithWarmCache:
         assert first["precompile"] and first["traced_graphs"] >= 1 and first["rel"] < 1e-5
         assert any((tmp_path / "cc").rglob(compile_cache.ARTIFACTS))  # the saved traces
         assert second["traced_graphs"] == 0 and second["rel"] < 1e-5  # loaded, not traced, and still exact
+        # One saved trace for both blocks, loaded once (a compiled wrapper per block saved one per block: an H200
+        # loaded 60 in 21 s), and dynamo's process-wide switch is back off outside our calls.
+        assert second["kernel_calls_loaded"] == first["kernel_calls_loaded"] > 0
+        assert not first["switch_left_on"] and not second["switch_left_on"]
         # Bugs: with the kernel object on the processor, the saved cache failed to pickle it (the switch to
         # flash-attn 4 raised) or dropped its guard (the switch back to SDPA ran the flash graph: 0.22 off); and
         # a new compile after loading took a global name the loaded trace held ("already exists in scope").
@@ -316,8 +322,8 @@ class TestColdStartWithWarmCache:
         assert "could not be loaded" in caplog.text
         assert compile_cache.load_artifacts(tmp_path) is False  # tried once per process, not again
 
-    @pytest.mark.parametrize(("value", "wanted"), [(None, False), ("0", False), ("1", True), ("on", True)])
-    def test_the_switch_is_opt_in(self, monkeypatch, value, wanted):
+    @pytest.mark.parametrize(("value", "wanted"), [(None, True), ("0", False), ("off", False), ("1", True)])
+    def test_the_switch_is_on_by_default(self, monkeypatch, value, wanted):
         if value is None:
             monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
         else:
@@ -361,6 +367,43 @@ class TestColdStartWithWarmCache:
 
 
 class TestCompileHandleLifetime:
+    def test_a_graph_the_dynamo_cache_cannot_store_compiles_without_it(self, monkeypatch, tmp_path):
+        """Dynamo refuses to save a graph that holds a class defined inside a function (a user's attention
+        processor, say): the first call falls back to a plain compile, says so, and gives the exact image."""
+        from qwen_core.speed.compile import compile_blocks, uncompile_blocks
+
+        monkeypatch.setenv("QWEN_COMPILE_CACHE", str(tmp_path / "cc"))
+        monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
+        if not compile_cache.precompile_wanted():
+            pytest.skip(f"torch {torch.__version__} has no dynamo cache")
+        torch._dynamo.reset()
+
+        def wrapping_processor() -> type:
+            class LocalProcessor:  # defined in a function: dynamo cannot save it by name
+                def __init__(self, inner: object) -> None:
+                    self.inner = inner
+
+                def __call__(self, *args: object, **kwargs: object) -> object:
+                    return self.inner(*args, **kwargs)
+
+            return LocalProcessor
+
+        t = _transformer()
+        local = wrapping_processor()
+        for block in t.transformer_blocks:
+            block.attn.processor = local(block.attn.processor)
+        eager = _forward(t, 8, [9, 4], split=False)
+        messages: list[str] = []
+        handle = compile_blocks(t, notify=messages.append)
+        try:
+            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5
+            assert not handle.forwards[0].precompile
+            assert any("cannot store this model's graph" in m and "LocalProcessor" in m for m in messages), messages
+            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5  # and the next call runs as usual
+        finally:
+            uncompile_blocks(t)
+            torch._dynamo.reset()
+
     def test_a_compiled_transformer_is_collected_when_dropped(self, monkeypatch, tmp_path):
         """Bug: the handle (a value of a weak-key table keyed by the transformer) held the transformer, so a
         released model compiled on the GPU (the default path) kept its weights forever."""

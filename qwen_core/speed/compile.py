@@ -2,7 +2,10 @@
 
 Why ``forward`` and not diffusers' ``compile_repeated_blocks`` (which compiles each block's ``__call__``):
 module hooks then stay outside the graph, so the streamed engine's stream/event hooks (``qwen_core.streaming``)
-and our own hooks below keep running eagerly; the 60 blocks share one code object and so one graph.
+and our own hooks below keep running eagerly. One compiled function per block class is bound to each of its blocks
+(``_SharedForward``): the 60 blocks share one graph and one entry in dynamo's cache. With a compiled wrapper per
+block, dynamo's saved cache held 60 copies of the same trace, and a new process loaded all 60 (21 s on an H200,
+against ~2 s for one; bench/RESULTS.md).
 
 Dynamic shapes (``SpeedOptions.dynamic``): ``"seq"`` (default) compiles with ``dynamic=True``, so the image
 and text sequence lengths are symbols: one graph serves every image size and every prompt length (prompts
@@ -17,6 +20,11 @@ Two guards torch would otherwise add, each costing a second compile of the same 
 a row slice of a larger table (a symbolic storage offset). A pre-hook hands block inputs over as fresh tensors
 (one copy for block 0 only) and ``qwen_core.speed.rope`` hands the tables over as fresh real tensors.
 
+The dynamo cache (``compile_cache.precompile_wanted``, on by default): dynamo's switch is on only inside our
+compile and our blocks' calls (``compile_cache.precompiling``). A first compile that fails only because dynamo
+cannot store the graph (e.g. a user's attention processor class defined inside a function) is retried once as a
+plain compile, and the blocks stay on plain compiles in this process (said through ``notify``).
+
 Progress: the first call per batch size in a process is timed and reported through ``notify`` (the session
 log by default): "compiling ... (first time on this machine)" or "loading ... from the compile cache", then
 the seconds it took. A first compile marks the cache folder warm (``compile_cache.mark_warm``).
@@ -25,6 +33,7 @@ the seconds it took. A first compile marks the cache folder warm (``compile_cach
 from __future__ import annotations
 
 import time
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +64,7 @@ class CompileHandle:
     cache: compile_cache.CacheInfo | None
     notify: Notify
     hooks: list[Any] = field(default_factory=list)
+    forwards: list[_SharedForward] = field(default_factory=list)  # the compiled function of each block class
     seen: set[int] = field(default_factory=set)  # batch sizes whose first call has run
     first_calls: dict[int, float] = field(default_factory=dict)  # batch size -> seconds of its first call
     _started: float | None = None
@@ -99,11 +109,61 @@ class CompileHandle:
         self.notify(f"compile: first forward at batch {batch} took {seconds:.1f} s (compile included)")
         if self.cache is not None and not self.cache.warm:
             compile_cache.mark_warm(self.cache, seconds, f"transformer blocks, batch {batch}")
-        if self.cache is not None and compile_cache.precompile_wanted():
-            try:  # this batch size's traced blocks too (opt-in: compile_cache.PRECOMPILE_ENV)
-                compile_cache.save_artifacts(self.cache)
+        if self.cache is not None and any(f.precompile for f in self.forwards):
+            try:  # this batch size's traced blocks too (the dynamo cache: compile_cache.PRECOMPILE_ENV)
+                with compile_cache.precompiling():
+                    compile_cache.save_artifacts(self.cache)
             except Exception as err:  # noqa: BLE001 - a cache that cannot be written must not fail the image
                 self.notify(f"compile: could not save the compile cache artifacts ({type(err).__name__}: {err})")
+
+
+class _SharedForward:
+    """The compiled ``forward`` of one block class, bound to each of its blocks with ``types.MethodType``."""
+
+    # A bound method is saved by name (``getattr(block, "forward")``): dynamo's saved guards on the block need it.
+    __name__ = "forward"
+
+    def __init__(self, cls: type, options: dict[str, Any], precompile: bool, notify: Notify) -> None:
+        self.cls, self.options, self.notify = cls, options, notify
+        self.precompile = precompile
+        self.succeeded = False  # a call has run: later errors are the model's, not the cache's
+        with compile_cache.precompiling(precompile):
+            self.compiled = torch.compile(cls.forward, **options)
+
+    def __call__(self, block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.precompile:
+            return self.compiled(block, *args, **kwargs)
+        try:
+            with compile_cache.precompiling():
+                out = self.compiled(block, *args, **kwargs)
+        except Exception as err:
+            if self.succeeded or not _cannot_store(err):
+                raise
+            self.notify(f"compile: the dynamo compile cache cannot store this model's graph ({_short(err)}); "
+                        "compiling without it: a new process traces the blocks again")
+            self.precompile = False
+            self.compiled = torch.compile(self.cls.forward, **self.options)
+            return self.compiled(block, *args, **kwargs)
+        self.succeeded = True
+        return out
+
+
+def _cannot_store(err: BaseException) -> bool:
+    """A compile that failed for the dynamo cache's sake: dynamo's own error, not a failure of the model's math
+    (an out-of-memory error is raised as itself or chained under dynamo's)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    chain, seen = err, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, torch.OutOfMemoryError):
+            return False
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return isinstance(err, TorchDynamoException)
+
+
+def _short(err: BaseException) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
 # Our state about a transformer, held weakly: a released model takes its handle with it.
@@ -138,9 +198,15 @@ def compile_blocks(transformer: nn.Module, *, dynamic: str = "seq", mode: str | 
     options: dict[str, Any] = {"fullgraph": True, "dynamic": dynamic == "seq"}
     if mode:
         options["mode"] = mode
+    precompile = cache is not None and compile_cache.precompile_wanted()
+    shared: dict[type, _SharedForward] = {}  # one compiled function per block class, shared by its blocks
     for block in blocks:
         if "forward" not in block.__dict__:
-            block.forward = torch.compile(block.forward, **options)
+            cls = type(block)
+            if cls not in shared:
+                shared[cls] = _SharedForward(cls, options, precompile, handle.notify)
+                handle.forwards.append(shared[cls])
+            block.forward = types.MethodType(shared[cls], block)
         handle.hooks.append(block.register_forward_pre_hook(_fresh_inputs, with_kwargs=True))
 
     def first(_m: nn.Module, args: tuple, kwargs: dict) -> None:

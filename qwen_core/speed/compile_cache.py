@@ -18,6 +18,7 @@ the folder, which is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -25,6 +26,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,8 @@ def activate(device: str | torch.device = "cuda") -> CacheInfo:
     _enable_disk_caches()
     if precompile_wanted():
         _names_past_other_processes()
-        load_artifacts(path)
+        with precompiling():
+            load_artifacts(path)
     return CacheInfo(path, key, ours, (path / MARKER).is_file())
 
 
@@ -131,20 +134,18 @@ def _enable_disk_caches() -> None:
     inductor_config.fx_graph_cache = True
     if hasattr(functorch_config, "enable_autograd_cache"):
         functorch_config.enable_autograd_cache = True
-    if precompile_wanted():
-        import torch._dynamo.config as dynamo_config
-
-        dynamo_config.caching_precompile = True
 
 
-# Dynamo's own cache ("precompile", torch >= 2.9), opt-in with QWEN_COMPILE_PRECOMPILE=1: the traced bytecode and
-# guards are saved with torch's cache artifacts into our folder, so a cold process skips tracing too. Without it
-# inductor's caches save codegen only and dynamo re-traces every block on each process start (14 s of the first
-# image on an H200, bench/RESULTS.md); with it the tiny model's first call in a fresh process went from 7.9 s to
-# 0.05 s on a CPU with torch 2.14, from 51 s to 0.02 s with torch 2.11 (tests/test_speed.py::TestColdStartWithWarmCache).
-# Opt-in: a graph the cache cannot store (e.g. an attention processor class defined inside a function) fails its
-# first call, and on an H200 with torch 2.11 loading the saved traces took 20 s more than the 14 s of tracing it
-# saved (bench/RESULTS.md, "Speed on the H200, a fourth session").
+# Dynamo's own cache ("precompile", torch >= 2.9), on by default (QWEN_COMPILE_PRECOMPILE=0 turns it off): the
+# traced bytecode and guards are saved with torch's cache artifacts into our folder, so a cold process skips
+# tracing too. Without it inductor's caches save codegen only and dynamo re-traces the blocks on each process start:
+# on an H200 the first image of a new process took 1.67x a warm one (14 s of tracing), with it 1.19x (the saved
+# traces load in ~2 s; bench/RESULTS.md). On a CPU the tiny model's first call in a fresh process went from 7.9 s to
+# 0.05 s with torch 2.14, from 51 s to 0.02 s with torch 2.11 (tests/test_speed.py::TestColdStartWithWarmCache).
+# Dynamo's switch for it is process-wide and changes how graphs compile (some guards are dropped, a graph that holds
+# a class defined inside a function fails): ``precompiling`` turns it on only around our own compiles and calls, so
+# other torch.compile users in the process (ComfyUI's nodes) keep their setting, and ``qwen_core.speed.compile``
+# falls back to a plain compile when a graph cannot be stored.
 PRECOMPILE_ENV = "QWEN_COMPILE_PRECOMPILE"
 ARTIFACTS = "torch_cache_artifacts.bin"
 _loaded_artifacts: set[Path] = set()
@@ -156,8 +157,7 @@ def precompile_wanted() -> bool:
     global _precompile_refusal_logged, _guards_round_trip
     import torch._dynamo.config as dynamo_config
 
-    on = os.environ.get(PRECOMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    if not on:
+    if os.environ.get(PRECOMPILE_ENV, "").strip().lower() in ("0", "false", "no", "off"):
         return False
     available = hasattr(dynamo_config, "caching_precompile") and hasattr(torch.compiler, "save_cache_artifacts")
     if available and _guards_round_trip is None:
@@ -168,9 +168,21 @@ def precompile_wanted() -> bool:
         _precompile_refusal_logged = True
         why = "its saved guards do not load back" if available else "it has no dynamo cache to save (torch >= 2.9)"
         logging.getLogger(__name__).warning(
-            "%s=1 is ignored with torch %s: %s. Compiling as usual: a new process re-traces the blocks, its first "
-            "image takes longer.", PRECOMPILE_ENV, torch.__version__, why)
+            "The dynamo compile cache (%s) is off with torch %s: %s. A new process re-traces the transformer "
+            "blocks, its first image takes longer.", PRECOMPILE_ENV, torch.__version__, why)
     return False
+
+
+@contextlib.contextmanager
+def precompiling(on: bool = True) -> Iterator[None]:
+    """Dynamo's cache switch (``caching_precompile``) set to ``on`` inside the block only (see above)."""
+    import torch._dynamo.config as dynamo_config
+
+    if not hasattr(dynamo_config, "caching_precompile"):
+        yield
+        return
+    with dynamo_config.patch(caching_precompile=on):
+        yield
 
 
 def repair_guard_pickling() -> bool:
