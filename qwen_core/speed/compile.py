@@ -139,7 +139,7 @@ class _SharedForward:
         except Exception as err:
             if self.succeeded or not _cannot_store(err):
                 raise
-            self.notify(f"compile: the dynamo compile cache cannot store this model's graph ({_short(err)}); "
+            self.notify(f"compile: the first compile with the dynamo compile cache failed ({_short(err)}); "
                         "compiling without it: a new process traces the blocks again")
             self.precompile = False
             self.compiled = torch.compile(self.cls.forward, **self.options)

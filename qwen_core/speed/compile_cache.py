@@ -181,8 +181,14 @@ def precompiling(on: bool = True) -> Iterator[None]:
     if not hasattr(dynamo_config, "caching_precompile"):
         yield
         return
-    with dynamo_config.patch(caching_precompile=on):
+    # Set and restored directly: this wraps every block call (3000 per 50-step image), and a direct set costs
+    # less than ``dynamo_config.patch`` (13 vs 30 us per use on a CPU).
+    previous = dynamo_config.caching_precompile
+    dynamo_config.caching_precompile = on
+    try:
         yield
+    finally:
+        dynamo_config.caching_precompile = previous
 
 
 def repair_guard_pickling() -> bool:
