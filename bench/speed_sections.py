@@ -256,7 +256,7 @@ def compiled_complex_rope(ctx: Ctx) -> None:
 
 @contextmanager
 def fresh_compiles() -> Iterator[None]:
-    """Compiles installed inside compile for real: without the dynamo cache (``QWEN_COMPILE_PRECOMPILE=0``). With
+    """Blocks compiled inside this context compile for real: without the dynamo cache (``QWEN_COMPILE_PRECOMPILE=0``). With
     it, a new ``torch.compile`` of the blocks' ``forward`` in the same process takes up the saved trace of the
     first one whatever its settings (neither inductor's settings nor ``dynamic`` are guarded): on the H200 every
     variant below then "compiled" in 0.7 s and ran the default graph."""

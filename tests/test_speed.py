@@ -315,6 +315,43 @@ class TestColdStartWithWarmCache:
         # a new compile after loading took a global name the loaded trace held ("already exists in scope").
         assert second["rel_after_flash4"] < 1e-5 and second["rel_after_native"] < 1e-5, second
 
+    def test_a_graph_the_dynamo_cache_cannot_store_compiles_without_it(self, monkeypatch, tmp_path):
+        """Dynamo refuses to save a graph that holds a class defined inside a function (a user's attention
+        processor, say): the first call falls back to a plain compile, says so, and gives the exact image."""
+        from qwen_core.speed.compile import compile_blocks, uncompile_blocks
+
+        monkeypatch.setenv("QWEN_COMPILE_CACHE", str(tmp_path / "cc"))
+        monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
+        if not compile_cache.precompile_wanted():
+            pytest.skip(f"torch {torch.__version__} has no dynamo cache")
+        torch._dynamo.reset()
+
+        def wrapping_processor() -> type:
+            class LocalProcessor:  # defined in a function: dynamo cannot save it by name
+                def __init__(self, inner: object) -> None:
+                    self.inner = inner
+
+                def __call__(self, *args: object, **kwargs: object) -> object:
+                    return self.inner(*args, **kwargs)
+
+            return LocalProcessor
+
+        t = _transformer()
+        local = wrapping_processor()
+        for block in t.transformer_blocks:
+            block.attn.processor = local(block.attn.processor)
+        eager = _forward(t, 8, [9, 4], split=False)
+        messages: list[str] = []
+        handle = compile_blocks(t, notify=messages.append)
+        try:
+            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5
+            assert not handle.forwards[0].precompile
+            assert any("compiling without it" in m and "LocalProcessor" in m for m in messages), messages
+            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5  # and the next call runs as usual
+        finally:
+            uncompile_blocks(t)
+            torch._dynamo.reset()
+
     def test_a_damaged_artifacts_file_costs_a_compile_not_the_image(self, monkeypatch, tmp_path, caplog):
         monkeypatch.setattr(compile_cache, "_loaded_artifacts", set())
         (tmp_path / compile_cache.ARTIFACTS).write_bytes(b"not torch's artifacts")
@@ -367,43 +404,6 @@ class TestColdStartWithWarmCache:
 
 
 class TestCompileHandleLifetime:
-    def test_a_graph_the_dynamo_cache_cannot_store_compiles_without_it(self, monkeypatch, tmp_path):
-        """Dynamo refuses to save a graph that holds a class defined inside a function (a user's attention
-        processor, say): the first call falls back to a plain compile, says so, and gives the exact image."""
-        from qwen_core.speed.compile import compile_blocks, uncompile_blocks
-
-        monkeypatch.setenv("QWEN_COMPILE_CACHE", str(tmp_path / "cc"))
-        monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
-        if not compile_cache.precompile_wanted():
-            pytest.skip(f"torch {torch.__version__} has no dynamo cache")
-        torch._dynamo.reset()
-
-        def wrapping_processor() -> type:
-            class LocalProcessor:  # defined in a function: dynamo cannot save it by name
-                def __init__(self, inner: object) -> None:
-                    self.inner = inner
-
-                def __call__(self, *args: object, **kwargs: object) -> object:
-                    return self.inner(*args, **kwargs)
-
-            return LocalProcessor
-
-        t = _transformer()
-        local = wrapping_processor()
-        for block in t.transformer_blocks:
-            block.attn.processor = local(block.attn.processor)
-        eager = _forward(t, 8, [9, 4], split=False)
-        messages: list[str] = []
-        handle = compile_blocks(t, notify=messages.append)
-        try:
-            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5
-            assert not handle.forwards[0].precompile
-            assert any("compiling without it" in m and "LocalProcessor" in m for m in messages), messages
-            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5  # and the next call runs as usual
-        finally:
-            uncompile_blocks(t)
-            torch._dynamo.reset()
-
     def test_a_compiled_transformer_is_collected_when_dropped(self, monkeypatch, tmp_path):
         """Bug: the handle (a value of a weak-key table keyed by the transformer) held the transformer, so a
         released model compiled on the GPU (the default path) kept its weights forever."""
