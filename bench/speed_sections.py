@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ from common import rel_err
 from sections import fwd_batched, fwd_single, make_inputs, make_prompt
 
 from qwen_core import devices
-from qwen_core.speed import compile_cache
 from qwen_core.speed.apply import apply_attention_kernel
 from qwen_core.speed.compile import compile_blocks, uncompile_blocks
 from qwen_core.speed.rope import install_real_rope, remove_real_rope
@@ -254,29 +252,14 @@ def compiled_complex_rope(ctx: Ctx) -> None:
         install_real_rope(ctx.t)
 
 
-@contextmanager
-def fresh_compiles() -> Iterator[None]:
-    """Blocks compiled inside this context compile for real: without the dynamo cache (``QWEN_COMPILE_PRECOMPILE=0``). With
-    it, a new ``torch.compile`` of the blocks' ``forward`` in the same process takes up the saved trace of the
-    first one whatever its settings (neither inductor's settings nor ``dynamic`` are guarded): on the H200 every
-    variant below then "compiled" in 0.7 s and ran the default graph."""
-    saved = os.environ.get(compile_cache.PRECOMPILE_ENV)
-    os.environ[compile_cache.PRECOMPILE_ENV] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(compile_cache.PRECOMPILE_ENV, None)
-        else:
-            os.environ[compile_cache.PRECOMPILE_ENV] = saved
-
-
 def compiled_static(ctx: Ctx) -> None:
     """Attribution: static shapes instead of dynamic sequence lengths (the cost of one graph for all sizes)."""
     uncompile_blocks(ctx.t)
     torch._dynamo.reset()
-    with fresh_compiles():
-        compile_blocks(ctx.t, dynamic="static", notify=lambda m: None)
+    # use_cache=False: with the dynamo cache a new compile in the process takes up the first trace whatever its
+    # settings (neither ``dynamic`` nor inductor's settings are guarded; on the H200 the variants below then
+    # "compiled" in 0.7 s and ran the default graph).
+    compile_blocks(ctx.t, dynamic="static", notify=lambda m: None, use_cache=False)
     try:
         first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
         r["first_call_s"] = round(first, 1)
@@ -311,8 +294,8 @@ def compile_variants(ctx: Ctx) -> None:
                 continue
             uncompile_blocks(ctx.t)
             torch._dynamo.reset()
-            with inductor_config.patch(overrides), fresh_compiles():  # the compile runs at the first call, inside
-                compile_blocks(ctx.t, dynamic="seq", mode=mode, notify=lambda m: None)
+            with inductor_config.patch(overrides):  # the compile runs at the first call, inside the patch
+                compile_blocks(ctx.t, dynamic="seq", mode=mode, notify=lambda m: None, use_cache=False)
                 first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
             r.update(first_call_s=round(first, 1), mode=mode, inductor=overrides,
                      ratio_vs_default=round(r["median_ms"] / base, 3) if base else None)

@@ -352,6 +352,36 @@ class TestColdStartWithWarmCache:
             uncompile_blocks(t)
             torch._dynamo.reset()
 
+    def test_a_compile_without_our_cache_takes_up_no_saved_trace(self, monkeypatch, tmp_path):
+        """The benchmarks of other compile settings (bench/speed_sections.py): with the dynamo cache, a new
+        compile of the same forward in the process took up the first one's trace whatever its settings (the
+        H200's variants "compiled" in 0.7 s). ``use_cache=False`` compiles for real."""
+        from torch._dynamo.utils import counters
+
+        from qwen_core.speed.compile import compile_blocks, uncompile_blocks
+
+        monkeypatch.setenv("QWEN_COMPILE_CACHE", str(tmp_path / "cc"))
+        monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
+        if not compile_cache.precompile_wanted():
+            pytest.skip(f"torch {torch.__version__} has no dynamo cache")
+        torch._dynamo.reset()
+        t = _transformer()
+        install_real_rope(t)
+        try:
+            first = compile_blocks(t, notify=lambda _m: None)
+            _forward(t, 8, [9, 4])
+            assert first.forwards[0].precompile
+            uncompile_blocks(t)
+            torch._dynamo.reset()  # as the benchmark does between settings; the saved trace stays in memory
+            traced = counters["stats"]["unique_graphs"]
+            plain = compile_blocks(t, notify=lambda _m: None, use_cache=False)
+            _forward(t, 8, [9, 4])
+            assert not plain.forwards[0].precompile and plain.cache is None
+            assert counters["stats"]["unique_graphs"] == traced + 1  # traced again, not taken up
+        finally:
+            uncompile_blocks(t)
+            torch._dynamo.reset()
+
     def test_a_damaged_artifacts_file_costs_a_compile_not_the_image(self, monkeypatch, tmp_path, caplog):
         monkeypatch.setattr(compile_cache, "_loaded_artifacts", set())
         (tmp_path / compile_cache.ARTIFACTS).write_bytes(b"not torch's artifacts")

@@ -185,7 +185,8 @@ def _fresh_inputs(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
 def compile_blocks(transformer: nn.Module, *, dynamic: str = "seq", mode: str | None = None,
                    notify: Notify | None = None, use_cache: bool = True) -> CompileHandle:
     """Compile every block's ``forward`` (idempotent; see the module docstring). ``use_cache``: point torch's
-    caches at our keyed folder (``compile_cache.activate``) first."""
+    caches at our keyed folder (``compile_cache.activate``) first and keep dynamo's traces there; False: a plain
+    compile, which also takes up no trace saved earlier in the process (benchmarks of other compile settings)."""
     existing = compile_handle(transformer)
     if existing is not None:
         return existing
