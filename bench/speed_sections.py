@@ -17,7 +17,7 @@ from sections import fwd_batched, fwd_single, make_inputs, make_prompt
 from qwen_core import devices
 from qwen_core.speed.apply import apply_attention_kernel
 from qwen_core.speed.compile import compile_blocks, uncompile_blocks
-from qwen_core.speed.rope import install_real_rope, remove_real_rope
+from qwen_core.speed.rope import install_real_rope, remove_real_rope, set_fused_kernels
 from qwen_core.streaming import enable_streamed_offload
 
 STEPS = 50
@@ -143,6 +143,7 @@ def ours_compiled(ctx: Ctx) -> None:
     """The default path's transformer: real RoPE + regional compile (dynamic sequence lengths) + the attention
     our policy picks on this machine; the compile cache is the one the children filled."""
     install_real_rope(ctx.t)
+    set_fused_kernels(ctx.t, True)  # as apply_speed does (QWEN_FUSED_KERNELS unset)
     apply_attention_kernel(ctx.t, ctx.backend)
     handle = compile_blocks(ctx.t, dynamic="seq", notify=lambda m: ctx.R.set("speed", "compile_message", m))
     first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
@@ -307,6 +308,38 @@ def compile_variants(ctx: Ctx) -> None:
         compile_blocks(ctx.t, dynamic="seq", notify=lambda m: None)
 
 
+# Which of our fused kernels each variant keeps (the default, ``ours_compiled``, has both).
+FUSED_VARIANTS = {"none": (False, False), "qk_norm_rope_only": (True, False), "linear_gelu_only": (False, True)}
+
+
+def fused_kernels(ctx: Ctx) -> None:
+    """What each fused kernel buys in the compiled step: the default path recompiled with neither, or one of them
+    (``qwen_core.speed.qk_rope``, ``qwen_core.speed.linear_gelu``); the default is restored after."""
+    from qwen_core.speed.linear_gelu import install_linear_gelu, remove_linear_gelu
+
+    base = ctx.n.get("compiled_ms")
+    try:
+        for name, (qk, gelu) in FUSED_VARIANTS.items():
+            if ctx.R.left() < 40:
+                ctx.R.set("skipped", f"fused_{name}", f"only {ctx.R.left():.0f} s of the budget left")
+                continue
+            uncompile_blocks(ctx.t)
+            torch._dynamo.reset()
+            set_fused_kernels(ctx.t, qk)
+            (install_linear_gelu if gelu else remove_linear_gelu)(ctx.t)
+            compile_blocks(ctx.t, dynamic="seq", notify=lambda m: None, use_cache=False)
+            first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+            r.update(first_call_s=round(first, 1), qk_norm_rope=qk, linear_gelu=gelu,
+                     ratio_vs_default=round(r["median_ms"] / base, 3) if base else None)
+            ctx.n[f"fused_{name}_ms"] = r["median_ms"]
+            ctx.record("fused_kernels", name, r, per_step_ms=r["median_ms"], out=out)
+    finally:
+        uncompile_blocks(ctx.t)
+        torch._dynamo.reset()
+        set_fused_kernels(ctx.t, True)
+        compile_blocks(ctx.t, dynamic="seq", notify=lambda m: None)
+
+
 def _kernel_kind(name: str) -> str:
     low = name.lower()
     if "memcpy" in low or "memset" in low:
@@ -365,12 +398,12 @@ def profiles(ctx: Ctx) -> None:
         ctx.R.set("profile", f"streamed_{_streamed_key(ctx, fp8)}", result)
 
 
-PARTS = (diffusers_as_is, ours_eager, ours_compiled, streamed, fp8_compute, attention_kernels,
+PARTS = (diffusers_as_is, ours_eager, ours_compiled, fused_kernels, streamed, fp8_compute, attention_kernels,
          compiled_complex_rope, compiled_static, profiles, compile_variants)
 PART_NAMES = tuple(part.__name__ for part in PARTS)
 MIN_SECONDS = {"ours_compiled": 40, "streamed": 60, "fp8_compute": 50, "attention_kernels": 30,
                "compiled_complex_rope": 45, "compiled_static": 50, "compile_variants": VARIANT_SECONDS,
-               "profiles": 60}
+               "profiles": 60, "fused_kernels": 40}
 
 
 def summary(ctx: Ctx) -> None:
@@ -383,6 +416,7 @@ def summary(ctx: Ctx) -> None:
             ("compiled, static shapes", n.get("compiled_static_ms"))]
     rows += [(f"streamed {k[9:-3]}", v) for k, v in n.items() if k.startswith("streamed_")]
     rows += [(f"compiled, {k[8:-3].replace('_', ' ')}", v) for k, v in n.items() if k.startswith("variant_")]
+    rows += [(f"compiled, fused kernels: {k[6:-3].replace('_', ' ')}", v) for k, v in n.items() if k.startswith("fused_")]
     lines = [f"{'config':38s} {'ms/step':>8s} {'s/image est':>11s}"]
     for name, ms in rows:
         if ms:

@@ -240,6 +240,20 @@ class TestRegionalCompile:
         assert all("forward" not in b.__dict__ for b in t.transformer_blocks)
 
 
+class ClassCheckingProcessor:
+    """Delegates to the processor it wraps after a class identity check (a guard dynamo cannot save)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def __call__(self, attn: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        from diffusers.models.normalization import RMSNorm
+
+        if type(attn.norm_q) is not RMSNorm:
+            raise TypeError("expected diffusers' RMSNorm")
+        return self.inner(attn, *args, **kwargs)
+
+
 _COLD_START = """
 import json, sys
 import torch
@@ -249,7 +263,7 @@ from test_speed import _forward, _transformer
 from qwen_core.speed import attention
 from qwen_core.speed.apply import apply_attention_kernel
 from qwen_core.speed.compile import compile_blocks
-from qwen_core.speed.rope import install_real_rope
+from qwen_core.speed.rope import install_real_rope, set_fused_kernels
 
 
 def half_attention(q, k, v, softmax_scale=None, causal=False):  # a stand-in kernel whose output is told apart
@@ -266,6 +280,7 @@ ref = _transformer()
 install_real_rope(ref)
 t = _transformer()
 install_real_rope(t)
+set_fused_kernels(t, True)  # as apply_speed does: the fused ops' custom op and module go through the saved trace
 handle = compile_blocks(t, notify=lambda _m: None)
 result = {"rel": rel(_forward(t, 8, [9, 4]), _forward(ref, 8, [9, 4])),
           "traced_graphs": counters["stats"].get("unique_graphs", 0),
@@ -348,6 +363,31 @@ class TestColdStartWithWarmCache:
             assert not handle.forwards[0].precompile
             assert any("compiling without it" in m and "LocalProcessor" in m for m in messages), messages
             assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5  # and the next call runs as usual
+        finally:
+            uncompile_blocks(t)
+            torch._dynamo.reset()
+
+    def test_a_guard_the_dynamo_cache_cannot_store_compiles_without_it(self, monkeypatch, tmp_path):
+        """A class identity check inside the traced code is a guard dynamo cannot save: torch drops the trace from
+        its cache, then asserts ("guards_state must not be None"; the first fused q/k kernel did this on the
+        H200). The first call compiles without the cache instead and the image is exact."""
+        from qwen_core.speed.compile import compile_blocks, uncompile_blocks
+
+        monkeypatch.setenv("QWEN_COMPILE_CACHE", str(tmp_path / "cc"))
+        monkeypatch.delenv(compile_cache.PRECOMPILE_ENV, raising=False)
+        if not compile_cache.precompile_wanted():
+            pytest.skip(f"torch {torch.__version__} has no dynamo cache")
+        torch._dynamo.reset()
+        t = _transformer()
+        for block in t.transformer_blocks:
+            block.attn.processor = ClassCheckingProcessor(block.attn.processor)
+        eager = _forward(t, 8, [9, 4], split=False)
+        messages: list[str] = []
+        handle = compile_blocks(t, notify=messages.append)
+        try:
+            assert _rel(_forward(t, 8, [9, 4], split=False), eager) < 1e-5
+            assert not handle.forwards[0].precompile
+            assert any("compiling without it" in m and "AssertionError" in m for m in messages), messages
         finally:
             uncompile_blocks(t)
             torch._dynamo.reset()

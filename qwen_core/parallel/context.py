@@ -154,7 +154,7 @@ def enable_context_parallel(pipe: Any, settings: ContextParallelSettings) -> Con
     from diffusers import ContextParallelConfig
 
     from qwen_core.cfg_batch import disable_cfg_batching
-    from qwen_core.speed.rope import set_attention_kernel
+    from qwen_core.speed.rope import set_attention_kernel, set_fused_kernels
 
     if not dist.is_initialized() or dist.get_world_size() != settings.degree:
         have = dist.get_world_size() if dist.is_initialized() else 0
@@ -172,6 +172,7 @@ def enable_context_parallel(pipe: Any, settings: ContextParallelSettings) -> Con
         disable_cfg_batching(pipe)
         notes.append("batched CFG off (two unmasked forwards per step)")
     set_attention_kernel(transformer, None)  # flash-attn 4 through our processors bypasses the dispatcher
+    set_fused_kernels(transformer, False)  # the q/k kernel takes whole-sequence tables; not run with sharded ones
     backend = _backend_for(settings, state.attention_backend or "native", device)
     _set_backend(transformer, backend)
     state.attention_backend = backend

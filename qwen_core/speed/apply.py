@@ -2,8 +2,9 @@
 
 Order matters and is fixed here: the real-valued RoPE processors first (only when compiling: H200 run of
 2026-12-02, compiled 479.1 ms/step with it vs 479.7 with diffusers' complex RoPE, but eager 660.7 vs diffusers'
-609.2, because the fp32 rotation is not fused without compile), then fp8 compute (swaps Linear layers, so before
-compiling), then regional compile (``compile_blocks``: block ``forward`` only,
+609.2, because the fp32 rotation is not fused without compile), with our fused kernels (``set_fused_kernels``: the q/k norm + RoPE
+kernel and the feed-forward's projection + GELU call, ``QWEN_FUSED_KERNELS=0`` turns them off), then fp8 compute
+(swaps Linear layers, so before compiling), then regional compile (``compile_blocks``: block ``forward`` only,
 so the streamed engine's hooks stay outside the graphs). The attention kernel is chosen separately
 (``apply_attention_kernel``), because the generator's NaN fallback switches it on a loaded pipeline.
 """
@@ -16,7 +17,7 @@ from qwen_core.options import ComputeChoice
 from qwen_core.speed import attention
 from qwen_core.speed.compile import Notify, compile_blocks
 from qwen_core.speed.options import SpeedOptions
-from qwen_core.speed.rope import install_real_rope, set_attention_kernel
+from qwen_core.speed.rope import install_real_rope, set_attention_kernel, set_fused_kernels
 
 
 def apply_speed(pipe: Any, speed: SpeedOptions, *, streamed: bool = False, notify: Notify | None = None) -> str:
@@ -26,6 +27,7 @@ def apply_speed(pipe: Any, speed: SpeedOptions, *, streamed: bool = False, notif
         return ""  # not a Qwen-Image transformer: nothing of ours applies
     if speed.compile:
         install_real_rope(transformer)  # exact (0.0 in fp32) and fusible; unfused it is slower than diffusers'
+        set_fused_kernels(transformer, speed.fused)
     notes = []
     if speed.compute is ComputeChoice.FP8:
         notes.append(_fp8(transformer, streamed))

@@ -150,7 +150,9 @@ class _SharedForward:
 
 def _cannot_store(err: BaseException) -> bool:
     """A compile that failed for the dynamo cache's sake: dynamo's own error, not a failure of the model's math
-    (an out-of-memory error is raised as itself or chained under dynamo's)."""
+    (an out-of-memory error is raised as itself or chained under dynamo's). Also torch's assertion that a saved
+    trace has its guards: a guard dynamo cannot store (a class identity check in the traced code, say) drops the
+    trace from the cache, and torch 2.11-2.14 then assert (in dynamo's code) instead of compiling without it."""
     from torch._dynamo.exc import TorchDynamoException
 
     chain, seen = err, set()
@@ -159,7 +161,15 @@ def _cannot_store(err: BaseException) -> bool:
             return False
         seen.add(id(chain))
         chain = chain.__cause__ or chain.__context__
-    return isinstance(err, TorchDynamoException)
+    return isinstance(err, TorchDynamoException) or (isinstance(err, AssertionError) and _raised_in_dynamo(err))
+
+
+def _raised_in_dynamo(err: BaseException) -> bool:
+    """The innermost frame is dynamo's (torch 2.11's ``assert check_fn.guards_state is not None`` has no message)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "torch/_dynamo/" in tb.tb_frame.f_code.co_filename.replace("\\", "/")
 
 
 def _short(err: BaseException) -> str:

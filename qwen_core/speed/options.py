@@ -4,6 +4,8 @@ strings and the environment become them. A leaf module: it imports nothing else 
 - compile: ``CompileChoice``; ``auto`` = on for a CUDA device unless ``QWEN_COMPILE=0`` (``QWEN_COMPILE=1``
   also turns it on for ``auto`` on other devices, for tests). The Loader node's ``compile`` widget sets it.
 - compute: ``ComputeChoice``; ``auto`` = the model dtype unless ``QWEN_COMPUTE=fp8``.
+- fused: our fused kernels in compiled blocks (``qwen_core.speed.qk_rope``: the q/k norm + RoPE + concatenation;
+  ``qwen_core.speed.linear_gelu``: the feed-forward's projection + GELU); on unless ``QWEN_FUSED_KERNELS=0``.
 - dynamic: how compiled graphs treat sizes (``qwen_core.speed.compile``): ``"seq"`` (the default) marks the
   image and text sequence lengths symbolic so one graph serves every image size and prompt length;
   ``"static"`` specialises on each size (one compile per size and prompt length; for comparison in bench).
@@ -26,6 +28,7 @@ class SpeedOptions:
     compute: ComputeChoice = ComputeChoice.EXACT
     dynamic: str = "seq"
     reason: str = ""
+    fused: bool = True
 
     def describe(self) -> str:
         parts = ["compiled" if self.compile else "eager"]
@@ -66,4 +69,5 @@ def resolve_speed(compile_choice: str | CompileChoice = "auto", compute_choice: 
             reason = "auto: on for CUDA" if on else f"auto: off on {device}"
     else:
         on, reason = choice is CompileChoice.ON, f"compile {choice.value} as requested"
-    return SpeedOptions(compile=on, compute=compute, dynamic=policy, reason=reason)
+    fused = _env_flag("QWEN_FUSED_KERNELS") is not False
+    return SpeedOptions(compile=on, compute=compute, dynamic=policy, reason=reason, fused=fused)

@@ -33,30 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from qwen_core.speed import attention  # importing it registers torch.ops.qwen_core.flash4_attention
-
-
-def to_real(freqs: torch.Tensor) -> torch.Tensor:
-    """A rotary table as float32 [S, D/2, 2] (cos, sin in the last dim).
-
-    diffusers' complex [S, D/2] table (``QwenEmbedRope``) is viewed as real pairs, which are exactly (cos, sin);
-    a table that is already real passes through. A plain tensor, so slicing rows (``txt_freqs[:n]`` in the
-    split wrapper) and ``torch.compile`` treat it like the original.
-    """
-    if torch.is_complex(freqs):
-        return torch.view_as_real(freqs).float()
-    if freqs.ndim < 1 or freqs.shape[-1] != 2:
-        raise TypeError(f"rotary table must be complex or real [..., 2], got {freqs.dtype} {tuple(freqs.shape)}")
-    return freqs
-
-
-def apply_rope_real(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, S, H, D] (interleaved channel pairs) by ``freqs`` (real [S, D/2, 2]), in float32."""
-    cos = freqs[None, :, None, :, 0]
-    sin = freqs[None, :, None, :, 1]
-    even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+from qwen_core.speed import (
+    attention,  # importing it registers torch.ops.qwen_core.flash4_attention
+    qk_rope,  # likewise torch.ops.qwen_core.qk_norm_rope
+)
+from qwen_core.speed.linear_gelu import install_linear_gelu, remove_linear_gelu
+from qwen_core.speed.qk_rope import apply_rope_real, to_real
 
 
 def _base_processor_class() -> type:
@@ -86,6 +68,7 @@ def _make_processor_class() -> type:
         """
 
         attention_kernel: str | None = None
+        fuse_qk: bool = False  # the q/k norm + RoPE + concatenation as one kernel (set_fused_kernels)
 
         def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                      encoder_hidden_states_mask: torch.Tensor = None, attention_mask: torch.Tensor | None = None,
@@ -108,20 +91,26 @@ def _make_processor_class() -> type:
                 heads(attn.to_v(hidden_states))
             txt_q, txt_k = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
             txt_v = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_q is not None:
-                img_q = attn.norm_q(img_q)
-            if attn.norm_k is not None:
-                img_k = attn.norm_k(img_k)
-            if attn.norm_added_q is not None:
-                txt_q = attn.norm_added_q(txt_q)
-            if attn.norm_added_k is not None:
-                txt_k = attn.norm_added_k(txt_k)
-            if image_rotary_emb is not None:
+            if self.fuse_qk and image_rotary_emb is not None and qk_rope.dtypes_match(img_q, attn):
+                # One kernel per q and k: norm, rotation and the text+image concatenation (qk_rope docstring).
                 img_freqs, txt_freqs = (to_real(f) for f in image_rotary_emb)
-                img_q, img_k = apply_rope_real(img_q, img_freqs), apply_rope_real(img_k, img_freqs)
-                txt_q, txt_k = apply_rope_real(txt_q, txt_freqs), apply_rope_real(txt_k, txt_freqs)
-            q = torch.cat([txt_q, img_q], dim=1)
-            k = torch.cat([txt_k, img_k], dim=1)
+                q = qk_rope.norm_rope_cat(txt_q, img_q, attn.norm_added_q, attn.norm_q, txt_freqs, img_freqs)
+                k = qk_rope.norm_rope_cat(txt_k, img_k, attn.norm_added_k, attn.norm_k, txt_freqs, img_freqs)
+            else:
+                if attn.norm_q is not None:
+                    img_q = attn.norm_q(img_q)
+                if attn.norm_k is not None:
+                    img_k = attn.norm_k(img_k)
+                if attn.norm_added_q is not None:
+                    txt_q = attn.norm_added_q(txt_q)
+                if attn.norm_added_k is not None:
+                    txt_k = attn.norm_added_k(txt_k)
+                if image_rotary_emb is not None:
+                    img_freqs, txt_freqs = (to_real(f) for f in image_rotary_emb)
+                    img_q, img_k = apply_rope_real(img_q, img_freqs), apply_rope_real(img_k, img_freqs)
+                    txt_q, txt_k = apply_rope_real(txt_q, txt_freqs), apply_rope_real(txt_k, txt_freqs)
+                q = torch.cat([txt_q, img_q], dim=1)
+                k = torch.cat([txt_k, img_k], dim=1)
             v = torch.cat([txt_v, img_v], dim=1)
             if self.attention_kernel == attention.BACKEND and attention_mask is None:
                 out = _flash4(q, k, v)
@@ -223,6 +212,17 @@ def set_attention_kernel(transformer: nn.Module, kernel: str | None) -> None:
         inner, _ = _slot(block)
         if isinstance(inner, cls):
             inner.attention_kernel = kernel
+
+
+def set_fused_kernels(transformer: nn.Module, on: bool) -> None:
+    """Our fused kernels on or off for every real-RoPE processor (the q/k norm + RoPE kernel) and every block
+    feed-forward (``linear_gelu``: the projection + GELU call)."""
+    cls = processor_class()
+    for block in getattr(transformer, "transformer_blocks", []):
+        inner, _ = _slot(block)
+        if isinstance(inner, cls):
+            inner.fuse_qk = on and qk_rope.fusable(block.attn)
+    (install_linear_gelu if on else remove_linear_gelu)(transformer)
 
 
 # Hooks live here, keyed weakly by the transformer, so no attribute is stuck on diffusers' module.
