@@ -276,6 +276,7 @@ def compiled_static(ctx: Ctx) -> None:
 # where the process's first one did 0.0215; with one shared compiled forward both deviate 0.0215, bench/RESULTS.md).
 COMPILE_VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "default_recompiled": (None, {}),
+    "multi_kernel": (None, {"triton.multi_kernel": 1}),  # persistent and looped reductions, picked at run time
     "coordinate_descent": (None, {"coordinate_descent_tuning": True}),
     "max_autotune": ("max-autotune-no-cudagraphs", {}),
 }
@@ -287,6 +288,13 @@ def compile_variants(ctx: Ctx) -> None:
     sequence lengths, the policy's attention), timed like ``ours_compiled``; the default is restored after."""
     import torch._inductor.config as inductor_config
 
+    if not ctx.args.skip_children:
+        # ours_compiled then loaded the children's saved traces, and dynamo keeps a loaded trace on the forward's
+        # code past torch._dynamo.reset(): every variant below ran it in 0.5 s whatever its settings (H200, a
+        # sixth session; bench/RESULTS.md). Compiled in this process from nothing, they compile for real.
+        ctx.R.set("skipped", "compile_variants", "needs --skip-children (a trace loaded from the compile cache "
+                  "would be taken up by every variant)")
+        return
     base = ctx.n.get("compiled_ms")
     try:
         for name, (mode, overrides) in COMPILE_VARIANTS.items():
@@ -348,7 +356,7 @@ def _kernel_kind(name: str) -> str:
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")):
         return "matmul"
-    if "triton" in low:
+    if "triton" in low or "norm_rope" in low:  # norm_rope_rows: our q/k kernel (qwen_core.speed.qk_rope)
         return "triton (fused elementwise, norms)"
     return "other"
 

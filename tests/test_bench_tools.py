@@ -116,6 +116,7 @@ class TestSpeedBenchParts:
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
         ("nvjet_tst_256x128_64x4_2x1_v_bz_coopA_TNT", "matmul"),
         ("triton_per_fused_add_mul_native_layer_norm_0", "triton (fused elementwise, norms)"),
+        ("norm_rope_rows", "triton (fused elementwise, norms)"),
         ("void at::native::elementwise_kernel<128, 2>", "other"),
     ])  # fmt: skip
     def test_kernels_are_sorted_by_kind(self, kernel, kind):

@@ -29,7 +29,6 @@ import torch
 
 HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # powers of two: the kernel holds a row in one block (tiny models: 16)
 _PROBE_TOLERANCE = 1e-2  # relative L2 against ``reference``; a 1-ulp bf16 flip here and there is ~1e-3
-_ROWS_PER_PROGRAM = 16
 _kernel_cache: dict[bool, Any] = {}  # interpret mode -> the jitted kernel
 _probe_cache: dict[tuple[str, torch.dtype], str | None] = {}
 
@@ -114,29 +113,37 @@ def _build_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def norm_rope_rows(x_ptr, w_ptr, tab_ptr, out_ptr, n_rows, heads, seq, out_seq, seq_offset,
-                       stride_b, stride_s, stride_h, eps, D: tl.constexpr, ROWS: tl.constexpr):
-        # One row = one (batch, position, head): D channels, interleaved (even, odd) rotary pairs.
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        live = row < n_rows
-        head = row % heads
-        pos = (row // heads) % seq
-        batch = row // (heads * seq)
+    def norm_rope_positions(x_ptr, w_ptr, tab_ptr, out_ptr, heads, seq, out_seq, seq_offset,
+                            stride_b, stride_s, stride_h, eps, D: tl.constexpr, HEADS: tl.constexpr):
+        # One program = one (batch, position): every head's D channels, so the position's rotary row is read once
+        # for all heads. HEADS is heads rounded up to a power of two. Channels come in interleaved (even, odd)
+        # pairs; channel j's partner is j ^ 1, read by a second load of the same cache lines (a reshape into
+        # pairs made Triton shuffle registers through shared memory):
+        #   out[j] = h[j] * cos[j // 2] + h[j ^ 1] * (-sin if j is even else sin)[j // 2]
+        pid = tl.program_id(0)
+        pos = pid % seq
+        batch = pid // seq
+        head = tl.arange(0, HEADS)
+        live = head[:, None] < heads
         col = tl.arange(0, D)
-        src = batch.to(tl.int64) * stride_b + pos.to(tl.int64) * stride_s + head.to(tl.int64) * stride_h
-        x = tl.load(x_ptr + src[:, None] + col[None, :], mask=live[:, None], other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
-        normed = (x * inv[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
-        weight = tl.load(w_ptr + col).to(tl.float32)
-        h = (normed * weight[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
-        even, odd = tl.split(tl.reshape(h, (ROWS, D // 2, 2)))
-        tab = tl.load(tab_ptr + pos.to(tl.int64)[:, None] * D + col[None, :], mask=live[:, None], other=0.0)
-        cos, sin = tl.split(tl.reshape(tab, (ROWS, D // 2, 2)))
-        rotated = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), (ROWS, D))
-        dst = ((batch.to(tl.int64) * out_seq + seq_offset + pos) * heads + head) * D
-        tl.store(out_ptr + dst[:, None] + col[None, :], rotated.to(out_ptr.dtype.element_ty), mask=live[:, None])
+        partner = col ^ 1
+        row = x_ptr + batch.to(tl.int64) * stride_b + pos.to(tl.int64) * stride_s + head[:, None] * stride_h
+        x = tl.load(row + col[None, :], mask=live, other=0.0).to(tl.float32)
+        x_partner = tl.load(row + partner[None, :], mask=live, other=0.0).to(tl.float32)
+        inv = (1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps))[:, None]
+        h = (x * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+        h = (h * tl.load(w_ptr + col).to(tl.float32)[None, :]).to(out_ptr.dtype.element_ty).to(tl.float32)
+        h_partner = (x_partner * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+        h_partner = h_partner * tl.load(w_ptr + partner).to(tl.float32)[None, :]
+        h_partner = h_partner.to(out_ptr.dtype.element_ty).to(tl.float32)
+        table = tab_ptr + pos.to(tl.int64) * D + (col // 2) * 2
+        cos = tl.load(table)[None, :]
+        sin = tl.where(col % 2 == 0, -tl.load(table + 1), tl.load(table + 1))[None, :]
+        rotated = h * cos + h_partner * sin
+        dst = (batch.to(tl.int64) * out_seq + seq_offset + pos) * heads * D
+        tl.store(out_ptr + dst + head[:, None] * D + col[None, :], rotated.to(out_ptr.dtype.element_ty), mask=live)
 
-    return norm_rope_rows
+    return norm_rope_positions
 
 
 def _kernel() -> Any:
@@ -158,12 +165,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float, table: torch.Tenso
     table = table.contiguous()
     if table.dtype != torch.float32 or tuple(table.shape) != (seq, dim // 2, 2):
         raise ValueError(f"rotary table must be float32 [{seq}, {dim // 2}, 2], got {table.dtype} {tuple(table.shape)}")
-    rows = batch * seq * heads
-    if rows == 0:
+    if batch * seq * heads == 0:
         return
-    grid = ((rows + _ROWS_PER_PROGRAM - 1) // _ROWS_PER_PROGRAM,)
-    _kernel()[grid](x, weight, table, out, rows, heads, seq, out.shape[1], seq_offset,
-                    x.stride(0), x.stride(1), x.stride(2), eps, D=dim, ROWS=_ROWS_PER_PROGRAM, num_warps=4)
+    _kernel()[(batch * seq,)](x, weight, table, out, heads, seq, out.shape[1], seq_offset, x.stride(0), x.stride(1),
+                              x.stride(2), eps, D=dim, HEADS=max(1, 1 << (heads - 1).bit_length()), num_warps=4)
 
 
 # ---- when to use it --------------------------------------------------------------------------------------------
