@@ -12,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from test_speed import _forward, _rel, _transformer
+from test_speed import _forward, _rel, _transformer  # noqa: F401 - _rel: the interpreter script takes it from here
 
 from qwen_core.errors import InvalidInputError
 from qwen_core.speed import linear_gelu, qk_rope
@@ -44,34 +44,67 @@ def _unfused(txt, img, w_txt, w_img, t_txt, t_img, eps=1e-6):
     return torch.cat([qk_rope.reference(txt, w_txt, eps, t_txt), qk_rope.reference(img, w_img, eps, t_img)], dim=1)
 
 
-@needs_triton
-class TestKernelInTritonsInterpreter:
-    @pytest.fixture(autouse=True)
-    def interpret(self, monkeypatch):
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+_INTERPRETED = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_fused_kernels import _inputs, _rel, _unfused
+from qwen_core.speed import qk_rope
 
-    @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float16, 2e-3)])
-    @pytest.mark.parametrize(("heads", "dim"), [(3, 16), (24, 128), (1, 16)])  # 24 x 128: Qwen-Image's heads
-    def test_matches_the_unfused_ops_and_writes_only_its_rows(self, dtype, tolerance, heads, dim):
+results = {}
+for dtype in (torch.float32, torch.float16):
+    for heads, dim in ((3, 16), (24, 128), (1, 16)):  # 24 x 128: Qwen-Image's heads
         txt, img, w_txt, w_img, t_txt, t_img = _inputs(dtype, heads=heads, dim=dim)
         out = torch.full((2, 13, heads, dim), 7.0, dtype=dtype)  # a sentinel in the text rows
         qk_rope.launch(img, w_img, 1e-6, t_img, out, 4)
-        assert bool((out[:, :4] == 7.0).all())  # the text rows are untouched
+        untouched = bool((out[:, :4] == 7.0).all())
         qk_rope.launch(txt, w_txt, 1e-6, t_txt, out, 0)
-        assert _rel(out, _unfused(txt, img, w_txt, w_img, t_txt, t_img)) < tolerance
+        results[f"{dtype}-{heads}x{dim}"] = {"rel": _rel(out, _unfused(txt, img, w_txt, w_img, t_txt, t_img)),
+                                             "text_rows_untouched": untouched}
+txt, img, w_txt, w_img, t_txt, t_img = _inputs(torch.float32)
+wide = torch.cat([img.flatten(2), img.flatten(2) * 2], dim=-1)[..., 48:].unflatten(-1, (3, 16))
+out = torch.zeros(2, 9, 3, 16)
+qk_rope.launch(wide, w_img, 1e-6, t_img, out, 0)
+results["strided"] = {"rel": _rel(out, qk_rope.reference(wide, w_img, 1e-6, t_img)),
+                      "was_strided": not wide.is_contiguous() and wide.stride(-1) == 1}
+print(json.dumps(results))
+"""
 
-    def test_strided_input_a_slice_of_a_wider_projection(self):
-        txt, img, w_txt, w_img, t_txt, t_img = _inputs(torch.float32)
-        wide = torch.cat([img.flatten(2), img.flatten(2) * 2], dim=-1)[..., 48:].unflatten(-1, (3, 16))
-        assert not wide.is_contiguous() and wide.stride(-1) == 1  # position stride 96, not 48: read in place
-        out = torch.zeros(2, 9, 3, 16)
-        qk_rope.launch(wide, w_img, 1e-6, t_img, out, 0)
-        assert _rel(out, qk_rope.reference(wide, w_img, 1e-6, t_img)) < 1e-6
 
-    def test_a_table_of_the_wrong_shape_is_refused(self):
-        txt, img, w_txt, w_img, t_txt, t_img = _inputs(torch.float32)
-        with pytest.raises(ValueError, match=r"rotary table must be float32 \[9, 8, 2\]"):
-            qk_rope.launch(img, w_img, 1e-6, t_txt, torch.zeros(2, 9, 3, 16), 0)
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """The kernel run in Triton's interpreter, in a fresh process: Triton reads TRITON_INTERPRET when it is first
+    imported, and other tests import it earlier in this one."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_triton
+class TestKernelInTritonsInterpreter:
+    @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+    @pytest.mark.parametrize("shape", ["3x16", "24x128", "1x16"])
+    def test_matches_the_unfused_ops_and_writes_only_its_rows(self, interpreted, dtype, tolerance, shape):
+        row = interpreted[f"{dtype}-{shape}"]
+        assert row["text_rows_untouched"] and row["rel"] < tolerance, row
+
+    def test_strided_input_a_slice_of_a_wider_projection(self, interpreted):
+        # position stride 96, not 48: the kernel reads the view in place
+        assert interpreted["strided"]["was_strided"] and interpreted["strided"]["rel"] < 1e-6
+
+
+def test_a_table_of_the_wrong_shape_is_refused():
+    txt, img, w_txt, w_img, t_txt, t_img = _inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"rotary table must be float32 \[9, 8, 2\]"):
+        qk_rope.launch(img, w_img, 1e-6, t_txt, torch.zeros(2, 9, 3, 16), 0)
 
 
 class TestCustomOp:
