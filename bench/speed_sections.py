@@ -356,7 +356,7 @@ def _kernel_kind(name: str) -> str:
         return "attention"
     if any(k in low for k in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul")):
         return "matmul"
-    if "triton" in low or "norm_rope" in low:  # norm_rope_rows: our q/k kernel (qwen_core.speed.qk_rope)
+    if "triton" in low or "norm_rope" in low:  # norm_rope_*: our q/k kernel (qwen_core.speed.qk_rope)
         return "triton (fused elementwise, norms)"
     return "other"
 

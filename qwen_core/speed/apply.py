@@ -2,9 +2,9 @@
 
 Order matters and is fixed here: the real-valued RoPE processors first (only when compiling: H200 run of
 2026-12-02, compiled 479.1 ms/step with it vs 479.7 with diffusers' complex RoPE, but eager 660.7 vs diffusers'
-609.2, because the fp32 rotation is not fused without compile), with our fused kernels (``set_fused_kernels``: the q/k norm + RoPE
-kernel and the feed-forward's projection + GELU call, ``QWEN_FUSED_KERNELS=0`` turns them off), then fp8 compute
-(swaps Linear layers, so before compiling), then regional compile (``compile_blocks``: block ``forward`` only,
+609.2, because the fp32 rotation is not fused without compile), with our fused kernels (``set_fused_kernels``:
+the q/k norm + RoPE kernel and the feed-forward's projection + GELU call; ``QWEN_FUSED_KERNELS=0`` turns them
+off), then fp8 compute (swaps Linear layers, so before compiling), then regional compile (``compile_blocks``: block ``forward`` only,
 so the streamed engine's hooks stay outside the graphs). The attention kernel is chosen separately
 (``apply_attention_kernel``), because the generator's NaN fallback switches it on a loaded pipeline.
 """

@@ -9,8 +9,9 @@ fallback in torch is ``gelu(approximate="tanh")``), to the float32 accumulator b
 ``install_linear_gelu`` swaps each block feed-forward's diffusers ``GELU`` for ``LinearGeluTanh``, a subclass
 that keeps the same ``proj`` Linear (so weight names, LoRA fusing and fp8 compute's Linear swaps see the same
 layer) and ``remove_linear_gelu`` puts the original modules back. The fused call is taken only where it is the same
-computation: an ``nn.Linear`` with a bias of the activations' dtype and no hooks (a LoRA's side path on fp8 storage is a forward hook
-on the Linear, which the fused call would skip), a tanh GELU, and a CUDA tensor; otherwise diffusers' forward runs.
+computation: an ``nn.Linear`` with weights of the activations' dtype, a bias and no hooks (a LoRA's side path on
+fp8 storage is a forward hook on the Linear, which the fused call would skip; fp8 compute's ``Fp8Linear`` is no
+``nn.Linear``), a tanh GELU, and a CUDA tensor; otherwise diffusers' forward runs.
 """
 
 from __future__ import annotations

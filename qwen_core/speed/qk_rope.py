@@ -13,7 +13,7 @@ The math is the unfused path's, rounding included (``reference``):
     out = rotate(h in float32, cos, sin).to(dtype)            # apply_rope_real
 
 so the result differs from it only where float32 sums and rsqrt round differently (checked: ``probe`` on the GPU,
-the Triton interpreter on the CPU in tests/test_qk_rope.py).
+the Triton interpreter on the CPU in tests/test_fused_kernels.py).
 
 ``norm_rope_cat`` is a torch custom op (``qwen_core::qk_norm_rope``), opaque to ``torch.compile``. It runs the
 kernel on CUDA tensors of one dtype (bf16/fp16/fp32) once a small probe call on that device matched
