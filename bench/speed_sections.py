@@ -301,19 +301,27 @@ def compile_variants(ctx: Ctx) -> None:
             if ctx.R.left() < VARIANT_SECONDS:
                 ctx.R.set("skipped", f"compile_variant_{name}", f"only {ctx.R.left():.0f} s of the budget left")
                 continue
-            uncompile_blocks(ctx.t)
-            torch._dynamo.reset()
             with inductor_config.patch(overrides):  # the compile runs at the first call, inside the patch
-                compile_blocks(ctx.t, dynamic="seq", mode=mode, notify=lambda m: None, use_cache=False)
-                first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
-            r.update(first_call_s=round(first, 1), mode=mode, inductor=overrides,
-                     ratio_vs_default=round(r["median_ms"] / base, 3) if base else None)
-            ctx.n[f"variant_{name}_ms"] = r["median_ms"]
-            ctx.record("compile_variants", name, r, per_step_ms=r["median_ms"], out=out)
+                _record_fresh_compile(ctx, "compile_variants", name, f"variant_{name}", base, mode=mode,
+                                      inductor=overrides)
     finally:
         uncompile_blocks(ctx.t)
         torch._dynamo.reset()
         compile_blocks(ctx.t, dynamic="seq", notify=lambda m: None)
+
+
+def _record_fresh_compile(ctx: Ctx, part: str, key: str, headline: str, base: float | None, mode: str | None = None,
+                          **about: Any) -> None:
+    """Compile the blocks anew without our cache (a reset first), time them like ``ours_compiled`` and record the
+    row with ``about`` and its ratio to ``base``."""
+    uncompile_blocks(ctx.t)
+    torch._dynamo.reset()
+    compile_blocks(ctx.t, dynamic="seq", mode=mode, notify=lambda m: None, use_cache=False)
+    first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
+    r.update(first_call_s=round(first, 1), **({"mode": mode} if mode else {}), **about,
+             ratio_vs_default=round(r["median_ms"] / base, 3) if base else None)
+    ctx.n[f"{headline}_ms"] = r["median_ms"]
+    ctx.record(part, key, r, per_step_ms=r["median_ms"], out=out)
 
 
 # Which of our fused kernels each variant keeps (the default, ``ours_compiled``, has both).
@@ -331,16 +339,10 @@ def fused_kernels(ctx: Ctx) -> None:
             if ctx.R.left() < 40:
                 ctx.R.set("skipped", f"fused_{name}", f"only {ctx.R.left():.0f} s of the budget left")
                 continue
-            uncompile_blocks(ctx.t)
-            torch._dynamo.reset()
             set_fused_kernels(ctx.t, qk)
             (install_linear_gelu if gelu else remove_linear_gelu)(ctx.t)
-            compile_blocks(ctx.t, dynamic="seq", notify=lambda m: None, use_cache=False)
-            first, r, out = _first_and_timed(ctx, lambda: _batched(ctx))
-            r.update(first_call_s=round(first, 1), qk_norm_rope=qk, linear_gelu=gelu,
-                     ratio_vs_default=round(r["median_ms"] / base, 3) if base else None)
-            ctx.n[f"fused_{name}_ms"] = r["median_ms"]
-            ctx.record("fused_kernels", name, r, per_step_ms=r["median_ms"], out=out)
+            _record_fresh_compile(ctx, "fused_kernels", name, f"fused_{name}", base, qk_norm_rope=qk,
+                                  linear_gelu=gelu)
     finally:
         uncompile_blocks(ctx.t)
         torch._dynamo.reset()

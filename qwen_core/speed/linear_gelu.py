@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen_core.speed.lazy_class import LazyClass
+
 
 @torch.library.custom_op("qwen_core::linear_gelu_tanh", mutates_args=())
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -69,25 +71,16 @@ def _make_class() -> type:
     return LinearGeluTanh
 
 
-_CLASS: type | None = None
+_CLASS = LazyClass(_make_class, __name__)
 
 
 def fused_class() -> type:
     """The ``LinearGeluTanh`` class (built on first use: diffusers is imported lazily)."""
-    global _CLASS
-    if _CLASS is None:
-        cls = _make_class()
-        # A module-level name (served by __getattr__): dynamo's saved traces refer to classes by module and name.
-        cls.__qualname__ = cls.__name__
-        cls.__module__ = __name__
-        _CLASS = cls
-    return _CLASS
+    return _CLASS.get()
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LinearGeluTanh":
-        return fused_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _CLASS.module_getattr(name)
 
 
 # The original modules, keyed weakly by the swapped-in one, so remove_linear_gelu restores exactly what was there.

@@ -37,6 +37,7 @@ from qwen_core.speed import (
     attention,  # importing it registers torch.ops.qwen_core.flash4_attention
     qk_rope,  # likewise torch.ops.qwen_core.qk_norm_rope
 )
+from qwen_core.speed.lazy_class import LazyClass
 from qwen_core.speed.linear_gelu import install_linear_gelu, remove_linear_gelu
 from qwen_core.speed.qk_rope import apply_rope_real, to_real
 
@@ -127,26 +128,16 @@ def _make_processor_class() -> type:
     return RealRopeAttnProcessor
 
 
-_PROCESSOR_CLASS: type | None = None
+_PROCESSOR = LazyClass(_make_processor_class, __name__)
 
 
 def processor_class() -> type:
     """The ``RealRopeAttnProcessor`` class (built on first use: diffusers is imported lazily)."""
-    global _PROCESSOR_CLASS
-    if _PROCESSOR_CLASS is None:
-        cls = _make_processor_class()
-        # A module-level name (served by __getattr__ below): dynamo's compile cache stores graphs that refer to
-        # the processor by module and name, and refuses a class it could not import back by that name.
-        cls.__qualname__ = cls.__name__
-        cls.__module__ = __name__
-        _PROCESSOR_CLASS = cls
-    return _PROCESSOR_CLASS
+    return _PROCESSOR.get()
 
 
 def __getattr__(name: str) -> Any:
-    if name == "RealRopeAttnProcessor":
-        return processor_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _PROCESSOR.module_getattr(name)
 
 
 # ---- installing ------------------------------------------------------------------------------------------
