@@ -16,7 +16,7 @@ from test_speed import _forward, _rel, _transformer  # noqa: F401 - _rel: the in
 
 from qwen_core.errors import InvalidInputError
 from qwen_core.speed import linear_gelu, qk_rope
-from qwen_core.speed.options import resolve_speed
+from qwen_core.speed.options import SpeedOptions, resolve_speed
 from qwen_core.speed.rope import install_real_rope, processor_class, set_fused_kernels
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -136,8 +136,19 @@ class TestInstalled:
         set_fused_kernels(fused, True)
         assert all(_ours(b).fuse_qk for b in fused.transformer_blocks)
         assert linear_gelu.linear_gelu_installed(fused) and not linear_gelu.linear_gelu_installed(plain)
-        for side, lens in ((8, [9, 4]), (6, [5, 5])):  # split attention (two lengths) and one length
-            assert torch.equal(_forward(fused, side, lens), _forward(plain, side, lens))
+        calls = []
+        op = torch.ops.qwen_core.qk_norm_rope
+
+        def counting(*args):
+            calls.append(args[0].shape)
+            return op(*args)
+
+        with pytest.MonkeyPatch.context() as mp:  # the fused processors go through the op (q and k per block)
+            mp.setattr(qk_rope.torch.ops.qwen_core, "qk_norm_rope", counting)
+            for side, lens in ((8, [9, 4]), (6, [5, 5])):  # split attention (two lengths) and one length
+                calls.clear()
+                assert torch.equal(_forward(fused, side, lens), _forward(plain, side, lens))
+                assert len(calls) >= 2 * len(fused.transformer_blocks)
 
     def test_off_restores_diffusers_modules_and_the_same_weights(self):
         t = _transformer()
@@ -185,7 +196,6 @@ class TestSwitch:
 
         monkeypatch.setattr(speed_apply, "compile_blocks", lambda *a, **k: None)  # the install alone
         t = _transformer()
-        speed_apply.apply_speed(SimpleNamespace(transformer=t), resolve_speed("on", device="cpu")
-                                .__class__(compile=True, fused=on))
+        speed_apply.apply_speed(SimpleNamespace(transformer=t), SpeedOptions(compile=True, fused=on))
         assert linear_gelu.linear_gelu_installed(t) is on
         assert all(_ours(b).fuse_qk is on for b in t.transformer_blocks)

@@ -22,13 +22,13 @@ kernel on CUDA tensors of one dtype (bf16/fp16/fp32) once a small probe call on 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
 HEAD_DIMS = (8, 16, 32, 64, 128, 256)  # powers of two: the kernel holds a row in one block (tiny models: 16)
 _PROBE_TOLERANCE = 1e-2  # relative L2 against ``reference``; a 1-ulp bf16 flip here and there is ~1e-3
-_kernel_cache: list[Any] = []  # the jitted kernel, built on first use
 _probe_cache: dict[tuple[str, torch.dtype], str | None] = {}
 
 
@@ -142,11 +142,10 @@ def _build_kernel() -> Any:
     return norm_rope_positions
 
 
+@functools.cache
 def _kernel() -> Any:
-    # Triton reads TRITON_INTERPRET (tests run the kernel on the CPU that way) when it is first imported.
-    if not _kernel_cache:
-        _kernel_cache.append(_build_kernel())
-    return _kernel_cache[0]
+    # Built on first use: Triton is imported only then (it reads TRITON_INTERPRET, which tests set, at import).
+    return _build_kernel()
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, eps: float, table: torch.Tensor, out: torch.Tensor,
